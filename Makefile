@@ -1,0 +1,57 @@
+# falcon-mcore: patch set + overlay on a pinned NVIDIA Megatron-LM.  `make help` lists targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(CURDIR)/$(VENV)/bin/python
+BUILD := build/Megatron-LM
+PATCHSET := $(PYTHON) scripts/patchset.py
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k bitnet -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream \
+        test test-tooling test-unit test-functional functional demo gpu-tests clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
+
+setup: ## Create .venv (Python 3.12) with what the CPU tier needs; idempotent
+	@$(PYTHON) scripts/setup_env.py --venv $(VENV)
+
+upstream: ## Fetch the pinned upstream commit into the cache (MEGATRON_LM_GIT = URL or path)
+	@$(PATCHSET) upstream
+
+apply-patches: ## Create/refresh build/Megatron-LM = pin + patches/series + megatron_overlay/
+	@$(PATCHSET) apply $(if $(DISCARD),--discard)
+
+export-patches: ## Write commits of build/Megatron-LM back to patches/ and megatron_overlay/
+	@$(PATCHSET) export $(if $(FORCE),--force)
+
+check-patches: ## Lint the series, zero-fuzz apply on a scratch tree, round-trip identity
+	@$(PATCHSET) check
+
+pr-branch: ## Branch + format-patch of one feature for upstream: make pr-branch FEATURE=<name>
+	@test -n "$(FEATURE)" || { echo "usage: make pr-branch FEATURE=<name> (see patches/features.toml)" >&2; exit 2; }
+	@$(PATCHSET) pr-branch --feature "$(FEATURE)"
+
+rebase-upstream: ## Re-apply the series on another upstream commit: make rebase-upstream NEW=<sha>
+	@test -n "$(NEW)" || { echo "usage: make rebase-upstream NEW=<upstream commit sha>" >&2; exit 2; }
+	@$(PATCHSET) rebase --new "$(NEW)"
+
+test: setup apply-patches ## Run every CPU test: tooling, unit, HF parity, functional cases
+	@$(VPY) scripts/run_tests.py $(PYTEST_ARGS)
+
+test-tooling: ## Only the patch-set tooling tests
+	@$(VPY) -m pytest -q tests/tooling $(PYTEST_ARGS)
+
+functional: setup apply-patches ## Run one functional case: make functional CASE=<model>/<case> PLATFORM=cpu|h100 [RECORD=1]
+	@test -n "$(CASE)" || { echo "usage: make functional CASE=<model>/<case> [PLATFORM=cpu] [RECORD=1]" >&2; exit 2; }
+	@$(VPY) scripts/functional.py --case "$(CASE)" --platform "$(or $(PLATFORM),cpu)" $(if $(RECORD),--record)
+
+demo: setup apply-patches ## Train a tiny model for ~50 steps on whatever device exists
+	@bash scripts/demo.sh
+
+clean: ## Remove build/ (refuses if build/Megatron-LM holds unexported work)
+	@$(PATCHSET) guard && rm -rf build

@@ -1,0 +1,1007 @@
+#!/usr/bin/env python3
+"""falcon-mcore patch-set tool: pinned upstream, apply / export / check / PR branches / rebase.
+
+The project is a patch series (``patches/``) plus new files (``megatron_overlay/``) on top of a
+pinned upstream Megatron-LM commit (``UPSTREAM``). This tool is what the Makefile targets call.
+
+Model of the build tree (``build/Megatron-LM``, a normal git checkout):
+
+* branch ``falcon-mcore`` = pin + one commit per patch (``git am``, zero fuzz) + one commit per
+  feature holding that feature's overlay files (trailer ``Falcon-Mcore-Overlay: <feature>``).
+* Commits are made with a fixed committer identity and ``--committer-date-is-author-date``, so
+  applying the same inputs twice gives the same commit and tree hashes.
+* Export classifies every path: a file that does not exist in the pinned upstream tree (or that a
+  feature declares under ``replaces``) is an *overlay* file and is synced to ``megatron_overlay/``;
+  every other change becomes part of a patch. Patches therefore only edit upstream files.
+* ``.git/falcon-mcore-state.json`` in the build tree records the HEAD that the last apply/export
+  produced and a digest of the inputs. Apply refuses to run over commits or edits that were not
+  exported; export refuses to overwrite ``patches/`` when they changed since the last apply.
+
+Only the Python standard library is used (Python >= 3.11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BRANCH = "falcon-mcore"
+STATE_FILE = "falcon-mcore-state.json"
+OVERLAY_TRAILER = "Falcon-Mcore-Overlay"
+TOOL_IDENTITY = ("falcon-mcore", "falcon-mcore@users.noreply.github.com")
+UPSTREAM_STATUS_RE = re.compile(
+    r"^Upstream-Status: (Pending|Not-for-upstream|Submitted \S+|Accepted \S+|Backport \S+)\s*$",
+    re.M,
+)
+# Deterministic format-patch output whatever the user's git configuration says.
+FORMAT_PATCH_ARGS = [
+    "format-patch",
+    "--zero-commit",
+    "--no-signature",
+    "--no-numbered",
+    "--full-index",
+    "--no-renames",
+    "--no-cover-letter",
+    "--no-thread",
+    "--no-attach",
+    "--no-signoff",
+    "--filename-max-length=64",
+]
+
+
+class PatchsetError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# git helpers
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for git: no user/system config, fixed identity, C locale."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_AUTHOR_NAME": TOOL_IDENTITY[0],
+            "GIT_AUTHOR_EMAIL": TOOL_IDENTITY[1],
+            "GIT_COMMITTER_NAME": TOOL_IDENTITY[0],
+            "GIT_COMMITTER_EMAIL": TOOL_IDENTITY[1],
+            "LC_ALL": "C",
+            "GIT_TERMINAL_PROMPT": "0",
+        }
+    )
+    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        env.pop(key, None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def git(
+    repo: Path | str,
+    *args: str,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess:
+    """Run git in ``repo`` and return the completed process (stdout as bytes)."""
+    proc = subprocess.run(
+        ["git", "-C", str(repo), *args],
+        input=input,
+        capture_output=True,
+        env=git_env(env),
+    )
+    if check and proc.returncode != 0:
+        raise PatchsetError(
+            f"git {' '.join(args)} failed in {repo}:\n"
+            + proc.stderr.decode(errors="replace").strip()
+        )
+    return proc
+
+
+def git_out(repo: Path | str, *args: str, **kwargs) -> str:
+    """Run git and return stripped stdout as text."""
+    return git(repo, *args, **kwargs).stdout.decode().strip()
+
+
+def has_commit(repo: Path, sha: str) -> bool:
+    """True when ``repo`` contains commit ``sha``."""
+    return git(repo, "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# project description
+
+
+@dataclass
+class Pin:
+    """The pinned upstream commit (``UPSTREAM`` file)."""
+
+    url: str
+    tag: str
+    sha: str
+
+    @classmethod
+    def load(cls, path: Path) -> "Pin":
+        """Parse ``key = value`` lines; ``#`` starts a comment."""
+        if not path.is_file():
+            raise PatchsetError(f"{path}: missing (it must hold url, tag and sha of upstream)")
+        values: dict[str, str] = {}
+        for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "=" not in line:
+                raise PatchsetError(f"{path}:{lineno}: expected 'key = value', got {raw!r}")
+            key, value = (part.strip() for part in line.split("=", 1))
+            values[key] = value
+        missing = [k for k in ("url", "tag", "sha") if not values.get(k)]
+        if missing:
+            raise PatchsetError(f"{path}: missing {', '.join(missing)}")
+        if not re.fullmatch(r"[0-9a-f]{40}", values["sha"]):
+            raise PatchsetError(f"{path}: sha must be a full 40-hex commit id, got {values['sha']}")
+        return cls(values["url"], values["tag"], values["sha"])
+
+
+@dataclass
+class Feature:
+    """A named group of patches and overlay paths that can become one upstream PR."""
+
+    name: str
+    description: str = ""
+    patches: list[str] = field(default_factory=list)  # patch slugs (file name w/o NNNN- .patch)
+    overlay: list[str] = field(default_factory=list)  # glob patterns, relative to the tree
+    replaces: list[str] = field(default_factory=list)  # upstream files an overlay file replaces
+    depends: list[str] = field(default_factory=list)
+
+    def owns_overlay(self, path: str) -> bool:
+        """True when ``path`` matches one of the feature's overlay patterns."""
+        return any(_glob_match(path, pattern) for pattern in self.overlay)
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Glob where ``dir/**`` matches everything below ``dir``."""
+    if pattern.endswith("/**"):
+        return path.startswith(pattern[:-2])
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def patch_slug(filename: str) -> str:
+    """``0003-hybrid-add-P.patch`` -> ``hybrid-add-P``."""
+    return re.sub(r"^\d{4}-", "", filename.removesuffix(".patch"))
+
+
+@dataclass
+class Project:
+    """A falcon-mcore checkout: pin, series, features, overlay, build tree."""
+
+    root: Path
+    build: Path
+
+    @property
+    def patches_dir(self) -> Path:
+        return self.root / "patches"
+
+    @property
+    def overlay_dir(self) -> Path:
+        return self.root / "megatron_overlay"
+
+    @property
+    def pin(self) -> Pin:
+        return Pin.load(self.root / "UPSTREAM")
+
+    def series(self) -> list[str]:
+        """Patch file names listed in ``patches/series``, in order."""
+        path = self.patches_dir / "series"
+        if not path.is_file():
+            return []
+        entries = []
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                entries.append(line)
+        return entries
+
+    def features(self) -> list[Feature]:
+        """Features from ``patches/features.toml`` in file order."""
+        path = self.patches_dir / "features.toml"
+        if not path.is_file():
+            return []
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise PatchsetError(f"{path}: {exc}") from exc
+        features = []
+        for name, body in data.get("features", {}).items():
+            unknown = set(body) - {"description", "patches", "overlay", "replaces", "depends"}
+            if unknown:
+                raise PatchsetError(f"{path}: feature {name}: unknown keys {sorted(unknown)}")
+            features.append(Feature(name=name, **body))
+        return features
+
+    def overlay_files(self) -> list[str]:
+        """Overlay file paths relative to ``megatron_overlay/``, sorted."""
+        if not self.overlay_dir.is_dir():
+            return []
+        files = []
+        for path in self.overlay_dir.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                files.append(path.relative_to(self.overlay_dir).as_posix())
+        return sorted(files)
+
+    def managed_digest(self) -> str:
+        """Digest of what export writes: patches/series, patches/*.patch, megatron_overlay/."""
+        h = hashlib.sha256()
+        series = self.patches_dir / "series"
+        patch_files = sorted(self.patches_dir.glob("*.patch")) if self.patches_dir.is_dir() else []
+        for path in ([series] if series.is_file() else []) + patch_files:
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        for rel in self.overlay_files():
+            path = self.overlay_dir / rel
+            mode = b"x" if os.access(path, os.X_OK) else b"-"
+            h.update(rel.encode() + b"\0" + mode + path.read_bytes() + b"\0")
+        return h.hexdigest()
+
+    def inputs_digest(self) -> str:
+        """Digest of everything apply reads: the managed files, the pin and the features."""
+        h = hashlib.sha256(self.managed_digest().encode())
+        for path in (self.root / "UPSTREAM", self.patches_dir / "features.toml"):
+            h.update(path.read_bytes() if path.is_file() else b"")
+        return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Bare cache of upstream, shared by every checkout of the project on this machine."""
+    if os.environ.get("FALCON_MCORE_CACHE"):
+        return Path(os.environ["FALCON_MCORE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "falcon-mcore" / "Megatron-LM.git"
+
+
+# --------------------------------------------------------------------------------------------
+# upstream cache
+
+
+def ensure_commit_in_cache(sha: str, pin: Pin, *, what: str = "pinned upstream commit") -> Path:
+    """Make sure the bare cache holds ``sha``; fetch it from ``MEGATRON_LM_GIT`` if needed."""
+    cache = cache_dir()
+    if cache.is_dir() and has_commit(cache, sha):
+        return cache
+    source = os.environ.get("MEGATRON_LM_GIT") or pin.url
+    if not cache.is_dir():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+        git(tmp, "init", "-q", "--bare")
+        os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
+    print(f"[upstream] fetching {sha[:12]} from {source} into {cache}", flush=True)
+    ref = f"refs/falcon-mcore/pins/{sha}"
+    attempts = [
+        ["fetch", "-q", "--no-tags", source, f"{sha}:{ref}"],
+        ["fetch", "-q", "--no-tags", source, f"+refs/tags/{pin.tag}:refs/tags/{pin.tag}"],
+        ["fetch", "-q", "--no-tags", source, "+refs/heads/*:refs/remotes/source/*"],
+    ]
+    errors = []
+    for args in attempts:
+        proc = git(cache, *args, check=False)
+        if proc.returncode != 0:
+            errors.append(proc.stderr.decode(errors="replace").strip().splitlines()[-1:])
+        if has_commit(cache, sha):
+            git(cache, "update-ref", ref, sha)
+            return cache
+    detail = "; ".join(" ".join(e) for e in errors if e)
+    raise PatchsetError(
+        f"{what} {sha} is not available from {source}"
+        + (f" ({detail})" if detail else "")
+        + ".\nSet MEGATRON_LM_GIT to a git URL or a local Megatron-LM repository that contains "
+        f"{sha}, e.g.\n  MEGATRON_LM_GIT=/path/to/Megatron-LM make upstream"
+    )
+
+
+def cmd_upstream(project: Project, args: argparse.Namespace) -> None:
+    pin = project.pin
+    cache = ensure_commit_in_cache(pin.sha, pin)
+    print(f"[upstream] {pin.tag} = {pin.sha} available in {cache}")
+
+
+# --------------------------------------------------------------------------------------------
+# build tree
+
+
+def read_state(build: Path) -> dict | None:
+    path = build / ".git" / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_state(build: Path, project: Project, head: str, *, complete: bool = True) -> None:
+    """Record the HEAD that apply/export produced and digests of the project's inputs."""
+    state = {
+        "head": head,
+        "pin": project.pin.sha,
+        "inputs": project.inputs_digest() if complete else "",
+        "managed": project.managed_digest() if complete else "",
+    }
+    atomic_write(build / ".git" / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def atomic_write(path: Path, data: bytes, executable: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o755 if executable else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def uncommitted_changes(build: Path) -> list[str]:
+    out = git(build, "status", "--porcelain", "--untracked-files=all").stdout.decode()
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def guard_build_tree(project: Project, *, discard: bool) -> None:
+    """Refuse to touch a build tree that holds work not yet exported."""
+    build = project.build
+    if not (build / ".git").exists():
+        if build.exists() and any(build.iterdir()):
+            raise PatchsetError(f"{build} exists but is not a git checkout; move it away first")
+        return
+    changes = uncommitted_changes(build)
+    if changes:
+        shown = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
+        raise PatchsetError(
+            f"{build} has uncommitted changes:\n  {shown}\n"
+            "Nothing was changed. To keep them: commit them in that tree and run "
+            "`make export-patches`.\nTo drop them: `git -C "
+            f"{build} stash -u` (recoverable) and run `make apply-patches` again."
+        )
+    state = read_state(build)
+    head = git_out(build, "rev-parse", "HEAD")
+    if state is None or state.get("head") != head:
+        if not discard:
+            raise PatchsetError(
+                f"{build} has commits that were not exported (HEAD {head[:12]}"
+                + (f", last applied/exported {state['head'][:12]}" if state else "")
+                + ").\nNothing was changed. To keep them: `make export-patches`. To set them "
+                "aside and rebuild from patches/: `make apply-patches DISCARD=1` (saves "
+                "them under refs/falcon-mcore/backup/)."
+            )
+        ref = f"refs/falcon-mcore/backup/{time.strftime('%Y%m%d-%H%M%S')}"
+        git(build, "update-ref", ref, head)
+        print(f"[apply] saved unexported HEAD {head[:12]} as {ref}")
+
+
+def init_checkout(build: Path, sha: str) -> None:
+    """Create ``build`` as a git checkout containing ``sha`` (fetched from the cache)."""
+    cache = cache_dir()
+    if not (build / ".git").exists():
+        build.mkdir(parents=True, exist_ok=True)
+        git(build, "init", "-q")
+        git(build, "config", "core.autocrlf", "false")
+    if not has_commit(build, sha):
+        git(build, "fetch", "-q", "--no-tags", str(cache), f"refs/falcon-mcore/pins/{sha}")
+    git(build, "update-ref", "refs/falcon-mcore/pin", sha)
+
+
+def commit_env(date: str) -> dict[str, str]:
+    return {"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+
+
+def apply_series(
+    project: Project, tree: Path, base: str, *, three_way: bool = False, strip_status: bool = False
+) -> list[tuple[str, str]]:
+    """``git am`` every series patch onto ``tree`` (checked out at ``base``).
+
+    Returns a list of (patch, error) for patches that failed (only with ``three_way``, where the
+    caller wants a conflict report); otherwise the first failure raises.
+    """
+    failures = []
+    for name in project.series():
+        path = project.patches_dir / name
+        if not path.is_file():
+            raise PatchsetError(f"patches/series lists {name}, but patches/{name} does not exist")
+        data = path.read_bytes()
+        if strip_status:
+            data = re.sub(rb"(?m)^Upstream-Status: .*\n", b"", data)
+        am = ["am", "-q", "--committer-date-is-author-date", "--keep-cr"]
+        am.append("--3way" if three_way else "--no-3way")
+        proc = git(tree, *am, input=data, check=False)
+        if proc.returncode != 0:
+            message = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+            git(tree, "am", "--abort", check=False)
+            if three_way:
+                failures.append((name, message))
+                continue
+            raise PatchsetError(f"patches/{name} does not apply on {base[:12]} (zero fuzz):\n{message}")
+    return failures
+
+
+def overlay_assignment(project: Project) -> dict[str, list[str]]:
+    """Map feature name -> overlay files it owns (first matching feature wins)."""
+    features = project.features()
+    owned: dict[str, list[str]] = {f.name: [] for f in features}
+    owned["unassigned"] = []
+    for rel in project.overlay_files():
+        owner = next((f.name for f in features if f.owns_overlay(rel)), "unassigned")
+        owned[owner].append(rel)
+    return owned
+
+
+def commit_overlay(
+    project: Project, tree: Path, feature: str, files: list[str], base: str, date: str
+) -> None:
+    """Copy overlay ``files`` into ``tree`` and commit them as the feature's overlay commit."""
+    if not files:
+        return
+    declared = {p for f in project.features() for p in f.replaces}
+    upstream = set(ls_tree(tree, base))
+    clobber = sorted(set(files) & upstream - declared)
+    if clobber:
+        raise PatchsetError(
+            "overlay files would replace upstream files without being declared: "
+            + ", ".join(clobber)
+            + "\nDeclare them under `replaces` of their feature in patches/features.toml, "
+            "or make the change a patch."
+        )
+    for rel in files:
+        src = project.overlay_dir / rel
+        dst = tree / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o755 if os.access(src, os.X_OK) else 0o644)
+    git(tree, "add", "-f", "--", *files)
+    message = (
+        f"{feature}: add falcon-mcore overlay files\n\n"
+        f"New files of the {feature} feature, copied from megatron_overlay/.\n\n"
+        f"{OVERLAY_TRAILER}: {feature}\n"
+    )
+    git(tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date))
+
+
+def ls_tree(repo: Path, rev: str) -> list[str]:
+    out = git(repo, "ls-tree", "-r", "-z", "--name-only", rev).stdout.decode()
+    return [p for p in out.split("\0") if p]
+
+
+def build_tree_at(project: Project, tree: Path, base: str, *, strip_status: bool = False) -> str:
+    """Reset ``tree`` to ``base``, apply series + overlay; return the resulting HEAD."""
+    git(tree, "checkout", "-q", "-f", "-B", BRANCH, base)
+    git(tree, "clean", "-q", "-fd")
+    apply_series(project, tree, base, strip_status=strip_status)
+    date = git_out(tree, "show", "-s", "--format=%cI", base)
+    for feature, files in overlay_assignment(project).items():
+        commit_overlay(project, tree, feature, files, base, date)
+    return git_out(tree, "rev-parse", "HEAD")
+
+
+def cmd_guard(project: Project, args: argparse.Namespace) -> None:
+    guard_build_tree(project, discard=False)
+    print(f"[guard] {project.build}: no unexported work")
+
+
+def cmd_apply(project: Project, args: argparse.Namespace) -> None:
+    pin = project.pin
+    ensure_commit_in_cache(pin.sha, pin)
+    build = project.build
+    guard_build_tree(project, discard=args.discard)
+    digest = project.inputs_digest()
+    state = read_state(build) if (build / ".git").exists() else None
+    if state and state.get("inputs") == digest and not args.discard:
+        print(f"[apply] {build} is up to date ({state['head'][:12]})")
+        return
+    init_checkout(build, pin.sha)
+    try:
+        head = build_tree_at(project, build, pin.sha)
+    except PatchsetError:
+        # Everything in the tree came from patches/ and megatron_overlay/: nothing is lost.
+        write_state(build, project, git_out(build, "rev-parse", "HEAD"), complete=False)
+        raise
+    write_state(build, project, head)
+    count = int(git_out(build, "rev-list", "--count", f"{pin.sha}..HEAD"))
+    tree_hash = git_out(build, "rev-parse", "HEAD^{tree}")
+    print(f"[apply] {build}: {count} commits on {pin.sha[:12]}, tree {tree_hash}")
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def overlay_paths(project: Project, tree: Path, base: str, rev: str = "HEAD") -> set[str]:
+    """Paths at ``rev`` that belong to the overlay: new files and declared replacements."""
+    upstream = set(ls_tree(tree, base))
+    declared = {p for f in project.features() for p in f.replaces}
+    return {p for p in ls_tree(tree, rev) if p not in upstream or p in declared}
+
+
+def linearise_patches(project: Project, tree: Path, base: str, overlay: set[str]) -> str:
+    """Re-create base..HEAD as commits that touch only non-overlay paths; return the tip."""
+    commits = git_out(tree, "rev-list", "--reverse", "--topo-order", f"{base}..HEAD").split()
+    merges = git_out(tree, "rev-list", "--merges", f"{base}..HEAD").split()
+    if merges:
+        raise PatchsetError(f"merge commits above the pin cannot be exported: {merges[0][:12]}")
+    upstream = set(ls_tree(tree, base))
+    tip = base
+    with tempfile.TemporaryDirectory() as tmp:
+        index_env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
+        for commit in commits:
+            changed = git(
+                tree, "diff-tree", "-r", "-z", "--no-renames", "--name-only", f"{commit}^", commit
+            ).stdout.decode()
+            paths = [p for p in changed.split("\0") if p and p not in overlay]
+            # A file deleted again after being added is neither upstream nor overlay: skip it.
+            paths = [p for p in paths if p in upstream]
+            if not paths:
+                continue
+            diff = git(
+                tree, "diff-tree", "-p", "--binary", "--full-index", "--no-renames",
+                f"{commit}^", commit, "--", *paths,
+            ).stdout
+            git(tree, "read-tree", tip, env=index_env)
+            git(tree, "apply", "--cached", "-", input=diff, env=index_env)
+            new_tree = git_out(tree, "write-tree", env=index_env)
+            fields = git_out(tree, "show", "-s", "--format=%an%x00%ae%x00%ad", "--date=raw", commit)
+            name, email, date = fields.split("\0")
+            message = git(tree, "show", "-s", "--format=%B", commit).stdout
+            env = {
+                "GIT_AUTHOR_NAME": name,
+                "GIT_AUTHOR_EMAIL": email,
+                "GIT_AUTHOR_DATE": date,
+                "GIT_COMMITTER_DATE": date,
+            }
+            tip = git_out(tree, "commit-tree", new_tree, "-p", tip, "-F", "-", input=message, env=env)
+    return tip
+
+
+def render_patches(tree: Path, base: str, tip: str) -> dict[str, bytes]:
+    """format-patch base..tip deterministically; return {file name: content}."""
+    if tip == base:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        git(tree, *FORMAT_PATCH_ARGS, f"--base={base}", "-o", tmp, f"{base}..{tip}")
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
+
+
+def export_to(project: Project, tree: Path, base: str, patches_out: Path, overlay_out: Path) -> bool:
+    """Write the tree's patches and overlay files into the given directories.
+
+    Returns True when anything changed. Only files managed by this tool are touched:
+    ``*.patch`` and ``series`` in ``patches_out`` and every file in ``overlay_out``.
+    """
+    overlay = overlay_paths(project, tree, base)
+    tip = linearise_patches(project, tree, base, overlay)
+    patches = render_patches(tree, base, tip)
+    series = "".join(f"{name}\n" for name in patches).encode()
+    changed = False
+    patches_out.mkdir(parents=True, exist_ok=True)
+    for name, data in patches.items():
+        target = patches_out / name
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write(target, data)
+            changed = True
+    for stale in patches_out.glob("*.patch"):
+        if stale.name not in patches:
+            stale.unlink()
+            changed = True
+    series_path = patches_out / "series"
+    if not series_path.is_file() or series_path.read_bytes() != series:
+        atomic_write(series_path, series)
+        changed = True
+    # overlay files
+    for rel in sorted(overlay):
+        blob = git(tree, "cat-file", "blob", f"HEAD:{rel}").stdout
+        mode = git_out(tree, "ls-tree", "HEAD", "--", rel).split()[0]
+        target = overlay_out / rel
+        executable = mode == "100755"
+        if (
+            not target.is_file()
+            or target.read_bytes() != blob
+            or os.access(target, os.X_OK) != executable
+        ):
+            atomic_write(target, blob, executable=executable)
+            changed = True
+    if overlay_out.is_dir():
+        for path in sorted(overlay_out.rglob("*"), reverse=True):
+            rel = path.relative_to(overlay_out).as_posix()
+            if path.is_file() and "__pycache__" not in path.parts and rel not in overlay:
+                path.unlink()
+                changed = True
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    return changed
+
+
+def cmd_export(project: Project, args: argparse.Namespace) -> None:
+    build = project.build
+    pin = project.pin
+    if not (build / ".git").exists():
+        raise PatchsetError(f"{build} does not exist: run `make apply-patches` first")
+    changes = uncommitted_changes(build)
+    if changes:
+        raise PatchsetError(
+            f"{build} has uncommitted changes; commit them first (export reads commits only):\n  "
+            + "\n  ".join(changes[:20])
+        )
+    state = read_state(build)
+    if state is None or state.get("pin") != pin.sha:
+        raise PatchsetError(f"{build} was not made by `make apply-patches` for pin {pin.sha[:12]}")
+    if state.get("managed") and state["managed"] != project.managed_digest() and not args.force:
+        raise PatchsetError(
+            "patches/ or megatron_overlay/ changed since the last `make apply-patches`; "
+            "exporting now would overwrite those changes.\nRun `make apply-patches` first "
+            "(it refuses if the build tree has unexported commits), or pass FORCE=1 to let the "
+            "build tree win."
+        )
+    changed = export_to(project, build, pin.sha, project.patches_dir, project.overlay_dir)
+    write_state(build, project, git_out(build, "rev-parse", "HEAD"))
+    print("[export] patches/ and megatron_overlay/ " + ("updated" if changed else "unchanged"))
+    for problem in lint(project):
+        print(f"[export] warning: {problem}")
+
+
+# --------------------------------------------------------------------------------------------
+# check
+
+
+def patch_header_problems(name: str, data: bytes) -> list[str]:
+    """Problems with one patch file's mail header and message."""
+    text = data.decode(errors="replace")
+    head, sep, _ = text.partition("\n---\n")
+    if not sep:
+        return [f"{name}: no '---' separator between message and diff"]
+    problems = []
+    subject = re.search(r"^Subject: (.+)$", head, re.M)
+    if not subject or not subject.group(1).replace("[PATCH]", "").strip():
+        problems.append(f"{name}: no Subject")
+    header_end = head.find("\n\n")
+    body = head[header_end + 2 :] if header_end >= 0 else ""
+    prose = [
+        line
+        for line in body.splitlines()
+        if line.strip() and not re.match(r"^[A-Za-z-]+: ", line)
+    ]
+    if not prose:
+        problems.append(f"{name}: no body saying why (only a subject and trailers)")
+    if not UPSTREAM_STATUS_RE.search(body):
+        problems.append(
+            f"{name}: no valid 'Upstream-Status:' trailer "
+            "(Pending | Submitted <url> | Not-for-upstream)"
+        )
+    if not re.search(r"^Signed-off-by: .+ <.+@.+>$", body, re.M):
+        problems.append(f"{name}: no 'Signed-off-by: Name <email>' trailer (DCO)")
+    return problems
+
+
+def lint(project: Project) -> list[str]:
+    """Static checks of patches/, features.toml and megatron_overlay/."""
+    problems = []
+    series = project.series()
+    listed = set(series)
+    if len(listed) != len(series):
+        problems.append("patches/series lists a patch twice")
+    for name in series:
+        path = project.patches_dir / name
+        if not path.is_file():
+            problems.append(f"patches/series lists {name}, which does not exist")
+        else:
+            problems.extend(patch_header_problems(name, path.read_bytes()))
+    if project.patches_dir.is_dir():
+        for path in sorted(project.patches_dir.glob("*.patch")):
+            if path.name not in listed:
+                problems.append(f"patches/{path.name} is not listed in patches/series")
+    features = project.features()
+    names = [f.name for f in features]
+    slugs = {patch_slug(n): n for n in series}
+    claimed: dict[str, str] = {}
+    for feature in features:
+        for dep in feature.depends:
+            if dep not in names or names.index(dep) >= names.index(feature.name):
+                problems.append(f"feature {feature.name}: depends on {dep}, not an earlier feature")
+        for slug in feature.patches:
+            if slug not in slugs:
+                problems.append(f"feature {feature.name}: patch '{slug}' is not in patches/series")
+            elif slug in claimed:
+                problems.append(f"patch '{slug}' is in features {claimed[slug]} and {feature.name}")
+            else:
+                claimed[slug] = feature.name
+    for slug, name in slugs.items():
+        if slug not in claimed and features:
+            problems.append(f"patches/{name} belongs to no feature in patches/features.toml")
+    order = [claimed.get(patch_slug(n)) for n in series]
+    seen: list[str] = []
+    for feature_name in order:
+        if feature_name and feature_name in seen and seen[-1] != feature_name:
+            problems.append(f"patches of feature {feature_name} are not contiguous in the series")
+        if feature_name and (not seen or seen[-1] != feature_name):
+            seen.append(feature_name)
+    unassigned = overlay_assignment(project)["unassigned"]
+    for rel in unassigned:
+        problems.append(f"megatron_overlay/{rel} belongs to no feature in patches/features.toml")
+    return problems
+
+
+def scratch_tree(pin: Pin, where: Path) -> Path:
+    tree = where / "Megatron-LM"
+    init_checkout(tree, pin.sha)
+    return tree
+
+
+def compare_dirs(expected: Path, actual: Path, label: str, patches_only: bool = False) -> list[str]:
+    """Byte-for-byte comparison of the files under two directories."""
+
+    def files(root: Path) -> dict[str, bytes]:
+        if not root.is_dir():
+            return {}
+        out = {}
+        for p in root.rglob("*"):
+            rel = p.relative_to(root).as_posix()
+            if not p.is_file() or "__pycache__" in p.parts:
+                continue
+            if patches_only and not (rel == "series" or rel.endswith(".patch")):
+                continue
+            out[rel] = p.read_bytes()
+        return out
+
+    a, b = files(expected), files(actual)
+    problems = []
+    for rel in sorted(set(a) | set(b)):
+        if rel not in b:
+            problems.append(f"round trip: {label}/{rel} is not reproduced by export")
+        elif rel not in a:
+            problems.append(f"round trip: export produces {label}/{rel}, which is not committed")
+        elif a[rel] != b[rel]:
+            problems.append(f"round trip: {label}/{rel} differs after apply -> export")
+    return problems
+
+
+def cmd_check(project: Project, args: argparse.Namespace) -> None:
+    problems = lint(project)
+    pin = project.pin
+    ensure_commit_in_cache(pin.sha, pin)
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-check.") as tmp:
+        tmp_path = Path(tmp)
+        tree = scratch_tree(pin, tmp_path)
+        try:
+            build_tree_at(project, tree, pin.sha)
+        except PatchsetError as exc:
+            problems.append(str(exc))
+        else:
+            out_patches = tmp_path / "patches"
+            out_overlay = tmp_path / "overlay"
+            export_to(project, tree, pin.sha, out_patches, out_overlay)
+            problems += compare_dirs(project.patches_dir, out_patches, "patches", patches_only=True)
+            problems += compare_dirs(project.overlay_dir, out_overlay, "megatron_overlay")
+    if problems:
+        raise PatchsetError("check-patches found problems:\n  " + "\n  ".join(problems))
+    print(
+        f"[check] OK: {len(project.series())} patches, {len(project.overlay_files())} overlay "
+        f"files; zero-fuzz apply on {pin.sha[:12]} and byte-identical round trip"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# pr-branch and rebase
+
+
+def feature_closure(project: Project, name: str) -> list[Feature]:
+    """The feature and everything it depends on, in series order."""
+    by_name = {f.name: f for f in project.features()}
+    if name not in by_name:
+        raise PatchsetError(
+            f"FEATURE={name} is not declared in patches/features.toml; known: {', '.join(by_name)}"
+        )
+    wanted: set[str] = set()
+
+    def visit(n: str) -> None:
+        if n in wanted:
+            return
+        wanted.add(n)
+        for dep in by_name[n].depends:
+            if dep not in by_name:
+                raise PatchsetError(f"feature {n} depends on unknown feature {dep}")
+            visit(dep)
+
+    visit(name)
+    return [f for f in project.features() if f.name in wanted]
+
+
+class _SubsetProject(Project):
+    """A view of the project restricted to some features (for PR branches)."""
+
+    def __init__(self, base: Project, features: list[Feature]):
+        super().__init__(base.root, base.build)
+        self._features = features
+        slugs = {s for f in features for s in f.patches}
+        self._series = [n for n in base.series() if patch_slug(n) in slugs]
+
+    def series(self) -> list[str]:
+        return self._series
+
+    def features(self) -> list[Feature]:
+        return self._features
+
+    def overlay_files(self) -> list[str]:
+        return [p for p in super().overlay_files() if any(f.owns_overlay(p) for f in self._features)]
+
+
+def with_worktree(repo: Path, where: Path, rev: str):
+    """Context manager: a detached worktree of ``repo`` at ``rev``, removed afterwards."""
+
+    class _Worktree:
+        def __enter__(self) -> Path:
+            git(repo, "worktree", "add", "-q", "--detach", str(where), rev)
+            return where
+
+        def __exit__(self, *exc) -> None:
+            git(repo, "worktree", "remove", "--force", str(where), check=False)
+            git(repo, "worktree", "prune", check=False)
+
+    return _Worktree()
+
+
+def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
+    pin = project.pin
+    features = feature_closure(project, args.feature)
+    ensure_commit_in_cache(pin.sha, pin)
+    build = project.build
+    init_checkout(build, pin.sha)
+    subset = _SubsetProject(project, features)
+    out_dir = project.root / "build" / "pr" / args.feature
+    branch = f"pr/{args.feature}"
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-pr.") as tmp:
+        with with_worktree(build, Path(tmp) / "wt", pin.sha) as wt:
+            git(wt, "checkout", "-q", "--detach", pin.sha)
+            apply_series(subset, wt, pin.sha, strip_status=True)
+            date = git_out(wt, "show", "-s", "--format=%cI", pin.sha)
+            for feature in features:
+                files = [p for p in subset.overlay_files() if feature.owns_overlay(p)]
+                _commit_pr_overlay(subset, wt, feature, files, pin.sha, date)
+            head = git_out(wt, "rev-parse", "HEAD")
+            git(build, "branch", "-f", branch, head)
+            rendered = render_patches(wt, pin.sha, head)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for name, data in rendered.items():
+        (out_dir / name).write_bytes(data)
+    deps = [f.name for f in features if f.name != args.feature]
+    print(
+        f"[pr-branch] branch {branch} in {build} ({len(rendered)} commits on {pin.sha[:12]})"
+        + (f", stacked on: {', '.join(deps)}" if deps else "")
+        + f"\n[pr-branch] patches: {out_dir}"
+    )
+
+
+def _commit_pr_overlay(
+    project: Project, tree: Path, feature: Feature, files: list[str], base: str, date: str
+) -> None:
+    """Overlay commit for a PR: a DCO sign-off, no falcon-mcore trailers."""
+    if not files:
+        return
+    for rel in files:
+        dst = tree / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.overlay_dir / rel, dst)
+    git(tree, "add", "-f", "--", *files)
+    name, email = TOOL_IDENTITY
+    body = feature.description.strip() or f"New files of the {feature.name} feature."
+    message = f"{feature.name}: add new files\n\n{body}\n\nSigned-off-by: {name} <{email}>\n"
+    git(tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date))
+
+
+def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
+    pin = project.pin
+    new = args.new
+    ensure_commit_in_cache(pin.sha, pin)
+    cache = cache_dir()
+    if not re.fullmatch(r"[0-9a-f]{40}", new):
+        resolved = git(cache, "rev-parse", "--verify", "-q", f"{new}^{{commit}}", check=False)
+        if resolved.returncode != 0:
+            raise PatchsetError(f"NEW={new}: give a full 40-hex upstream commit id")
+        new = resolved.stdout.decode().strip()
+    ensure_commit_in_cache(new, pin, what="new upstream commit NEW=")
+    build = project.build
+    init_checkout(build, pin.sha)
+    if not has_commit(build, new):
+        git(build, "fetch", "-q", "--no-tags", str(cache), f"refs/falcon-mcore/pins/{new}")
+    short = new[:12]
+    report_dir = project.root / "build" / "rebase" / short
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-rebase.") as tmp:
+        with with_worktree(build, Path(tmp) / "old", pin.sha) as old:
+            old_head = _apply_in_worktree(project, old, pin.sha, three_way=False)[0]
+        with with_worktree(build, Path(tmp) / "new", new) as wt:
+            new_head, failures = _apply_in_worktree(project, wt, new, three_way=True)
+    git(build, "branch", "-f", f"rebase/{short}", new_head)
+    git(build, "branch", "-f", f"rebase/{short}-old", old_head)
+    range_diff = git(
+        build, "range-diff", "--no-color", f"{pin.sha}..{old_head}", f"{new}..{new_head}"
+    ).stdout.decode()
+    lines = [f"rebase of patches/ from {pin.sha} onto {new}", ""]
+    if failures:
+        lines.append(f"{len(failures)} patch(es) conflict (3-way merge failed):")
+        for name, message in failures:
+            lines.append(f"  CONFLICT {name}")
+            lines.extend("    " + m for m in message.splitlines()[:8])
+    else:
+        lines.append("all patches apply (3-way allowed)")
+    lines += ["", f"branch rebase/{short} in {build}", "", "range-diff old..new:", range_diff]
+    report = "\n".join(lines)
+    atomic_write(report_dir / "report.txt", report.encode())
+    print(report)
+    print(f"[rebase] report: {report_dir / 'report.txt'}")
+    if failures:
+        raise PatchsetError(f"{len(failures)} patch(es) conflict on {short}; see the report above")
+
+
+def _apply_in_worktree(
+    project: Project, tree: Path, base: str, *, three_way: bool
+) -> tuple[str, list[tuple[str, str]]]:
+    failures = apply_series(project, tree, base, three_way=three_way)
+    date = git_out(tree, "show", "-s", "--format=%cI", base)
+    for feature, files in overlay_assignment(project).items():
+        commit_overlay(project, tree, feature, files, base, date)
+    return git_out(tree, "rev-parse", "HEAD"), failures
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--build", type=Path, help="build tree (default: <root>/build/Megatron-LM)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("upstream", help="fetch the pinned commit into the cache")
+    p = sub.add_parser("apply", help="(re)create the build tree from the pin + series + overlay")
+    p.add_argument("--discard", action="store_true", help="set unexported commits aside first")
+    p = sub.add_parser("export", help="write build-tree commits back to patches/ + overlay")
+    p.add_argument("--force", action="store_true", help="overwrite patches/ changed since apply")
+    sub.add_parser("check", help="lint, zero-fuzz apply, round-trip identity")
+    sub.add_parser("guard", help="fail if the build tree holds work that was not exported")
+    p = sub.add_parser("pr-branch", help="branch + format-patch of one feature for upstream")
+    p.add_argument("--feature", required=True)
+    p = sub.add_parser("rebase", help="re-apply the series on another upstream commit")
+    p.add_argument("--new", required=True)
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    build = (args.build or root / "build" / "Megatron-LM").resolve()
+    project = Project(root=root, build=build)
+    commands = {
+        "upstream": cmd_upstream,
+        "apply": cmd_apply,
+        "export": cmd_export,
+        "check": cmd_check,
+        "guard": cmd_guard,
+        "pr-branch": cmd_pr_branch,
+        "rebase": cmd_rebase,
+    }
+    try:
+        commands[args.command](project, args)
+    except PatchsetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
