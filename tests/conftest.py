@@ -1,0 +1,60 @@
+"""Shared fixtures for falcon-mcore's project tests.
+
+Tests that need Megatron import it from the patched tree ``build/Megatron-LM`` (made by
+``make apply-patches``; ``$FALCON_MCORE_BUILD`` overrides the path). They run on CPU with a
+single-process gloo group unless they spawn their own workers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = Path(os.environ.get("FALCON_MCORE_BUILD", ROOT / "build" / "Megatron-LM"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the device machine)")
+    config.addinivalue_line("markers", "megatron: needs the patched Megatron tree")
+
+
+def megatron_path() -> Path:
+    """Path of the patched tree, put first on sys.path; fails clearly when it is missing."""
+    if not (BUILD / "megatron" / "core").is_dir():
+        pytest.fail(f"{BUILD} is not a patched Megatron tree: run `make apply-patches` first")
+    if str(BUILD) not in sys.path:
+        sys.path.insert(0, str(BUILD))
+    return BUILD
+
+
+@pytest.fixture
+def megatron_tree() -> Path:
+    return megatron_path()
+
+
+@pytest.fixture
+def single_rank_model_parallel(megatron_tree, tmp_path):
+    """gloo world of size 1 with Megatron model-parallel state (TP=PP=1) and seeded RNGs."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'dist_init'}", world_size=1, rank=0
+        )
+        created = True
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
