@@ -106,9 +106,10 @@ def git(
         env=git_env(env),
     )
     if check and proc.returncode != 0:
+        # Some failures (e.g. "nothing to commit") are reported on stdout only.
+        detail = proc.stderr.strip() or proc.stdout.strip()
         raise PatchsetError(
-            f"git {' '.join(args)} failed in {repo}:\n"
-            + proc.stderr.decode(errors="replace").strip()
+            f"git {' '.join(args)} failed in {repo}:\n" + detail.decode(errors="replace")
         )
     return proc
 
@@ -174,10 +175,22 @@ class Feature:
 
 
 def _glob_match(path: str, pattern: str) -> bool:
-    """Glob where ``dir/**`` matches everything below ``dir``."""
-    if pattern.endswith("/**"):
-        return path.startswith(pattern[:-2])
-    return fnmatch.fnmatchcase(path, pattern)
+    """Glob on ``/``-separated paths: ``*``, ``?``, ``[..]`` stay within one path component;
+    a ``**`` component matches any number of components (``dir/**`` = everything below ``dir``).
+    """
+    return _match_parts(path.split("/"), pattern.split("/"))
+
+
+def _match_parts(parts: list[str], pats: list[str]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        if len(pats) == 1:
+            return len(parts) >= 1
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
+    )
 
 
 def patch_slug(filename: str) -> str:
@@ -276,19 +289,33 @@ def cache_dir() -> Path:
 # upstream cache
 
 
+def source_location(source: str) -> str:
+    """An existing local path made absolute (git runs in the cache, not in the caller's cwd)."""
+    local = os.path.expanduser(source)
+    if "://" not in source and os.path.exists(local):
+        return os.path.abspath(local)
+    return source
+
+
 def ensure_commit_in_cache(sha: str, pin: Pin, *, what: str = "pinned upstream commit") -> Path:
     """Make sure the bare cache holds ``sha``; fetch it from ``MEGATRON_LM_GIT`` if needed."""
     cache = cache_dir()
+    ref = f"refs/falcon-mcore/pins/{sha}"
     if cache.is_dir() and has_commit(cache, sha):
+        # A cache seeded some other way (``git clone --bare``, or a commit that arrived with
+        # another fetch) lacks the pin ref that build trees fetch: create it (only then, so a
+        # cache that is already complete is only read).
+        current = git(cache, "rev-parse", "-q", "--verify", ref, check=False).stdout.strip()
+        if current.decode() != sha:
+            git(cache, "update-ref", ref, sha)
         return cache
-    source = os.environ.get("MEGATRON_LM_GIT") or pin.url
+    source = source_location(os.environ.get("MEGATRON_LM_GIT") or pin.url)
     if not cache.is_dir():
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
         git(tmp, "init", "-q", "--bare")
         os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
     print(f"[upstream] fetching {sha[:12]} from {source} into {cache}", flush=True)
-    ref = f"refs/falcon-mcore/pins/{sha}"
     attempts = [
         ["fetch", "-q", "--no-tags", source, f"{sha}:{ref}"],
         ["fetch", "-q", "--no-tags", source, f"+refs/tags/{pin.tag}:refs/tags/{pin.tag}"],
@@ -298,11 +325,16 @@ def ensure_commit_in_cache(sha: str, pin: Pin, *, what: str = "pinned upstream c
     for args in attempts:
         proc = git(cache, *args, check=False)
         if proc.returncode != 0:
-            errors.append(proc.stderr.decode(errors="replace").strip().splitlines()[-1:])
+            lines = proc.stderr.decode(errors="replace").strip().splitlines()
+            # git's first "fatal:"/"error:" line says what went wrong; the last is boilerplate.
+            reason = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), None)
+            reason = reason or (lines[-1] if lines else "")
+            if reason and reason not in errors:
+                errors.append(reason)
         if has_commit(cache, sha):
             git(cache, "update-ref", ref, sha)
             return cache
-    detail = "; ".join(" ".join(e) for e in errors if e)
+    detail = "; ".join(errors)
     raise PatchsetError(
         f"{what} {sha} is not available from {source}"
         + (f" ({detail})" if detail else "")
@@ -375,8 +407,13 @@ def guard_build_tree(project: Project, *, discard: bool) -> None:
             "`make export-patches`.\nTo drop them: `git -C "
             f"{build} stash -u` (recoverable) and run `make apply-patches` again."
         )
+    head_proc = git(build, "rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
+    if head_proc.returncode != 0:
+        # Unborn branch: pr-branch/rebase created the repository before any apply. No commits
+        # and (checked above) no files, so there is nothing to lose.
+        return
+    head = head_proc.stdout.decode().strip()
     state = read_state(build)
-    head = git_out(build, "rev-parse", "HEAD")
     if state is None or state.get("head") != head:
         if not discard:
             raise PatchsetError(
@@ -386,8 +423,11 @@ def guard_build_tree(project: Project, *, discard: bool) -> None:
                 "aside and rebuild from patches/: `make apply-patches DISCARD=1` (saves "
                 "them under refs/falcon-mcore/backup/)."
             )
-        ref = f"refs/falcon-mcore/backup/{time.strftime('%Y%m%d-%H%M%S')}"
-        git(build, "update-ref", ref, head)
+        ref = f"refs/falcon-mcore/backup/{time.strftime('%Y%m%d-%H%M%S')}-{head[:12]}"
+        # "" as the old value: never overwrite an existing backup (same second, same HEAD).
+        if git(build, "update-ref", ref, head, "", check=False).returncode != 0:
+            print(f"[apply] HEAD {head[:12]} is already saved as {ref}")
+            return
         print(f"[apply] saved unexported HEAD {head[:12]} as {ref}")
 
 
@@ -432,7 +472,9 @@ def apply_series(
             if three_way:
                 failures.append((name, message))
                 continue
-            raise PatchsetError(f"patches/{name} does not apply on {base[:12]} (zero fuzz):\n{message}")
+            raise PatchsetError(
+                f"patches/{name} does not apply on {base[:12]} (zero fuzz):\n{message}"
+            )
     return failures
 
 
@@ -470,12 +512,21 @@ def commit_overlay(
         shutil.copyfile(src, dst)
         os.chmod(dst, 0o755 if os.access(src, os.X_OK) else 0o644)
     git(tree, "add", "-f", "--", *files)
+    if not staged_changes(tree):
+        return  # only declared replacements identical to upstream: nothing to commit
     message = (
         f"{feature}: add falcon-mcore overlay files\n\n"
         f"New files of the {feature} feature, copied from megatron_overlay/.\n\n"
         f"{OVERLAY_TRAILER}: {feature}\n"
     )
-    git(tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date))
+    git(
+        tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date)
+    )
+
+
+def staged_changes(tree: Path) -> bool:
+    """True when the index of ``tree`` differs from HEAD."""
+    return git(tree, "diff", "--cached", "--quiet", check=False).returncode != 0
 
 
 def ls_tree(repo: Path, rev: str) -> list[str]:
@@ -553,8 +604,16 @@ def linearise_patches(project: Project, tree: Path, base: str, overlay: set[str]
             if not paths:
                 continue
             diff = git(
-                tree, "diff-tree", "-p", "--binary", "--full-index", "--no-renames",
-                f"{commit}^", commit, "--", *paths,
+                tree,
+                "diff-tree",
+                "-p",
+                "--binary",
+                "--full-index",
+                "--no-renames",
+                f"{commit}^",
+                commit,
+                "--",
+                *paths,
             ).stdout
             git(tree, "read-tree", tip, env=index_env)
             git(tree, "apply", "--cached", "-", input=diff, env=index_env)
@@ -568,7 +627,9 @@ def linearise_patches(project: Project, tree: Path, base: str, overlay: set[str]
                 "GIT_AUTHOR_DATE": date,
                 "GIT_COMMITTER_DATE": date,
             }
-            tip = git_out(tree, "commit-tree", new_tree, "-p", tip, "-F", "-", input=message, env=env)
+            tip = git_out(
+                tree, "commit-tree", new_tree, "-p", tip, "-F", "-", input=message, env=env
+            )
     return tip
 
 
@@ -581,7 +642,9 @@ def render_patches(tree: Path, base: str, tip: str) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
 
 
-def export_to(project: Project, tree: Path, base: str, patches_out: Path, overlay_out: Path) -> bool:
+def export_to(
+    project: Project, tree: Path, base: str, patches_out: Path, overlay_out: Path
+) -> bool:
     """Write the tree's patches and overlay files into the given directories.
 
     Returns True when anything changed. Only files managed by this tool are touched:
@@ -644,6 +707,15 @@ def cmd_export(project: Project, args: argparse.Namespace) -> None:
     state = read_state(build)
     if state is None or state.get("pin") != pin.sha:
         raise PatchsetError(f"{build} was not made by `make apply-patches` for pin {pin.sha[:12]}")
+    if not state.get("managed") and not args.force:
+        # write_state(complete=False): the last apply stopped at a patch that did not apply.
+        # HEAD lacks that patch, the ones after it and the overlay; exporting would delete them.
+        raise PatchsetError(
+            f"the last `make apply-patches` did not finish ({build} holds only part of the "
+            "series and no overlay files); exporting now would delete the rest from patches/ "
+            "and megatron_overlay/.\nFix the patch it reported and run `make apply-patches` "
+            "again, or pass FORCE=1 to let the build tree win."
+        )
     if state.get("managed") and state["managed"] != project.managed_digest() and not args.force:
         raise PatchsetError(
             "patches/ or megatron_overlay/ changed since the last `make apply-patches`; "
@@ -674,12 +746,14 @@ def patch_header_problems(name: str, data: bytes) -> list[str]:
         problems.append(f"{name}: no Subject")
     header_end = head.find("\n\n")
     body = head[header_end + 2 :] if header_end >= 0 else ""
-    prose = [
-        line
-        for line in body.splitlines()
-        if line.strip() and not re.match(r"^[A-Za-z-]+: ", line)
-    ]
-    if not prose:
+    # Trailers are the last paragraph when every line of it looks like "Key: value"; a prose
+    # line such as "Note: ..." elsewhere in the body is still prose.
+    paragraphs = [p for p in re.split(r"\n\s*\n", body.strip()) if p.strip()]
+    if paragraphs and all(
+        re.match(r"^[A-Za-z0-9-]+: ", line) for line in paragraphs[-1].splitlines()
+    ):
+        paragraphs.pop()
+    if not paragraphs:
         problems.append(f"{name}: no body saying why (only a subject and trailers)")
     if not UPSTREAM_STATUS_RE.search(body):
         problems.append(
@@ -724,7 +798,7 @@ def lint(project: Project) -> list[str]:
             else:
                 claimed[slug] = feature.name
     for slug, name in slugs.items():
-        if slug not in claimed and features:
+        if slug not in claimed:
             problems.append(f"patches/{name} belongs to no feature in patches/features.toml")
     order = [claimed.get(patch_slug(n)) for n in series]
     seen: list[str] = []
@@ -839,9 +913,6 @@ class _SubsetProject(Project):
     def features(self) -> list[Feature]:
         return self._features
 
-    def overlay_files(self) -> list[str]:
-        return [p for p in super().overlay_files() if any(f.owns_overlay(p) for f in self._features)]
-
 
 def with_worktree(repo: Path, where: Path, rev: str):
     """Context manager: a detached worktree of ``repo`` at ``rev``, removed afterwards."""
@@ -872,9 +943,11 @@ def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
             git(wt, "checkout", "-q", "--detach", pin.sha)
             apply_series(subset, wt, pin.sha, strip_status=True)
             date = git_out(wt, "show", "-s", "--format=%cI", pin.sha)
+            # Overlay files belong to the features that own them in apply (first match wins),
+            # so a broad glob of one feature cannot pull in another feature's files.
+            owned = overlay_assignment(project)
             for feature in features:
-                files = [p for p in subset.overlay_files() if feature.owns_overlay(p)]
-                _commit_pr_overlay(subset, wt, feature, files, pin.sha, date)
+                _commit_pr_overlay(subset, wt, feature, owned[feature.name], pin.sha, date)
             head = git_out(wt, "rev-parse", "HEAD")
             git(build, "branch", "-f", branch, head)
             rendered = render_patches(wt, pin.sha, head)
@@ -902,10 +975,14 @@ def _commit_pr_overlay(
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(project.overlay_dir / rel, dst)
     git(tree, "add", "-f", "--", *files)
+    if not staged_changes(tree):
+        return
     name, email = TOOL_IDENTITY
     body = feature.description.strip() or f"New files of the {feature.name} feature."
     message = f"{feature.name}: add new files\n\n{body}\n\nSigned-off-by: {name} <{email}>\n"
-    git(tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date))
+    git(
+        tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date)
+    )
 
 
 def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
@@ -918,7 +995,7 @@ def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
         if resolved.returncode != 0:
             raise PatchsetError(f"NEW={new}: give a full 40-hex upstream commit id")
         new = resolved.stdout.decode().strip()
-    ensure_commit_in_cache(new, pin, what="new upstream commit NEW=")
+    ensure_commit_in_cache(new, pin, what="new upstream commit (NEW)")
     build = project.build
     init_checkout(build, pin.sha)
     if not has_commit(build, new):

@@ -15,11 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = Path(os.environ.get("FALCON_MCORE_BUILD", ROOT / "build" / "Megatron-LM"))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the device machine)")
-    config.addinivalue_line("markers", "megatron: needs the patched Megatron tree")
+# Test helper modules are imported as top-level names (tests/ is not a package: the patched
+# tree on sys.path has a `tests` package of its own).
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def megatron_path() -> Path:
