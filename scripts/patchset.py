@@ -269,12 +269,35 @@ class Project:
             h.update(rel.encode() + b"\0" + mode + path.read_bytes() + b"\0")
         return h.hexdigest()
 
+    def patches_digest(self) -> str:
+        """Digest of patches/series and patches/*.patch."""
+        h = hashlib.sha256()
+        series = self.patches_dir / "series"
+        patch_files = sorted(self.patches_dir.glob("*.patch")) if self.patches_dir.is_dir() else []
+        for path in ([series] if series.is_file() else []) + patch_files:
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return h.hexdigest()
+
+    def overlay_hashes(self) -> dict[str, str]:
+        """{overlay path: hash of mode + content} for every overlay file."""
+        return {
+            rel: blob_hash(
+                (self.overlay_dir / rel).read_bytes(), os.access(self.overlay_dir / rel, os.X_OK)
+            )
+            for rel in self.overlay_files()
+        }
+
     def inputs_digest(self) -> str:
         """Digest of everything apply reads: the managed files, the pin and the features."""
         h = hashlib.sha256(self.managed_digest().encode())
         for path in (self.root / "UPSTREAM", self.patches_dir / "features.toml"):
             h.update(path.read_bytes() if path.is_file() else b"")
         return h.hexdigest()
+
+
+def blob_hash(data: bytes, executable: bool) -> str:
+    """Hash of a file's content and executable bit (for three-way overlay sync)."""
+    return hashlib.sha256((b"x" if executable else b"-") + data).hexdigest()
 
 
 def cache_dir() -> Path:
@@ -360,13 +383,30 @@ def read_state(build: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def write_state(build: Path, project: Project, head: str, *, complete: bool = True) -> None:
-    """Record the HEAD that apply/export produced and digests of the project's inputs."""
+def write_state(
+    build: Path,
+    project: Project,
+    head: str,
+    *,
+    complete: bool = True,
+    tree_overlay: dict[str, str] | None = None,
+) -> None:
+    """Record the HEAD that apply/export produced and digests of the project's inputs.
+
+    ``overlay`` is the base of the next export's three-way overlay merge: the overlay files as
+    the build tree holds them (after apply they equal megatron_overlay/).
+    """
     state = {
         "head": head,
         "pin": project.pin.sha,
         "inputs": project.inputs_digest() if complete else "",
         "managed": project.managed_digest() if complete else "",
+        "patches": project.patches_digest() if complete else "",
+        "overlay": (
+            (tree_overlay if tree_overlay is not None else project.overlay_hashes())
+            if complete
+            else {}
+        ),
     }
     atomic_write(build / ".git" / STATE_FILE, json.dumps(state, indent=1).encode())
 
@@ -643,14 +683,62 @@ def render_patches(tree: Path, base: str, tip: str) -> dict[str, bytes]:
 
 
 def export_to(
-    project: Project, tree: Path, base: str, patches_out: Path, overlay_out: Path
-) -> bool:
+    project: Project,
+    tree: Path,
+    base: str,
+    patches_out: Path,
+    overlay_out: Path,
+    overlay_base: dict[str, str] | None = None,
+) -> tuple[bool, dict[str, str]]:
     """Write the tree's patches and overlay files into the given directories.
 
-    Returns True when anything changed. Only files managed by this tool are touched:
+    Returns (whether anything changed, {overlay path: blob_hash} of the tree's overlay). Only files managed by this tool are touched:
     ``*.patch`` and ``series`` in ``patches_out`` and every file in ``overlay_out``.
+
+    ``overlay_base`` ({path: blob_hash}) is the overlay as of the last apply/export. With it,
+    overlay files merge three ways: a file changed only in the tree is written, a file changed
+    only in ``overlay_out`` (edited there since) is kept, and a file changed on both sides is a
+    conflict (nothing is written). Without it the tree wins (scratch exports of `check`).
     """
     overlay = overlay_paths(project, tree, base)
+    tree_files: dict[str, tuple[bytes, bool]] = {}
+    for rel in sorted(overlay):
+        blob = git(tree, "cat-file", "blob", f"HEAD:{rel}").stdout
+        mode = git_out(tree, "ls-tree", "HEAD", "--", rel).split()[0]
+        tree_files[rel] = (blob, mode == "100755")
+    project_files: dict[str, tuple[bytes, bool]] = {}
+    if overlay_out.is_dir():
+        for path in overlay_out.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                rel = path.relative_to(overlay_out).as_posix()
+                project_files[rel] = (path.read_bytes(), os.access(path, os.X_OK))
+    writes: dict[str, tuple[bytes, bool]] = {}
+    deletes: list[str] = []
+    conflicts: list[str] = []
+    for rel in sorted(set(tree_files) | set(project_files)):
+        t, p = tree_files.get(rel), project_files.get(rel)
+        t_hash = blob_hash(*t) if t else None
+        p_hash = blob_hash(*p) if p else None
+        if t_hash == p_hash:
+            continue
+        if overlay_base is not None:
+            b_hash = overlay_base.get(rel)
+            if t_hash == b_hash:
+                continue  # changed only in megatron_overlay/: keep it
+            if p_hash != b_hash:
+                conflicts.append(rel)
+                continue
+        if t is None:
+            deletes.append(rel)
+        else:
+            writes[rel] = t
+    if conflicts:
+        raise PatchsetError(
+            "these overlay files changed both in megatron_overlay/ and in the build tree since "
+            "the last apply/export:\n  " + "\n  ".join(conflicts) + "\nNothing was written. "
+            "Make the two versions agree (e.g. copy your megatron_overlay/ edit into the build "
+            "tree and commit it), then export again."
+        )
     tip = linearise_patches(project, tree, base, overlay)
     patches = render_patches(tree, base, tip)
     series = "".join(f"{name}\n" for name in patches).encode()
@@ -669,28 +757,17 @@ def export_to(
     if not series_path.is_file() or series_path.read_bytes() != series:
         atomic_write(series_path, series)
         changed = True
-    # overlay files
-    for rel in sorted(overlay):
-        blob = git(tree, "cat-file", "blob", f"HEAD:{rel}").stdout
-        mode = git_out(tree, "ls-tree", "HEAD", "--", rel).split()[0]
-        target = overlay_out / rel
-        executable = mode == "100755"
-        if (
-            not target.is_file()
-            or target.read_bytes() != blob
-            or os.access(target, os.X_OK) != executable
-        ):
-            atomic_write(target, blob, executable=executable)
-            changed = True
+    for rel, (blob, executable) in writes.items():
+        atomic_write(overlay_out / rel, blob, executable=executable)
+        changed = True
+    for rel in deletes:
+        (overlay_out / rel).unlink()
+        changed = True
     if overlay_out.is_dir():
         for path in sorted(overlay_out.rglob("*"), reverse=True):
-            rel = path.relative_to(overlay_out).as_posix()
-            if path.is_file() and "__pycache__" not in path.parts and rel not in overlay:
-                path.unlink()
-                changed = True
-            elif path.is_dir() and not any(path.iterdir()):
+            if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
-    return changed
+    return changed, {rel: blob_hash(*value) for rel, value in tree_files.items()}
 
 
 def cmd_export(project: Project, args: argparse.Namespace) -> None:
@@ -716,15 +793,22 @@ def cmd_export(project: Project, args: argparse.Namespace) -> None:
             "and megatron_overlay/.\nFix the patch it reported and run `make apply-patches` "
             "again, or pass FORCE=1 to let the build tree win."
         )
-    if state.get("managed") and state["managed"] != project.managed_digest() and not args.force:
+    if "patches" not in state and state.get("managed"):
+        # State written by an older version of this tool: no per-file overlay base.
+        stale = state["managed"] != project.managed_digest()
+    else:
+        stale = state.get("patches") != project.patches_digest()
+    if state.get("managed") and stale and not args.force:
         raise PatchsetError(
-            "patches/ or megatron_overlay/ changed since the last `make apply-patches`; "
-            "exporting now would overwrite those changes.\nRun `make apply-patches` first "
-            "(it refuses if the build tree has unexported commits), or pass FORCE=1 to let the "
-            "build tree win."
+            "patches/ changed since the last `make apply-patches`; exporting now would "
+            "overwrite those changes.\nRun `make apply-patches` first (it refuses if the build "
+            "tree has unexported commits), or pass FORCE=1 to let the build tree win."
         )
-    changed = export_to(project, build, pin.sha, project.patches_dir, project.overlay_dir)
-    write_state(build, project, git_out(build, "rev-parse", "HEAD"))
+    overlay_base = None if args.force else state.get("overlay")
+    changed, tree_overlay = export_to(
+        project, build, pin.sha, project.patches_dir, project.overlay_dir, overlay_base
+    )
+    write_state(build, project, git_out(build, "rev-parse", "HEAD"), tree_overlay=tree_overlay)
     print("[export] patches/ and megatron_overlay/ " + ("updated" if changed else "unchanged"))
     for problem in lint(project):
         print(f"[export] warning: {problem}")

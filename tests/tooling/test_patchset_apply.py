@@ -171,12 +171,33 @@ def test_export_refuses_when_patches_changed_since_apply(proj):
     p.ok("export", "--force")
     assert patch.read_text() != hand_edit
     assert len(list((p.root / "patches").glob("*.patch"))) == 3
-    # A hand edit of an overlay file is protected the same way.
+
+
+def test_export_merges_overlay_edits_three_ways(proj):
+    """Overlay files edited in megatron_overlay/ since apply are kept; edits on both sides of
+    the same file are a conflict that writes nothing."""
+    p = proj
+    p.ok("apply")
     overlay = p.root / "megatron_overlay/megatron/core/beta.py"
     overlay.write_text("BETA = 'hand edit'\n")
-    p.commit_in_build({"megatron/core/utils.py": "Y = 2\n"}, "utils: second change")
-    p.fails("export")
+    p.commit_in_build({"megatron/core/utils.py": "Y = 2\n"}, "utils: change")
+    p.ok("export")
     assert overlay.read_text() == "BETA = 'hand edit'\n"
+    assert len(list((p.root / "patches").glob("*.patch"))) == 3
+    # A second export still keeps it (the base is the tree's version, not the project's).
+    p.commit_in_build({"megatron/core/utils.py": "Y = 3\n"}, "utils: change again")
+    p.ok("export")
+    assert overlay.read_text() == "BETA = 'hand edit'\n"
+    # The tree changes the same file too: conflict, nothing written.
+    before = p.managed_snapshot()
+    p.commit_in_build({"megatron/core/beta.py": "BETA = 'tree edit'\n"}, "beta: tree edit")
+    proc = p.fails("export")
+    assert "changed both in megatron_overlay/ and in the build tree" in proc.stderr
+    assert "megatron/core/beta.py" in proc.stderr
+    assert p.managed_snapshot() == before
+    # --force lets the build tree win.
+    p.ok("export", "--force")
+    assert overlay.read_text() == "BETA = 'tree edit'\n"
 
 
 def test_export_refuses_uncommitted_and_unapplied(proj):
