@@ -1,0 +1,64 @@
+# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+"""BitNet b1.58 (ternary weights, int8 activations) training core for Megatron.
+
+Public API (see :mod:`.functional`): :func:`bitnet_linear`, :class:`BitNetWeightCache`,
+:func:`invalidate_weight_caches`, the separable scale / quantisation / product ops used by
+tensor-parallel layers, and the pure-torch reference in :mod:`.quant`.  The Triton kernels in
+:mod:`.triton_kernels` are imported lazily (this package imports without Triton).
+
+Environment knobs (all optional):
+
+* ``BITNET_BACKEND`` = ``auto`` (default: Triton on CUDA tensors, torch otherwise) | ``torch``
+  | ``triton``.
+* ``BITNET_DGRAD`` / ``BITNET_WGRAD`` = ``cublas`` (default) | ``triton``: backward GEMM
+  implementation on the Triton backend (``triton`` avoids the cached dense ``beta*T`` copy /
+  the bf16 ``x_q`` temporary, but is slower on H100).
+* ``BITNET_WEIGHT_CACHE=0``: disable all weight caches.
+* ``BITNET_TRITON_AUTOTUNE=0``: use fixed GEMM configs instead of autotuning.
+"""
+
+from . import quant
+from .functional import (
+    BitNetLinearFunction,
+    BitNetWeightCache,
+    QuantizedActivation,
+    QuantizedWeight,
+    activation_absmax,
+    bitnet_input_grad,
+    bitnet_linear,
+    bitnet_matmul,
+    bitnet_weight_grad,
+    get_quantized_weight,
+    invalidate_weight_caches,
+    quantize_activation,
+    quantize_weight,
+    resolve_backend,
+    triton_available,
+    weight_abs_sum,
+    weight_cache_generation,
+    weight_scale,
+    weight_scale_from_abs_sum,
+)
+
+__all__ = [
+    "quant",
+    "BitNetLinearFunction",
+    "BitNetWeightCache",
+    "QuantizedActivation",
+    "QuantizedWeight",
+    "activation_absmax",
+    "bitnet_input_grad",
+    "bitnet_linear",
+    "bitnet_matmul",
+    "bitnet_weight_grad",
+    "get_quantized_weight",
+    "invalidate_weight_caches",
+    "quantize_activation",
+    "quantize_weight",
+    "resolve_backend",
+    "triton_available",
+    "weight_abs_sum",
+    "weight_cache_generation",
+    "weight_scale",
+    "weight_scale_from_abs_sum",
+]

@@ -1,0 +1,604 @@
+# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+"""BitNet b1.58 linear: backend dispatch, weight cache and the STE autograd function.
+
+Layers of this module, bottom up:
+
+1. Backend selection (:func:`resolve_backend`): ``"triton"`` for CUDA tensors when Triton is
+   importable, ``"torch"`` (:mod:`.quant`, exact reference) otherwise.  ``BITNET_BACKEND`` in
+   the environment (``auto`` | ``torch`` | ``triton``) or the ``backend=`` argument forces one.
+   ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (tests).
+2. Separable ops, used by :class:`BitNetLinearFunction` and meant to be composed by
+   tensor-parallel layers with their own communication: scales (:func:`weight_abs_sum`,
+   :func:`weight_scale_from_abs_sum`, :func:`activation_absmax`), quantisers
+   (:func:`quantize_weight`, :func:`quantize_activation`) and the three products
+   (:func:`bitnet_matmul`, :func:`bitnet_input_grad`, :func:`bitnet_weight_grad`).
+3. :class:`BitNetWeightCache`: the quantised weight is computed once per optimizer step and
+   reused by every micro-batch (see its docstring for the invalidation contract).
+4. :func:`bitnet_linear`: ``y = x_q W_q^T (+ b)`` with identity straight-through gradients to
+   the full-precision ``x`` and ``weight``; saves only int8 activations + per-token scales for
+   backward; optional gradient-accumulation fusion into ``weight.main_grad`` following
+   Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` convention.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import quant
+
+__all__ = [
+    "QuantizedWeight",
+    "QuantizedActivation",
+    "triton_available",
+    "resolve_backend",
+    "weight_abs_sum",
+    "weight_scale_from_abs_sum",
+    "weight_scale",
+    "quantize_weight",
+    "activation_absmax",
+    "quantize_activation",
+    "bitnet_matmul",
+    "bitnet_input_grad",
+    "bitnet_weight_grad",
+    "BitNetWeightCache",
+    "invalidate_weight_caches",
+    "weight_cache_generation",
+    "get_quantized_weight",
+    "BitNetLinearFunction",
+    "bitnet_linear",
+]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+# --------------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------------
+
+_TRITON_MODULE = None
+_TRITON_IMPORT_ERROR: Optional[BaseException] = None
+
+
+def _triton_kernels():
+    """Import :mod:`.triton_kernels` lazily (None if Triton is unusable here)."""
+    global _TRITON_MODULE, _TRITON_IMPORT_ERROR
+    if _TRITON_MODULE is None and _TRITON_IMPORT_ERROR is None:
+        try:
+            from . import triton_kernels as _tk
+
+            _TRITON_MODULE = _tk
+        except Exception as exc:  # ImportError, or a broken triton install
+            _TRITON_IMPORT_ERROR = exc
+    return _TRITON_MODULE
+
+
+def triton_available() -> bool:
+    """True if the Triton kernels module imports."""
+    return _triton_kernels() is not None
+
+
+def _interpret() -> bool:
+    tk = _triton_kernels()
+    return tk is not None and tk.interpret_mode()
+
+
+def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
+    """Pick ``"triton"`` or ``"torch"`` for ops on ``tensor``.
+
+    Args:
+        tensor: a tensor the op will read (its device decides ``auto``).
+        backend: ``None`` (read ``BITNET_BACKEND``, default ``auto``), ``auto``, ``torch`` or
+            ``triton``.
+    """
+    choice = (backend or os.environ.get("BITNET_BACKEND", "auto")).strip().lower()
+    if choice not in _BACKENDS:
+        raise ValueError(f"BitNet backend must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                f"BitNet backend 'triton' requested but Triton kernels failed to import: "
+                f"{_TRITON_IMPORT_ERROR!r}"
+            )
+        if not tensor.is_cuda and not _interpret():
+            raise RuntimeError(
+                "BitNet backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
+                f"CPU interpreter); got a tensor on {tensor.device}"
+            )
+        return "triton"
+    return "triton" if tensor.is_cuda and triton_available() else "torch"
+
+
+_IMPLS = ("cublas", "triton")
+
+
+def _impl_choice(var: str, default: str) -> str:
+    val = os.environ.get(var, default).strip().lower()
+    if val not in _IMPLS:
+        raise ValueError(f"{var} must be one of {_IMPLS}, got {val!r}")
+    return val
+
+
+# Defaults measured on one H100 (torch 2.11, triton 3.6; scripts/bench_bitnet.py --breakdown):
+# our Triton mixed-input backward GEMMs ran 1.25-1.4x slower than cuBLAS bf16, while the int8
+# forward GEMM ran about 1.65x faster than cuBLAS bf16.  So the backward uses cuBLAS, at the
+# price of a dense bf16 beta*T copy cached per weight per step (2 bytes/parameter on top of the
+# 1-byte int8 T); BITNET_DGRAD=triton avoids that copy.
+
+
+def dgrad_impl() -> str:
+    """Input-gradient GEMM on the triton backend (``BITNET_DGRAD``).
+
+    ``cublas`` (default): torch.matmul on a dense ``bf16(beta*T)`` copy that is cached with the
+    quantised weight (one copy per weight per optimizer step).  ``triton``: int8 T read and
+    converted in-kernel, beta applied in the fp32 epilogue (no dense copy, slower on H100).
+    """
+    return _impl_choice("BITNET_DGRAD", "cublas")
+
+
+def wgrad_impl() -> str:
+    """Weight-gradient GEMM on the triton backend (``BITNET_WGRAD``).
+
+    ``cublas`` (default): x_q dequantised from the saved int8 by a Triton kernel, then cuBLAS
+    (fp32 output accumulated straight into ``main_grad`` when supported).  ``triton``: x_q
+    dequantised in the GEMM operand load, fp32 main_grad accumulation in the epilogue.
+    """
+    return _impl_choice("BITNET_WGRAD", "cublas")
+
+
+_ADDMM_OUT_DTYPE_OK: Optional[bool] = None
+
+
+def _accumulate_mm(main_grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``main_grad += a @ b`` with fp32 accumulation/output where the matmul supports it."""
+    global _ADDMM_OUT_DTYPE_OK
+    if main_grad.dtype == a.dtype:
+        main_grad.addmm_(a, b)
+        return
+    if main_grad.dtype == torch.float32 and main_grad.is_cuda and _ADDMM_OUT_DTYPE_OK is not False:
+        try:
+            # cuBLAS bf16 x bf16 -> fp32 with beta=1: the product never rounds to bf16.
+            torch.addmm(main_grad, a, b, out_dtype=torch.float32, out=main_grad)
+            _ADDMM_OUT_DTYPE_OK = True
+            return
+        except (TypeError, RuntimeError):
+            _ADDMM_OUT_DTYPE_OK = False
+    main_grad.add_(torch.matmul(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# Containers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedWeight:
+    """Ternary weight ``W_q = beta * t``.
+
+    Attributes:
+        t: int8 ``[N, K]`` with values in {-1, 0, 1}.
+        beta: 0-dim fp32 scale on the weight's device.
+        dense: optional ``beta * t`` in a 16/32-bit dtype (cuBLAS input-gradient path).
+    """
+
+    t: torch.Tensor
+    beta: torch.Tensor
+    dense: Optional[torch.Tensor] = None
+
+
+@dataclass
+class QuantizedActivation:
+    """Per-token int8 activation ``x_q = q * gamma / 127``.
+
+    Attributes:
+        q: int8 ``[M, K]`` (tokens flattened).
+        gamma: fp32 ``[M]``.
+        s: optional fp32 ``[M]`` = ``gamma / 127`` (computed on demand if None).
+    """
+
+    q: torch.Tensor
+    gamma: torch.Tensor
+    s: Optional[torch.Tensor] = None
+
+    def scale(self) -> torch.Tensor:
+        """Per-token dequantisation factor ``s = gamma / 127``."""
+        if self.s is None:
+            self.s = quant.activation_dequant_scale(self.gamma)
+        return self.s
+
+
+# --------------------------------------------------------------------------------------------
+# Separable ops
+# --------------------------------------------------------------------------------------------
+
+
+def weight_abs_sum(weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Local ``sum|W|`` (0-dim fp64).  TP layers all-reduce it (SUM) across ranks."""
+    if resolve_backend(weight, backend) == "triton":
+        return _triton_kernels().weight_abs_sum(weight)
+    return quant.weight_abs_sum(weight)
+
+
+def weight_scale_from_abs_sum(abs_sum: torch.Tensor, numel: int) -> torch.Tensor:
+    """``beta = max(fp32(abs_sum / numel), 1e-5)``; numel is the global element count."""
+    return quant.weight_scale_from_abs_sum(abs_sum, numel)
+
+
+def weight_scale(weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Single-device ``beta`` of ``weight`` (0-dim fp32)."""
+    return weight_scale_from_abs_sum(weight_abs_sum(weight, backend), weight.numel())
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    beta: Optional[torch.Tensor] = None,
+    *,
+    dense_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> QuantizedWeight:
+    """Quantise ``weight`` to ``(T, beta[, beta*T in dense_dtype])`` without host sync.
+
+    ``beta`` may be supplied by the caller (e.g. reduced over tensor-parallel shards).
+    """
+    be = resolve_backend(weight, backend)
+    with torch.no_grad():
+        if beta is None:
+            beta = weight_scale(weight, be)
+        beta = beta.reshape(()).to(device=weight.device, dtype=torch.float32)
+        if be == "triton":
+            t, dense = _triton_kernels().weight_quant(weight, beta, dense_dtype)
+        else:
+            t, beta = quant.quantize_weight(weight, beta)
+            dense = None if dense_dtype is None else quant.dequantize_weight(t, beta, dense_dtype)
+    return QuantizedWeight(t=t, beta=beta, dense=dense)
+
+
+def activation_absmax(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Per-token ``gamma`` (fp32, shape ``x.shape[:-1]``).  Row-parallel layers all-reduce it
+    (MAX) across ranks before :func:`quantize_activation`."""
+    if resolve_backend(x, backend) == "triton":
+        return _triton_kernels().act_absmax(x).reshape(x.shape[:-1])
+    return quant.activation_absmax(x)
+
+
+def quantize_activation(
+    x: torch.Tensor, gamma: Optional[torch.Tensor] = None, backend: Optional[str] = None
+) -> QuantizedActivation:
+    """Per-token int8 quantisation of ``x [..., K]`` into ``Q [M, K]`` / ``gamma [M]``.
+
+    With ``gamma=None`` the scale is computed in the same pass (Triton: one read of x).
+    """
+    k = x.shape[-1]
+    if gamma is not None and gamma.numel() != x.numel() // max(k, 1):
+        raise ValueError(
+            f"gamma has {gamma.numel()} elements, expected one per token of x {tuple(x.shape)}"
+        )
+    with torch.no_grad():
+        if resolve_backend(x, backend) == "triton":
+            q, g, s = _triton_kernels().act_quant(x, gamma)
+            return QuantizedActivation(q=q, gamma=g, s=s)
+        x2 = x.reshape(-1, k)
+        q, g = quant.quantize_activation(x2, None if gamma is None else gamma.reshape(-1))
+    return QuantizedActivation(q=q, gamma=g)
+
+
+def bitnet_matmul(
+    act: QuantizedActivation,
+    wq: QuantizedWeight,
+    out_dtype: torch.dtype,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Forward product ``y [M, N] = (gamma/127) * beta * (Q @ T^T)`` (exact integer product)."""
+    if resolve_backend(act.q, backend) == "triton":
+        return _triton_kernels().bitnet_fwd(act.q, act.scale(), wq.t, wq.beta, out_dtype)
+    return quant.scaled_int_matmul(act.q, act.gamma, wq.t, wq.beta, out_dtype)
+
+
+def bitnet_input_grad(
+    grad_output: torch.Tensor, wq: QuantizedWeight, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Identity-STE input gradient ``dX [M, K] = dY [M, N] @ (beta*T)``."""
+    if wq.dense is not None and wq.dense.dtype == grad_output.dtype:
+        return torch.matmul(grad_output, wq.dense)
+    if resolve_backend(grad_output, backend) == "triton":
+        return _triton_kernels().bitnet_dgrad(grad_output, wq.t, wq.beta)
+    return quant.bitnet_dgrad(grad_output, wq.t, wq.beta)
+
+
+def bitnet_weight_grad(
+    grad_output: torch.Tensor,
+    act: QuantizedActivation,
+    main_grad: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> Optional[torch.Tensor]:
+    """Identity-STE weight gradient ``dW [N, K] = dY^T @ x_q`` from the saved int8 activations.
+
+    With ``main_grad`` the product is accumulated into it in place (fp32 fused in the Triton
+    kernel; other dtypes via a separate add) and None is returned.
+    """
+    be = resolve_backend(grad_output, backend)
+    if be == "triton":
+        tk = _triton_kernels()
+        s = act.scale()
+        fused_ok = (
+            main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
+        )
+        if wgrad_impl() == "triton":
+            if main_grad is None:
+                return tk.bitnet_wgrad(grad_output, act.q, s)
+            if fused_ok:
+                return tk.bitnet_wgrad(grad_output, act.q, s, main_grad=main_grad)
+            main_grad.add_(tk.bitnet_wgrad(grad_output, act.q, s, out_dtype=torch.float32))
+            return None
+        xq = tk.act_dequant(act.q, s, grad_output.dtype)
+        if main_grad is None:
+            return torch.matmul(grad_output.t(), xq)
+        _accumulate_mm(main_grad, grad_output.t(), xq)
+        return None
+    if main_grad is not None and main_grad.dtype != torch.float32:
+        main_grad.add_(quant.bitnet_wgrad(grad_output, act.q, act.gamma))
+        return None
+    return quant.bitnet_wgrad(grad_output, act.q, act.gamma, main_grad=main_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight cache
+# --------------------------------------------------------------------------------------------
+
+_GENERATION = [0]
+
+
+def invalidate_weight_caches() -> None:
+    """Invalidate every :class:`BitNetWeightCache` at once (O(1): bumps a global generation).
+
+    Call after each optimizer step and after loading a checkpoint or otherwise writing model
+    weights (the Megatron integration hooks this into the optimizer step).
+    """
+    _GENERATION[0] += 1
+
+
+def weight_cache_generation() -> int:
+    """Current global cache generation (for diagnostics and tests)."""
+    return _GENERATION[0]
+
+
+def _cache_disabled_by_env() -> bool:
+    return os.environ.get("BITNET_WEIGHT_CACHE", "1") == "0"
+
+
+class BitNetWeightCache:
+    """Holds one weight's quantisation for reuse across the micro-batches of a step.
+
+    Validity key (all must match for a hit):
+
+    * the global generation bumped by :func:`invalidate_weight_caches` (and this object's
+      :meth:`invalidate`) -- the authoritative signal.  Megatron writes model weights through
+      ``param.data`` / multi-tensor copies from the fp32 main params and through NCCL
+      all-gathers into the shared parameter buffer; none of these bump ``param._version``
+      (verified for ``.data.copy_`` and writes through another view of the buffer), so a
+      version key alone would serve stale weights there.  The optimizer step must therefore
+      call :func:`invalidate_weight_caches`.
+    * ``weight._version`` (if ``check_version``): catches in-place updates made through the
+      parameter itself (``torch.optim`` steps, ``param.add_`` / ``copy_`` under no_grad), so
+      plain PyTorch training stays correct without any hook.
+    * ``data_ptr``, shape, dtype, device, and the requested extras (dense dtype, backend).
+
+    Note for tensor-parallel use with a cross-rank beta: a miss triggers a collective, so all
+    ranks must miss together; the generation counter and optimizer in-place updates are
+    rank-symmetric, which guarantees that.
+
+    Set ``BITNET_WEIGHT_CACHE=0`` to disable all caches (every call re-quantises).
+    """
+
+    def __init__(self, enabled: bool = True, check_version: bool = True):
+        self.enabled = enabled
+        self.check_version = check_version
+        self._key: Optional[Tuple] = None
+        self._value: Optional[QuantizedWeight] = None
+        self.hits = 0
+        self.misses = 0
+
+    def invalidate(self) -> None:
+        """Drop the cached quantisation of this cache only."""
+        self._key = None
+        self._value = None
+
+    def _make_key(self, weight: torch.Tensor, extra: Tuple) -> Optional[Tuple]:
+        if weight.is_inference():
+            return None  # inference tensors have no version counter
+        version = weight._version if self.check_version else None
+        return (
+            _GENERATION[0],
+            version,
+            weight.data_ptr(),
+            tuple(weight.shape),
+            weight.dtype,
+            weight.device,
+            extra,
+        )
+
+    def get(
+        self, weight: torch.Tensor, compute: Callable[[], QuantizedWeight], extra_key: Tuple = ()
+    ) -> QuantizedWeight:
+        """Return the cached quantisation of ``weight`` or ``compute()`` and store it."""
+        if not self.enabled or _cache_disabled_by_env():
+            return compute()
+        key = self._make_key(weight, extra_key)
+        if key is not None and key == self._key and self._value is not None:
+            self.hits += 1
+            return self._value
+        self.misses += 1
+        value = compute()
+        # Key taken before compute(): an update racing with compute() then forces a re-quantise.
+        self._key, self._value = key, (value if key is not None else None)
+        return value
+
+
+def get_quantized_weight(
+    weight: torch.Tensor,
+    *,
+    cache: Optional[BitNetWeightCache] = None,
+    beta: Optional[torch.Tensor] = None,
+    beta_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dense_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> QuantizedWeight:
+    """Quantise ``weight`` (through ``cache`` if given).
+
+    Args:
+        cache: optional :class:`BitNetWeightCache`.
+        beta: precomputed scale; used on a miss (ignored on a hit).
+        beta_fn: ``weight -> beta`` called only on a miss (e.g. local abs-sum + all-reduce +
+            :func:`weight_scale_from_abs_sum` in a TP layer); mutually exclusive with beta.
+        dense_dtype: also materialise ``beta*T`` in this dtype (cuBLAS dgrad path).
+    """
+    if beta is not None and beta_fn is not None:
+        raise ValueError("pass at most one of beta and beta_fn")
+    be = resolve_backend(weight, backend)
+
+    def compute() -> QuantizedWeight:
+        with torch.no_grad():
+            b = beta_fn(weight) if beta_fn is not None else beta
+            return quantize_weight(weight, b, dense_dtype=dense_dtype, backend=be)
+
+    if cache is None:
+        return compute()
+    return cache.get(weight, compute, extra_key=(dense_dtype, be))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class BitNetLinearFunction(torch.autograd.Function):
+    """``y = x_q W_q^T + b`` with identity straight-through gradients.
+
+    Forward uses exactly ``W_q = beta*T`` and ``x_q = Q*gamma/127``; backward returns
+    ``dX = dY @ W_q`` and ``dW = dY^T @ x_q`` (to the full-precision leaf weight).  Only the
+    int8 ``Q`` and fp32 ``gamma`` are saved for backward (not the input).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        wq: QuantizedWeight,
+        gamma: Optional[torch.Tensor],
+        gradient_accumulation_fusion: bool,
+        backend: str,
+    ) -> torch.Tensor:
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"input features {x.shape[-1]} != weight in_features {weight.shape[1]}"
+            )
+        act = quantize_activation(x, gamma, backend)
+        y = bitnet_matmul(act, wq, out_dtype=x.dtype, backend=backend)
+        if bias is not None:
+            y = y + bias
+        y = y.view(*x.shape[:-1], weight.shape[0])
+
+        if gradient_accumulation_fusion and hasattr(weight, "main_grad"):
+            # Not saved with save_for_backward (see Megatron's note on module reuse).
+            ctx.main_grad = weight.main_grad
+        else:
+            ctx.main_grad = None
+        ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
+        ctx.backend = backend
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.use_bias = bias is not None
+        ctx.save_for_backward(act.q, act.gamma, act.s, wq.t, wq.beta, wq.dense, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        q, gamma, s, t, beta, dense, weight = ctx.saved_tensors
+        backend = ctx.backend
+        n = t.shape[0]
+        dy = grad_output.reshape(-1, n)
+        if not dy.is_contiguous():
+            dy = dy.contiguous()
+        wq = QuantizedWeight(t=t, beta=beta, dense=dense)
+
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = bitnet_input_grad(dy, wq, backend).view(ctx.x_shape)
+
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            act = QuantizedActivation(q=q, gamma=gamma, s=s)
+            main_grad = ctx.main_grad
+            if main_grad is not None:
+                weight.main_grad = main_grad
+                bitnet_weight_grad(dy, act, main_grad=main_grad, backend=backend)
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    # Megatron convention: return a dummy grad so that backward hooks run on
+                    # the main thread (overlap_grad_reduce), zeroed if the param asks for it.
+                    alloc = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                    grad_weight = alloc(main_grad.shape, dtype=ctx.x_dtype, device=main_grad.device)
+                    weight.grad_added_to_main_grad = True
+            else:
+                grad_weight = bitnet_weight_grad(dy, act, backend=backend)
+                if grad_weight.dtype != weight.dtype:
+                    grad_weight = grad_weight.to(weight.dtype)
+
+        grad_bias = dy.sum(dim=0) if ctx.use_bias and ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def bitnet_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    gamma: Optional[torch.Tensor] = None,
+    weight_quant: Optional[QuantizedWeight] = None,
+    weight_cache: Optional[BitNetWeightCache] = None,
+    weight_scale: Optional[torch.Tensor] = None,
+    weight_scale_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    gradient_accumulation_fusion: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """BitNet b1.58 linear ``y = x_q W_q^T (+ bias)`` with STE gradients.
+
+    Args:
+        x: input ``[..., K]`` (2D ``[tokens, K]`` or Megatron's 3D ``[s, b, K]``).
+        weight: full-precision weight ``[N, K]`` (the leaf that receives gradients).
+        bias: optional bias ``[N]`` (not quantised).
+        gamma: optional per-token scale (``x.shape[:-1]`` elements, fp32), e.g. MAX-reduced
+            across tensor-parallel ranks; computed from ``x`` if None.
+        weight_quant: a precomputed :class:`QuantizedWeight`; bypasses cache and scale args.
+        weight_cache: optional :class:`BitNetWeightCache` (quantise once per optimizer step).
+        weight_scale: optional precomputed beta (used when quantising).
+        weight_scale_fn: optional ``weight -> beta`` callable, evaluated only when quantising.
+        gradient_accumulation_fusion: if True and ``weight`` has ``main_grad``, the weight
+            gradient is accumulated into ``weight.main_grad`` and the autograd weight gradient
+            is None (or a dummy if ``weight.grad_added_to_main_grad`` exists), as in Megatron.
+        backend: ``auto`` / ``torch`` / ``triton`` (default: ``BITNET_BACKEND`` or auto).
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    be = resolve_backend(x, backend)
+    if weight_quant is None:
+        dense_dtype = None
+        if be == "triton" and dgrad_impl() == "cublas" and torch.is_grad_enabled():
+            dense_dtype = x.dtype
+        weight_quant = get_quantized_weight(
+            weight,
+            cache=weight_cache,
+            beta=weight_scale,
+            beta_fn=weight_scale_fn,
+            dense_dtype=dense_dtype,
+            backend=be,
+        )
+    return BitNetLinearFunction.apply(
+        x, weight, bias, weight_quant, gamma, gradient_accumulation_fusion, be
+    )

@@ -1,0 +1,194 @@
+# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+
+"""Unit tests of the parallel hybrid ('P') layer and the Falcon-H1 specs (CPU, single rank)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.utils import InferenceMode
+from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
+from megatron.core.models.hybrid.hybrid_backend_specs import hybrid_stack_spec_local
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.models.hybrid.parallel_hybrid_layer import (
+    ParallelHybridLayer,
+    ParallelHybridMixer,
+)
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+MULTIPLIERS = dict(
+    embedding_multiplier=1.7,
+    lm_head_multiplier=0.61,
+    key_multiplier=0.43,
+    attention_in_multiplier=1.13,
+    attention_out_multiplier=0.87,
+    ssm_in_multiplier=1.29,
+    ssm_out_multiplier=0.37,
+    mlp_multipliers=[0.79, 1.41],
+    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
+)
+
+
+@pytest.fixture
+def single_rank(tmp_path):
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'init'}", world_size=1, rank=0
+        )
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(123)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def _config(**kwargs):
+    values = dict(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=12,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        is_hybrid_model=True,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        mamba_num_groups=2,
+        mamba_state_dim=8,
+        mamba_chunk_size=4,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+    )
+    values.update(kwargs)
+    return TransformerConfig(**values)
+
+
+def _model(config, spec=falcon_h1_stack_spec, pattern="PP", vocab=64):
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=64,
+        hybrid_layer_pattern=pattern,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+
+
+def test_layer_structure(single_rank):
+    model = _model(_config(**MULTIPLIERS))
+    layer = model.decoder.layers[0]
+    assert isinstance(layer, ParallelHybridLayer)
+    assert isinstance(layer.self_attention, ParallelHybridMixer)
+    names = {n for n, _ in layer.named_parameters()}
+    # One input norm (no norm fused into a projection), separate branch projections.
+    assert "input_layernorm.weight" in names
+    assert "pre_mlp_layernorm.weight" in names
+    assert not [n for n in names if "layer_norm_weight" in n]
+    for expected in (
+        "self_attention.attention.linear_qkv.weight",
+        "self_attention.attention.linear_proj.weight",
+        "self_attention.mamba.in_proj.weight",
+        "self_attention.mamba.out_proj.weight",
+        "self_attention.mamba.conv1d_weight",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight",
+    ):
+        assert expected in names
+    assert layer.self_attention.mamba.inference_cache_key != layer.layer_number
+
+
+def test_every_block_runs_once_and_outputs_sum(single_rank):
+    """The mixer output is attention(u) + mamba(u); no block of the layer runs twice."""
+    model = _model(_config(**MULTIPLIERS)).eval()
+    layer = model.decoder.layers[0]
+    calls = {}
+    for name in ("input_layernorm", "pre_mlp_layernorm", "mlp"):
+        getattr(layer, name).register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)
+        )
+    for name in ("attention", "mamba"):
+        getattr(layer.self_attention, name).register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)
+        )
+    tokens = torch.randint(0, 64, (2, 10))
+    positions = torch.arange(10).expand(2, -1)
+    with torch.no_grad():
+        model(tokens, positions, attention_mask=None)
+    assert calls == {"input_layernorm": 1, "pre_mlp_layernorm": 1, "mlp": 1, "attention": 1, "mamba": 1}
+
+    u = torch.randn(10, 2, 32)
+    rope = model.rotary_pos_emb(10)
+    with torch.no_grad():
+        mixed, bias = layer.self_attention(u, attention_mask=None, rotary_pos_emb=rope)
+        attn, _ = layer.self_attention.attention(u, attention_mask=None, rotary_pos_emb=rope)
+        mamba, _ = layer.self_attention.mamba(u)
+    assert bias is None
+    assert torch.equal(mixed, attn + mamba)
+
+
+def test_spec_without_parallel_layer_fails_clearly(single_rank):
+    with pytest.raises(ValueError, match="parallel_hybrid_layer"):
+        _model(_config(), spec=hybrid_stack_spec_local, pattern="P*")
+
+
+def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
+    """With every multiplier at 1.0 the Falcon-H1 spec computes exactly what the local spec
+    computes for M / * / - layers."""
+    config = _config()
+    torch.manual_seed(5)
+    plain = _model(config, spec=hybrid_stack_spec_local, pattern="M*-M").eval()
+    falcon = _model(config, spec=falcon_h1_stack_spec, pattern="M*-M").eval()
+    falcon.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 64, (2, 9))
+    positions = torch.arange(9).expand(2, -1)
+    with torch.no_grad():
+        a = plain(tokens, positions, attention_mask=None)
+        b = falcon(tokens, positions, attention_mask=None)
+    assert torch.equal(a, b)
+
+
+def test_static_inference_prefill_then_decode_matches_full_forward(single_rank):
+    """Prefill + one decode step (separate KV and Mamba caches) give the full-sequence logits."""
+    model = _model(_config(**MULTIPLIERS), pattern="PP").eval()
+    tokens = torch.randint(0, 64, (1, 9))
+    positions = torch.arange(9).unsqueeze(0)
+    with torch.no_grad():
+        full = model(tokens, positions, attention_mask=None)
+    context = StaticInferenceContext(max_batch_size=1, max_sequence_length=16)
+    with torch.no_grad(), InferenceMode.active():
+        prefill = model(
+            tokens[:, :8],
+            positions[:, :8],
+            attention_mask=None,
+            inference_context=context,
+            runtime_gather_output=True,
+        )
+        context.sequence_len_offset += 8
+        step = model(
+            tokens[:, 8:],
+            positions[:, 8:],
+            attention_mask=None,
+            inference_context=context,
+            runtime_gather_output=True,
+        )
+    # The static context materializes only the last token's logits.
+    assert torch.allclose(prefill[:, -1], full[:, 7], atol=1e-5)
+    assert torch.allclose(step[:, -1], full[:, 8], atol=1e-5)
+    # Both branches kept their own cache entry in the shared dict.
+    keys = set(context.key_value_memory_dict)
+    assert {1, 2} <= keys and {("parallel_hybrid_mamba", 1), ("parallel_hybrid_mamba", 2)} <= keys
