@@ -12,7 +12,7 @@ PATCHSET := $(PYTHON) scripts/patchset.py
 PYTEST_ARGS ?=
 
 .PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream \
-        test test-tooling test-unit test-functional functional demo gpu-tests clean
+        dataset-helpers test test-tooling functional demo clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -40,17 +40,23 @@ rebase-upstream: ## Re-apply the series on another upstream commit: make rebase-
 	@test -n "$(NEW)" || { echo "usage: make rebase-upstream NEW=<upstream commit sha>" >&2; exit 2; }
 	@$(PATCHSET) rebase --new "$(NEW)"
 
-test: setup apply-patches ## Run every CPU test: tooling, unit, HF parity, functional cases
+# Megatron's dataset index helpers (C++); its own Makefile would use whatever python3 is on PATH.
+dataset-helpers: setup apply-patches
+	@$(MAKE) -s -C $(BUILD)/megatron/core/datasets \
+	    CPPFLAGS="$$($(VPY) -m pybind11 --includes)" \
+	    LIBEXT="$$($(VPY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+
+test: setup apply-patches dataset-helpers ## Run every CPU test: tooling, unit, HF parity, functional cases
 	@$(VPY) scripts/run_tests.py $(PYTEST_ARGS)
 
 test-tooling: ## Only the patch-set tooling tests
 	@$(VPY) -m pytest -q tests/tooling $(PYTEST_ARGS)
 
-functional: setup apply-patches ## Run one functional case: make functional CASE=<model>/<case> PLATFORM=cpu|h100 [RECORD=1]
+functional: setup apply-patches dataset-helpers ## Run one functional case: make functional CASE=<model>/<case> PLATFORM=cpu|h100 [RECORD=1]
 	@test -n "$(CASE)" || { echo "usage: make functional CASE=<model>/<case> [PLATFORM=cpu] [RECORD=1]" >&2; exit 2; }
 	@$(VPY) scripts/functional.py --case "$(CASE)" --platform "$(or $(PLATFORM),cpu)" $(if $(RECORD),--record)
 
-demo: setup apply-patches ## Train a tiny model for ~50 steps on whatever device exists
+demo: setup apply-patches dataset-helpers ## Train a tiny model for ~50 steps on whatever device exists
 	@bash scripts/demo.sh
 
 clean: ## Remove build/ (refuses if build/Megatron-LM holds unexported work)

@@ -238,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append(
                     f"resumed run logged iterations {sorted(losses)}, expected {half + 1}..{iters}"
                 )
+            full = metrics["lm loss"]
             for step, value in losses.items():
-                if value != metrics["lm loss"].get(step):
+                expected = full.get(step)
+                if step == half + 2 and expected is not None and half + 1 in full:
+                    # Upstream logs a run's first iteration without resetting the loss
+                    # accumulator, so the next line is the mean of both iterations.
+                    expected = (full[half + 1] + full[half + 2]) / 2
+                    if abs(value - expected) <= 1e-6 * abs(expected):
+                        continue
+                if value != expected:
                     problems.append(
-                        f"resume: step {step}: resumed lm loss {value!r} != uninterrupted "
-                        f"{metrics['lm loss'].get(step)!r}"
+                        f"resume: step {step}: resumed lm loss {value!r} != uninterrupted {expected!r}"
                     )
             if not problems:
                 print(
-                    f"[functional] resume: steps {half + 1}..{iters} equal the uninterrupted run bit for bit"
+                    f"[functional] resume: steps {half + 1}..{iters} equal the uninterrupted run "
+                    f"(step {half + 2}: the two-iteration mean upstream logs after a restart)"
                 )
         if args.record:
             golden_path.write_text(json.dumps(to_golden(metrics), indent=2) + "\n")

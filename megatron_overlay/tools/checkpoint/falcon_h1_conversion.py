@@ -429,18 +429,20 @@ def _single_rank_megatron():
     tmp = None
     if not dist.is_initialized():
         tmp = tempfile.mkdtemp(prefix="falcon-h1-convert-")
-        dist.init_process_group(
-            "gloo", init_method=f"file://{tmp}/init", world_size=1, rank=0
-        )
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", world_size=1, rank=0)
         created = True
     if dist.get_world_size() != 1:
         raise ConversionError("run the converter as a single process (not under torchrun)")
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
+    # Called from a process that already set up TP = PP = 1 (a library user, a test): reuse it.
+    owns_state = not parallel_state.model_parallel_is_initialized()
+    if owns_state:
+        parallel_state.initialize_model_parallel(1, 1)
+        model_parallel_cuda_manual_seed(1234)
     try:
         yield
     finally:
-        parallel_state.destroy_model_parallel()
+        if owns_state:
+            parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -628,6 +630,8 @@ class LegacyReader:
     def __init__(self, ckpt_dir: Path):
         self.ckpt_dir = ckpt_dir
         subdirs = sorted(p.name for p in ckpt_dir.glob("mp_rank_*") if p.is_dir())
+        if not subdirs:
+            raise ConversionError(f"{ckpt_dir} holds no mp_rank_* directories")
         first = ckpt_dir / subdirs[0] / "model_optim_rng.pt"
         state = self._load(first)
         self.args = state["args"]
@@ -753,12 +757,40 @@ class TorchDistReader:
         return state
 
 
+def _base_hf_config(args, hf_config: Optional[str]) -> Optional[dict]:
+    """The HF config.json the model came from: ``--hf-config``, else the one hf-to-megatron
+    recorded in the args, else the recorded tokenizer directory's (a Megatron run resaves only
+    the args it knows, so a trained checkpoint keeps the tokenizer path but not the config)."""
+    candidates = []
+    if hf_config:
+        path = Path(hf_config)
+        candidates.append(path / "config.json" if path.is_dir() else path)
+    recorded = getattr(args, fm.HF_CONFIG_ARG, None)
+    if recorded and not hf_config:
+        return dict(recorded)
+    tok = getattr(args, "tokenizer_model", None)
+    if tok and not hf_config:
+        candidates.append(Path(tok) / "config.json")
+    for path in candidates:
+        if path.is_file():
+            with open(path) as f:
+                config = json.load(f)
+            if config.get("model_type") == "falcon_h1":
+                _log(f"non-model config fields (token ids, ...) from {path}")
+                return config
+        elif hf_config:
+            raise ConversionError(f"--hf-config {hf_config}: no config.json there")
+    return None
+
+
 def megatron_to_hf(opts: argparse.Namespace) -> None:
     load_dir = Path(opts.load_dir)
     ckpt_dir = _resolve_checkpoint_dir(load_dir)
     is_dist = (ckpt_dir / "metadata.json").is_file()
     reader = TorchDistReader(ckpt_dir) if is_dist else LegacyReader(ckpt_dir)
-    settings, counts = fm.settings_from_megatron_args(reader.args, opts.vocab_size)
+    base = _base_hf_config(reader.args, opts.hf_config)
+    vocab = opts.vocab_size or (base or {}).get("vocab_size")
+    settings, counts = fm.settings_from_megatron_args(reader.args, vocab)
     dims = settings.dims
     if is_dist:
         padded = reader.check(dims)
@@ -773,7 +805,6 @@ def megatron_to_hf(opts: argparse.Namespace) -> None:
     def conv(t: torch.Tensor) -> torch.Tensor:
         return t if cast is None or t.dtype == cast else t.to(cast)
 
-    base = getattr(reader.args, fm.HF_CONFIG_ARG, None)
     config = fm.hf_config_from_settings(settings, base)
     _log(
         f"{'torch_dist' if is_dist else 'torch'} checkpoint {ckpt_dir}: {dims.num_layers} layers, "
@@ -889,7 +920,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-size",
         type=int,
         default=None,
-        help="unpadded vocabulary (default: recorded by hf-to-megatron, else args.vocab_size)",
+        help="unpadded vocabulary (default: from the HF config, else args.vocab_size)",
+    )
+    m2h.add_argument(
+        "--hf-config",
+        default=None,
+        help="HF config.json (or its directory) to take the non-model fields from (default: "
+        "the one recorded by hf-to-megatron, else the recorded tokenizer directory's)",
     )
     m2h.add_argument(
         "--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)"

@@ -921,12 +921,14 @@ def settings_from_megatron_args(args, vocab: Optional[int] = None) -> Tuple[HFSe
     pp = int(_arg(args, "pipeline_model_parallel_size", 1))
     counts = pattern_layer_counts(pattern, pp)
 
-    hf_base = getattr(args, HF_CONFIG_ARG, None) or {}
     if vocab is None:
-        vocab = hf_base.get("vocab_size") or getattr(args, "vocab_size", None)
+        vocab = (getattr(args, HF_CONFIG_ARG, None) or {}).get("vocab_size")
+    if vocab is None:
+        vocab = getattr(args, "vocab_size", None)
     if vocab is None:
         raise ConversionError(
-            "the checkpoint does not record the unpadded vocabulary size; pass --vocab-size"
+            "the checkpoint does not record the unpadded vocabulary size; pass --vocab-size or "
+            "--hf-config"
         )
     hidden = int(args.hidden_size)
     heads = int(args.num_attention_heads)
