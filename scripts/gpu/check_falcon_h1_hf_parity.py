@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import importlib
 import json
 import os
@@ -53,8 +54,14 @@ def main() -> int:
     parser.add_argument("--megatron", default=str(ROOT / "build" / "Megatron-LM"))
     parser.add_argument("--seq-len", type=int, default=300)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--timeout", type=int, default=300, help="abort with a traceback after N s")
     args = parser.parse_args()
 
+    # The GPU machine has no network: never let transformers reach for the kernels hub
+    # (it would retry downloads); HF then uses the installed mamba_ssm / causal_conv1d.
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
     _install_selective_scan_placeholder()
     sys.path.insert(0, args.megatron)
     sys.path.insert(0, str(ROOT / "tests"))

@@ -20,6 +20,7 @@ if ls .carry/wheels/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/$megatron${PYTHONPATH:+:$PYTHONPATH}
+export USE_HUB_KERNELS=NO HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no network on GPU runners
 python3 - <<'PY' > "$results/environment.json"
 import json, subprocess, sys, datetime, torch
 print(json.dumps({
@@ -35,7 +36,7 @@ run() {  # name, command...
     local name=$1; shift
     echo "=== $name: $*"
     local t0=$SECONDS
-    if "$@" > "$results/$name.log" 2>&1; then echo "--- $name passed ($((SECONDS - t0)) s)";
+    if timeout "${STEP_TIMEOUT:-300}" "$@" > "$results/$name.log" 2>&1; then echo "--- $name passed ($((SECONDS - t0)) s)";
     else echo "--- $name FAILED ($((SECONDS - t0)) s)"; tail -30 "$results/$name.log"; status=1; fi
 }
 for step in $steps; do

@@ -58,7 +58,8 @@ def test_make_targets(bare_proj):
     assert proc.returncode == 0, proc.stderr
     assert p.bgit("for-each-ref", "--format=%(objectname)", "refs/falcon-mcore/backup/") == mine
     p.bgit("cherry-pick", mine)
-    (p.root / "megatron_overlay/megatron/core/beta.py").write_text("BETA = 'hand'\n")
+    series = p.root / "patches/series"
+    series.write_text(series.read_text() + "# hand edit\n")  # patches/ changed since apply
     proc = make(p, "export-patches")
     assert proc.returncode != 0 and "FORCE=1" in proc.stderr
     proc = make(p, "export-patches", "FORCE=1")
