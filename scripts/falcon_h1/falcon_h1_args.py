@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Print the Megatron model flags of a Falcon-H1 size (one flag or value per line).
+
+Shapes come from DESIGN.md section 3. Only the 0.5B row (shapes and the 14 multipliers) was
+verified against a release config; for every other size the multipliers, and the cells marked
+unknown, must come from that release's ``config.json``: pass ``--hf-config PATH`` and every
+architecture field and multiplier is read from it instead (recommended for all sizes).
+
+    python scripts/falcon_h1/falcon_h1_args.py --preset 0.5b
+    python scripts/falcon_h1/falcon_h1_args.py --hf-config Falcon-H1-7B-Base/config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# size: layers, hidden, heads, kv heads, head_dim, mamba heads, mamba head_dim, d_state,
+#       groups, ffn, vocab, mamba_rms_norm
+PRESETS = {
+    "0.5b": (36, 1024, 8, 2, 64, 24, 64, 128, 1, 2048, 32784, False),
+    "1.5b": (24, 2048, 8, 2, 128, 48, 64, 256, 1, 4608, 65537, True),
+    "1.5b-deep": (66, 1280, 6, 2, 128, 24, 64, 256, 1, None, None, True),
+    "3b": (32, 2560, 10, 2, 128, 32, 128, 256, 1, 6144, 65536, True),
+    "7b": (44, 3072, 12, 2, 128, 24, 128, 256, 1, 12288, 130048, True),
+    "34b": (72, 5120, 20, 4, 128, 32, 128, 256, 2, None, None, True),
+}
+VERIFIED = {"0.5b"}
+MULTIPLIERS_0_5B = {
+    "embedding_multiplier": 5.656854249492381,
+    "lm_head_multiplier": 0.0390625,
+    "key_multiplier": 0.390625,
+    "attention_in_multiplier": 1.0,
+    "attention_out_multiplier": 0.9375,
+    "ssm_in_multiplier": 1.25,
+    "ssm_out_multiplier": 0.23570226,
+    "mlp_multipliers": [0.88388348, 0.5859375],
+    "ssm_multipliers": [0.35355339, 0.25, 0.35355339, 0.5, 0.35355339],
+}
+SCALARS = [
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+]
+
+
+def common_flags(rope_theta: float, eps: float, chunk: int, conv: int) -> list[str]:
+    return [
+        "--normalization", "RMSNorm", "--norm-epsilon", repr(eps), "--swiglu",
+        "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--rotary-base", str(int(rope_theta)), "--untie-embeddings-and-output-weights",
+        "--mamba-chunk-size", str(chunk), "--mamba-conv-kernel", str(conv),
+    ]
+
+
+def multiplier_flags(m: dict) -> list[str]:
+    flags = []
+    for name in SCALARS:
+        flags += ["--" + name.replace("_", "-"), repr(float(m[name]))]
+    flags += ["--mlp-multipliers", *(repr(float(v)) for v in m["mlp_multipliers"])]
+    flags += ["--ssm-multipliers", *(repr(float(v)) for v in m["ssm_multipliers"])]
+    return flags
+
+
+def shape_flags(layers, hidden, heads, kv, head_dim, m_heads, m_dim, d_state, groups, ffn,
+                rms_norm) -> list[str]:
+    return [
+        "--hybrid-layer-pattern", "P" * layers, "--hidden-size", str(hidden),
+        "--ffn-hidden-size", str(ffn), "--num-attention-heads", str(heads),
+        "--group-query-attention", "--num-query-groups", str(kv), "--kv-channels", str(head_dim),
+        "--mamba-num-heads", str(m_heads), "--mamba-head-dim", str(m_dim),
+        "--mamba-state-dim", str(d_state), "--mamba-num-groups", str(groups),
+    ] + ([] if rms_norm else ["--no-mamba-rms-norm"])
+
+
+def from_preset(name: str) -> list[str]:
+    layers, hidden, heads, kv, hd, mh, md, ds, g, ffn, vocab, rms = PRESETS[name]
+    if name not in VERIFIED:
+        sys.exit(
+            f"error: preset {name}: the multipliers (and {'ffn/vocab ' if ffn is None else ''}"
+            "cells marked unknown) of this size are not verified here; pass the release's "
+            "config.json with --hf-config"
+        )
+    return (
+        shape_flags(layers, hidden, heads, kv, hd, mh, md, ds, g, ffn, rms)
+        + common_flags(1e11, 1e-5, 128, 4)
+        + multiplier_flags(MULTIPLIERS_0_5B)
+        + ["--vocab-size", str(vocab)]
+    )
+
+
+def from_hf_config(path: Path) -> list[str]:
+    c = json.loads(path.read_text())
+    try:
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        m_heads = c["mamba_n_heads"]
+        m_dim = c.get("mamba_d_head")
+        if m_dim in (None, "auto"):
+            m_dim = c["mamba_d_ssm"] // m_heads
+        if c.get("mamba_norm_before_gate", False) and c.get("mamba_rms_norm", False):
+            sys.exit(f"error: {path}: mamba_norm_before_gate=true is not supported (releases use false)")
+        rope = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 1e11))
+        flags = shape_flags(
+            c["num_hidden_layers"], c["hidden_size"], heads, c["num_key_value_heads"], head_dim,
+            m_heads, m_dim, c["mamba_d_state"], c.get("mamba_n_groups", 1),
+            c["intermediate_size"], c.get("mamba_rms_norm", False),
+        )
+        flags += common_flags(rope, c.get("rms_norm_eps", 1e-5), c.get("mamba_chunk_size", 128),
+                              c.get("mamba_d_conv", 4))
+        m = {name: c.get(name, 1.0) for name in SCALARS}
+        m["mlp_multipliers"] = c.get("mlp_multipliers") or [1.0, 1.0]
+        m["ssm_multipliers"] = c.get("ssm_multipliers") or [1.0] * 5
+        flags += multiplier_flags(m) + ["--vocab-size", str(c["vocab_size"])]
+    except KeyError as exc:
+        sys.exit(f"error: {path}: missing Falcon-H1 field {exc}")
+    return flags
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--preset", choices=sorted(PRESETS))
+    group.add_argument("--hf-config", type=Path)
+    args = parser.parse_args()
+    flags = from_preset(args.preset) if args.preset else from_hf_config(args.hf_config)
+    print("\n".join(flags))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

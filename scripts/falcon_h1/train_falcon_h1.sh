@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Single-node Falcon-H1 pre-training through pretrain_mamba.py (torchrun).
+#
+#   PRESET=0.5b NPROC=8 TP=1 PP=1 bash scripts/falcon_h1/train_falcon_h1.sh [extra Megatron flags]
+#   HF_CONFIG=/path/Falcon-H1-7B-Base/config.json NPROC=8 TP=2 bash scripts/falcon_h1/train_falcon_h1.sh ...
+#
+# Model flags come from scripts/falcon_h1/falcon_h1_args.py (PRESET, or HF_CONFIG: recommended,
+# it reads every shape and multiplier from the release config). Data: set DATA_PATH (Megatron
+# indexed dataset prefix) and TOKENIZER_MODEL (HF tokenizer dir), or leave DATA_PATH unset for
+# --mock-data. Everything after the script name is passed through (and wins over defaults).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+megatron=${MEGATRON:-$root/build/Megatron-LM}
+python=${PYTHON:-python3}
+if [ -n "${HF_CONFIG:-}" ]; then
+    mapfile -t model < <("$python" "$root/scripts/falcon_h1/falcon_h1_args.py" --hf-config "$HF_CONFIG")
+else
+    mapfile -t model < <("$python" "$root/scripts/falcon_h1/falcon_h1_args.py" --preset "${PRESET:-0.5b}")
+fi
+[ ${#model[@]} -gt 0 ] || exit 1
+if [ -n "${DATA_PATH:-}" ]; then
+    data=(--data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL" --split 99,1,0)
+else
+    data=(--mock-data --tokenizer-type NullTokenizer)
+fi
+parallel=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
+# Sequence parallelism needs fused norms (apex/TE) upstream; add --sequence-parallel yourself.
+training=(
+    --transformer-impl local --bf16 --use-distributed-optimizer
+    --seq-length "${SEQ_LEN:-4096}" --max-position-embeddings "${SEQ_LEN:-4096}"
+    --micro-batch-size "${MBS:-2}" --global-batch-size "${GBS:-256}"
+    --train-iters "${TRAIN_ITERS:-10000}" --lr "${LR:-3e-4}" --min-lr "${MIN_LR:-3e-5}"
+    --lr-decay-style cosine --lr-warmup-iters "${WARMUP:-200}" --weight-decay 0.1 --clip-grad 1.0
+    --attention-dropout 0.0 --hidden-dropout 0.0
+    --log-interval 10 --log-throughput --eval-interval 1000 --eval-iters 10
+)
+[ -n "${SAVE:-}" ] && training+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-1000}")
+[ -n "${LOAD:-}" ] && training+=(--load "$LOAD")
+export PYTHONPATH=$megatron${PYTHONPATH:+:$PYTHONPATH}
+exec torchrun --nproc-per-node "${NPROC:-8}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
+    --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
+    "$megatron/pretrain_mamba.py" "${model[@]}" "${data[@]}" "${parallel[@]}" "${training[@]}" "$@"

@@ -1,0 +1,80 @@
+"""Falcon-H1 launchers: presets, flags from an HF config, and a real (tiny) CPU launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from falcon_h1.oracle import MULTIPLIERS, TinyShape, hf_config
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ROOT / "scripts" / "falcon_h1" / "falcon_h1_args.py"
+
+
+def _flags(*argv: str) -> list[str]:
+    out = subprocess.run([sys.executable, str(ARGS), *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_readme_launch_line_uses_the_0_5b_preset():
+    """The README's copy-paste 0.5B command carries exactly the preset's model flags."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\ntorchrun --nproc-per-node 8 build/Megatron-LM/pretrain_mamba.py(.*?)```", readme, re.S)
+    assert block, "README lost its Falcon-H1-0.5B launch line"
+    words = block.group(1).replace("\\\n", " ").split()
+    preset = _flags("--preset", "0.5b")
+    i = 0
+    while i < len(preset):  # every preset flag (with its values) appears in the README line
+        flag = preset[i]
+        j = i + 1
+        while j < len(preset) and not preset[j].startswith("--"):
+            j += 1
+        at = words.index(flag)
+        assert words[at : at + (j - i)] == preset[i:j], (flag, words[at : at + (j - i)])
+        i = j
+
+
+def test_unverified_preset_requires_the_release_config():
+    out = subprocess.run([sys.executable, str(ARGS), "--preset", "7b"], capture_output=True, text=True)
+    assert out.returncode != 0 and "--hf-config" in out.stderr
+
+
+def test_flags_from_hf_config(tmp_path):
+    shape = TinyShape(mamba_groups=2, rms_norm=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf_config(shape, MULTIPLIERS).to_dict()))
+    flags = _flags("--hf-config", str(path))
+    text = " ".join(flags)
+    assert "--hybrid-layer-pattern PP " in text
+    assert "--kv-channels 24" in text and "--mamba-num-groups 2" in text
+    assert "--no-mamba-rms-norm" not in text
+    assert "--ssm-multipliers 0.53 1.19 0.71 1.33 0.47" in text
+    assert "--key-multiplier 0.43" in text and "--rotary-base 100000000000" in text
+
+
+@pytest.mark.megatron
+def test_train_script_runs_a_tiny_model_on_cpu(tmp_path, megatron_tree):
+    shape = TinyShape(mamba_groups=1, rms_norm=False)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf_config(shape, MULTIPLIERS).to_dict()))
+    env = dict(os.environ)
+    env.update(
+        HF_CONFIG=str(path), NPROC="1", SEQ_LEN="32", MBS="2", GBS="2", TRAIN_ITERS="3",
+        WARMUP="1", PYTHON=sys.executable, MEGATRON=str(megatron_tree), CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1", MASTER_PORT="29611",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]),
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "falcon_h1" / "train_falcon_h1.sh"), "--device", "cpu",
+         "--eval-iters", "0", "--log-interval", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert len(re.findall(r"iteration\s+\d+/\s*3 \|.*lm loss", output)) == 3, output[-3000:]
