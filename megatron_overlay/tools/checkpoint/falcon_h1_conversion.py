@@ -9,9 +9,10 @@ HF -> Megatron (``torch_dist`` by default, or the legacy per-rank ``torch`` form
         --hf-dir /models/Falcon-H1-0.5B-Base --save-dir /ckpt/falcon-h1-0.5b \\
         --target-tp 1 --target-pp 2 [--ckpt-format torch_dist|torch] [--force]
 
-    # then, with no model flags:
+    # then, with no model flags (add --ckpt-format torch for the legacy format, and the
+    # precision, data and optimizer flags of the run):
     torchrun ... pretrain_mamba.py --load /ckpt/falcon-h1-0.5b --use-checkpoint-args \\
-        --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2 ...
+        --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2 --bf16 ...
 
 Megatron -> HF (either format, any TP / PP; ``FalconH1ForCausalLM.from_pretrained`` loads the
 result)::
@@ -23,16 +24,18 @@ Guarantees and limits:
 
 * Exact: tensors are only sliced, concatenated and zero-padded (the vocabulary, to Megatron's
   padded size), never recomputed, so HF -> Megatron -> HF returns bit-identical tensors and
-  the same config.json. Dtypes are kept unless ``--dtype`` asks for a cast.
-* The checkpoint args record every model argument (the 14 multipliers included) and the source
-  config.json, so ``--use-checkpoint-args`` needs no model flags. Not restored by Megatron's
-  ``--use-checkpoint-args`` (pass them if they differ from Megatron's defaults):
-  ``--norm-epsilon`` (default 1e-5, as in every Falcon-H1 release) and
-  ``--make-vocab-size-divisible-by`` (default 128).
+  the same config.json (model keys the source omitted are written out explicitly). Dtypes are
+  kept unless ``--dtype`` asks for a cast.
+* The checkpoint args are Megatron's own ``parse_args`` + ``validate_args`` of the model flags
+  (the 14 multipliers included), plus the padded vocabulary, the tokenizer (``--hf-dir`` when
+  it holds one) and the source config.json, so ``--use-checkpoint-args`` needs no model flags.
+  One model flag Megatron's ``--use-checkpoint-args`` does not restore: ``--norm-epsilon``
+  (default 1e-5, as in every Falcon-H1 release; the converter warns when it differs).
+* The checkpoint is a ``release`` checkpoint (iteration 0, no optimizer or RNG state).
 * ``torch_dist`` stores global tensors: the checkpoint loads at any TP (that divides the head
-  and group counts) provided the padded vocabulary matches (choose
-  ``--make-vocab-size-divisible-by`` accordingly); the recorded hybrid layer pattern carries
-  ``|`` pipeline splits for the requested PP, override it with ``--hybrid-layer-pattern``.
+  and group counts) provided the padded vocabulary matches (``--make-vocab-size-divisible-by``
+  times TP); the recorded hybrid layer pattern carries ``|`` pipeline splits for the requested
+  PP, override it with ``--hybrid-layer-pattern`` to load at another PP.
 * TP must divide attention heads, KV heads, Mamba heads, Mamba groups and the FFN size. Falcon-H1
   releases have ``mamba_n_groups = 1`` and therefore convert at TP=1 only.
 * Output is written to a temporary directory next to ``--save-dir`` and renamed into place;
@@ -52,6 +55,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -90,16 +94,26 @@ def _log(msg: str) -> None:
     print(f"[falcon-h1-convert] {msg}", file=sys.stderr, flush=True)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool = True):
-    """A tqdm progress bar (stderr) when tqdm is installed and enabled."""
-    if enabled:
-        try:
-            from tqdm import tqdm
+class _Progress:
+    """A tqdm progress bar over layers (stderr), or nothing when disabled or tqdm is missing."""
 
-            return tqdm(iterable, total=total, desc=desc, unit="layer", file=sys.stderr)
-        except ImportError:
-            pass
-    return iterable
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _gib(nbytes: int) -> str:
@@ -235,7 +249,9 @@ class HFReader:
             if key in have and self.shape(key) != shape:
                 problems.append(f"{key} has shape {self.shape(key)}, config implies {shape}")
         if problems:
-            raise ConversionError(f"{self.hf_dir} does not match its config.json: " + "; ".join(problems))
+            raise ConversionError(
+                f"{self.hf_dir} does not match its config.json: " + "; ".join(problems)
+            )
 
 
 def _short(names: Sequence[str], n: int = 6) -> str:
@@ -331,7 +347,9 @@ def build_megatron_args(flags: List[str], world_size: int):
     from megatron.training.arguments import parse_args, validate_args
 
     saved_argv = sys.argv
-    saved_env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    saved_env = {
+        k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "CUDA_DEVICE_MAX_CONNECTIONS")
+    }
     os.environ.update(WORLD_SIZE=str(world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")
     sys.argv = ["pretrain_mamba.py"] + flags
     captured = io.StringIO()
@@ -376,12 +394,13 @@ def _write_legacy(reader, dims, args, tp, counts, padded, dtype, out: Path, prog
     pp = len(counts)
     offsets = fm.stage_offsets(counts)
     release = out / "release"
-    bar = _progress(range(dims.num_layers), dims.num_layers, "hf-to-megatron (torch)", progress)
-    bar_iter = iter(bar)
+    bar = _Progress(dims.num_layers, "hf-to-megatron (torch)", progress)
     for s in range(pp):
         ranks: List[Dict[str, object]] = [{} for _ in range(tp)]
         if s == 0:
-            for r, shard in enumerate(fm.hf_vocab_to_megatron(reader.get(fm.HF_EMBED, dtype), padded, tp)):
+            for r, shard in enumerate(
+                fm.hf_vocab_to_megatron(reader.get(fm.HF_EMBED, dtype), padded, tp)
+            ):
                 ranks[r][fm.MG_EMBED] = shard
         for local in range(counts[s]):
             i = offsets[s] + local
@@ -392,7 +411,7 @@ def _write_legacy(reader, dims, args, tp, counts, padded, dtype, out: Path, prog
                     ranks[r][prefix + name] = t
                 for name in fm.MG_LAYER_EXTRA_STATES:
                     ranks[r][prefix + name] = None
-            next(bar_iter, None)
+            bar.update()
         if s == pp - 1:
             norm = reader.get(fm.HF_FINAL_NORM, dtype)
             head = fm.hf_vocab_to_megatron(reader.get(fm.HF_LM_HEAD, dtype), padded, tp)
@@ -412,16 +431,13 @@ def _write_legacy(reader, dims, args, tp, counts, padded, dtype, out: Path, prog
             }
             torch.save(state, path)
             ranks[r] = {}
-    next(bar_iter, None)
-    if hasattr(bar, "close"):
-        bar.close()
+    bar.close()
 
 
 @contextlib.contextmanager
 def _single_rank_megatron():
     """A one-process gloo group with Megatron's model-parallel state at TP = PP = 1."""
     import torch.distributed as dist
-
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -499,14 +515,21 @@ def _write_torch_dist(reader, dims, args, padded, dtype, out: Path, progress) ->
             owner._parameters[attr] = new
 
         assign(fm.MG_EMBED, fm.hf_vocab_to_megatron(reader.get(fm.HF_EMBED, dtype), padded, 1)[0])
-        for i in _progress(range(dims.num_layers), dims.num_layers, "hf-to-megatron (torch_dist)", progress):
+        bar = _Progress(dims.num_layers, "hf-to-megatron (torch_dist)", progress)
+        for i in range(dims.num_layers):
             (layer,) = fm.hf_layer_to_megatron(_hf_layer(reader, dims, i, dtype), dims, 1)
             for name, t in layer.items():
                 assign(f"decoder.layers.{i}.{name}", t)
+            bar.update()
+        bar.close()
         assign(fm.MG_FINAL_NORM, reader.get(fm.HF_FINAL_NORM, dtype))
-        assign(fm.MG_OUTPUT, fm.hf_vocab_to_megatron(reader.get(fm.HF_LM_HEAD, dtype), padded, 1)[0])
+        assign(
+            fm.MG_OUTPUT, fm.hf_vocab_to_megatron(reader.get(fm.HF_LM_HEAD, dtype), padded, 1)[0]
+        )
         if params:
-            raise ConversionError(f"model parameters without a source tensor: {_short(list(params))}")
+            raise ConversionError(
+                f"model parameters without a source tensor: {_short(list(params))}"
+            )
         left = [k for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_meta]
         if left:  # persistent state the converter does not fill (non-persistent buffers such as
             # the RoPE frequencies are not part of the state dict)
@@ -573,6 +596,12 @@ def hf_to_megatron(opts: argparse.Namespace) -> None:
         if tokenizer:
             flags += ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer]
         args = build_megatron_args(flags, world_size=tp * pp)
+        if settings.rms_norm_eps != 1e-5:
+            _log(
+                f"warning: rms_norm_eps={settings.rms_norm_eps!r} is recorded, but Megatron's "
+                f"--use-checkpoint-args does not restore it: pass --norm-epsilon "
+                f"{settings.rms_norm_eps!r} when loading"
+            )
         args.padded_vocab_size = padded
         args.vocab_size = dims.vocab
         setattr(args, fm.HF_CONFIG_ARG, dict(reader.config))
@@ -708,10 +737,9 @@ class TorchDistReader:
     """Reads global tensors of a ``torch_dist`` checkpoint one layer at a time (PyTorch DCP)."""
 
     def __init__(self, ckpt_dir: Path):
+        from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from megatron.core import dist_checkpointing
 
         self.ckpt_dir = ckpt_dir
         with _cpu_tolerant_megatron():
@@ -720,10 +748,13 @@ class TorchDistReader:
         if self.args is None:
             raise ConversionError(f"{ckpt_dir} records no Megatron args (common state)")
         meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+        # Model tensors; optimizer state ("optimizer.state...", "optimizer.distributed...",
+        # "chained_N.optimizer...") and byte objects (RNG, extra states) are not converted.
         self.tensors = {
             k: v
             for k, v in meta.state_dict_metadata.items()
-            if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")
+            if isinstance(v, TensorStorageMetadata)
+            and not re.match(r"(chained_\d+\.)?optimizer\.", k)
         }
 
     def check(self, dims: fm.FalconH1Dims) -> int:
@@ -822,18 +853,23 @@ def megatron_to_hf(opts: argparse.Namespace) -> None:
         writer.add(fm.HF_EMBED, conv(fm.megatron_vocab_to_hf([first], dims.vocab)))
         dtypes = {first.dtype}
         del first
-        for i in _progress(range(dims.num_layers), dims.num_layers, "megatron-to-hf", not opts.quiet):
+        bar = _Progress(dims.num_layers, "megatron-to-hf", not opts.quiet)
+        for i in range(dims.num_layers):
             if is_dist:
                 keys = list(fm.torch_dist_layer_keys(dims, i))
                 layer = fm.torch_dist_layer_to_hf(reader.read(keys), dims, i)
             else:
                 stage = max(s for s in range(len(counts)) if offsets[s] <= i)
                 shards = reader.layer(stage, i - offsets[stage], dims)
-                fm.check_replicas_equal(shards, ["input_layernorm.weight", "pre_mlp_layernorm.weight"])
+                fm.check_replicas_equal(
+                    shards, ["input_layernorm.weight", "pre_mlp_layernorm.weight"]
+                )
                 layer = fm.megatron_layer_to_hf(shards, dims)
             for k in fm.hf_layer_keys(dims):
                 writer.add(f"model.layers.{i}.{k}", conv(layer[k]))
                 dtypes.add(layer[k].dtype)
+            bar.update()
+        bar.close()
         last = len(counts) - 1
         if is_dist:
             tail = reader.read([fm.MG_FINAL_NORM, fm.MG_OUTPUT])
@@ -861,7 +897,8 @@ def megatron_to_hf(opts: argparse.Namespace) -> None:
                 shutil.copy2(Path(tok) / f, out / f)
             if copied:
                 _log(f"copied {', '.join(copied)} from {tok}")
-    _log(f"wrote HF checkpoint {opts.save_dir} ({len(writer.shards)} shard(s), {_gib(writer.total_bytes)})")
+    shards, size = len(writer.shards), _gib(writer.total_bytes)
+    _log(f"wrote HF checkpoint {opts.save_dir} ({shards} shard(s), {size})")
 
 
 # --------------------------------------------------------------------------------------------

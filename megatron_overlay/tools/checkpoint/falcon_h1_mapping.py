@@ -248,9 +248,7 @@ def parse_hf_config(config: Mapping, allow_unknown_keys: bool = False) -> HFSett
                 f"implements {meaning} ({key} in {list(accepted)!r})"
             )
     limit = config.get("time_step_limit")
-    if limit is not None and not (
-        len(limit) == 2 and float(limit[0]) == 0.0 and _is_inf(limit[1])
-    ):
+    if limit is not None and not (len(limit) == 2 and float(limit[0]) == 0.0 and _is_inf(limit[1])):
         raise ConversionError(
             f"unsupported time_step_limit={limit!r}: Megatron's Mamba mixer uses (0, inf)"
         )
@@ -808,15 +806,14 @@ def torch_dist_layer_to_hf(tensors: Mapping[str, Tensor], dims: FalconH1Dims, i:
         "pre_mlp_layernorm.weight": tensors[p + "pre_mlp_layernorm.weight"],
         MG_ATTN + "linear_qkv.weight": tensors[p + MG_ATTN + "linear_qkv.weight"],
         MG_ATTN + "linear_proj.weight": tensors[p + MG_ATTN + "linear_proj.weight"],
-        MG_MAMBA + "in_proj.weight": torch.cat(
+        MG_MAMBA
+        + "in_proj.weight": torch.cat(
             [tensors[m + f"in_proj.weight.{c}"] for c in ("z", "x", "B", "C", "dt")]
         ),
-        MG_MAMBA + "conv1d_weight": torch.cat(
-            [tensors[m + f"conv1d.weight.{c}"] for c in ("x", "B", "C")]
-        ),
-        MG_MAMBA + "conv1d_bias": torch.cat(
-            [tensors[m + f"conv1d.bias.{c}"] for c in ("x", "B", "C")]
-        ),
+        MG_MAMBA
+        + "conv1d_weight": torch.cat([tensors[m + f"conv1d.weight.{c}"] for c in ("x", "B", "C")]),
+        MG_MAMBA
+        + "conv1d_bias": torch.cat([tensors[m + f"conv1d.bias.{c}"] for c in ("x", "B", "C")]),
         MG_MAMBA + "out_proj.weight": tensors[m + "out_proj.weight"],
         "mlp.linear_fc1.weight": tensors[p + "mlp.linear_fc1.weight"],
         "mlp.linear_fc2.weight": tensors[p + "mlp.linear_fc2.weight"],
@@ -879,10 +876,10 @@ def _arg(args, name, default=None):
     return default if value is None else value
 
 
-def settings_from_megatron_args(args, vocab: Optional[int] = None) -> Tuple[HFSettings, int]:
-    """HF settings of the Falcon-H1 model that Megatron ``args`` describe, and the number of
-    pipeline layer counts. ``vocab`` (the unpadded vocabulary) defaults to the recorded HF config's,
-    then ``args.vocab_size``.
+def settings_from_megatron_args(args, vocab: Optional[int] = None) -> Tuple[HFSettings, List[int]]:
+    """HF settings of the Falcon-H1 model that Megatron ``args`` describe, and the layers of
+    each pipeline stage. ``vocab`` (the unpadded vocabulary) defaults to the recorded HF
+    config's, then ``args.vocab_size``.
 
     Raises :class:`ConversionError` when the args describe something else than a Falcon-H1
     stack of parallel hybrid layers.
@@ -932,7 +929,9 @@ def settings_from_megatron_args(args, vocab: Optional[int] = None) -> Tuple[HFSe
         )
     hidden = int(args.hidden_size)
     heads = int(args.num_attention_heads)
-    kv_heads = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+    kv_heads = (
+        int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+    )
     head_dim = int(_arg(args, "kv_channels", hidden // heads))
     mamba_head_dim = int(args.mamba_head_dim)
     mamba_heads = getattr(args, "mamba_num_heads", None)
