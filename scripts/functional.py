@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default="cpu", help="golden values suffix (cpu, h100)")
     parser.add_argument("--record", action="store_true", help="write the goldens")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--metrics-out", type=Path, help="also write the run's metrics (JSON)")
     args = parser.parse_args(argv)
     if not (BUILD / "megatron").is_dir():
         sys.exit(f"error: {BUILD} missing: run `make apply-patches` first")
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"[functional] resume: steps {half + 1}..{iters} equal the uninterrupted run "
                     f"(step {half + 2}: the two-iteration mean upstream logs after a restart)"
                 )
+        if args.metrics_out:
+            args.metrics_out.write_text(json.dumps(to_golden(metrics), indent=2) + "\n")
         if args.record:
             golden_path.write_text(json.dumps(to_golden(metrics), indent=2) + "\n")
             print(f"[functional] recorded {golden_path.relative_to(ROOT)}")

@@ -10,7 +10,9 @@ Checks every kernel against the pure-torch reference on the same GPU:
   the scaled output bit-identical to the torch path;
 * dgrad / wgrad (incl. fp32 main_grad accumulation): relative error vs an fp32 reference of
   the exact STE formula, compared with the error of a bf16 cuBLAS reference;
-* bitnet_linear end to end (triton vs torch backend; BITNET_DGRAD/WGRAD variants).
+* bitnet_linear end to end (triton vs torch backend; BITNET_DGRAD/WGRAD variants);
+* per-output-row (vector) beta: row abs sums / segment betas, weight quantisation, forward
+  GEMM (bit-identical), dgrad, and bitnet_linear end to end.
 
 Writes a JSON report (device, versions, date, command, per-check results) to ``--out`` and
 exits non-zero if any check fails.
@@ -298,6 +300,132 @@ def main() -> int:
             }
 
         ck.run("wgrad", f_wgrad, shape=[m_tokens, n, k])
+
+    # ---------------------------------------------------------------- per-row (vector) beta
+    def seg_ids(n):
+        """Three contiguous row segments (like q / k / v or gate / up of a fused weight)."""
+        return (torch.arange(n, device=dev) * 3 // n).to(torch.long)
+
+    def seg_beta(w, ids, rows):
+        counts = [int((ids == s).sum()) * w.shape[1] for s in range(3)]
+        sums = Q.segment_sums(rows, ids, 3)
+        return Q.expand_segment_scales(Q.weight_scale_from_abs_sum(sums, counts), ids)
+
+    for n, k in shapes_nk:
+        for dtype in (bf16, torch.float32):
+
+            def f_wv(n=n, k=k, dtype=dtype):
+                # q / k / v-like segments of different magnitudes
+                ids = seg_ids(n)
+                mag = torch.tensor([0.02, 0.05, 0.1], device=dev)[ids][:, None]
+                w = (torch.randn(n, k, device=dev) * mag).to(dtype)
+                rows_tri = tk.weight_row_abs_sums(w)
+                rows_ref = Q.weight_row_abs_sums(w)
+                rel = ((rows_tri - rows_ref).abs() / rows_ref.clamp_min(1e-300)).max().item()
+                beta_tri = seg_beta(w, ids, rows_tri)
+                beta_ref = seg_beta(w, ids, rows_ref)
+                detail = {
+                    "row_abs_sum_max_rel_diff": rel,
+                    "beta_equal": bool(torch.equal(beta_tri, beta_ref)),
+                }
+                ok = rel < 1e-12 and detail["beta_equal"]
+                rand_beta = torch.rand(n, device=dev) * 0.05 + 1e-3  # not piecewise constant
+                for name, beta in (("segments", beta_ref), ("random_rows", rand_beta)):
+                    t_ref, _ = Q.quantize_weight(w, beta)
+                    poison((n, k), torch.int8)
+                    t, dense = tk.weight_quant(w, beta, dense_dtype=bf16)
+                    same = torch.equal(t, t_ref) and torch.equal(
+                        dense, Q.dequantize_weight(t_ref, beta, bf16)
+                    )
+                    detail[f"{name}_t_and_dense_bit_identical"] = bool(same)
+                    detail[f"{name}_mismatched_t"] = int((t != t_ref).sum())
+                    ok = ok and same
+                return ok, detail
+
+            ck.run("weight_quant_vector_beta", f_wv, shape=[n, k], dtype=str(dtype))
+
+        def f_fwdv(n=n, k=k):
+            x = torch.randn(m_tokens, k, device=dev, dtype=bf16) * 2
+            w = torch.randn(n, k, device=dev, dtype=bf16) * 0.02
+            beta = torch.rand(n, device=dev) * 0.05 + 1e-3
+            q, g = Q.quantize_activation(x)
+            t, beta = Q.quantize_weight(w, beta)
+            q[0] = -128
+            t[0] = -1
+            detail, ok = {}, True
+            for od in (bf16, torch.float32):
+                poison((m_tokens, n), od)
+                y = tk.bitnet_fwd(q, Q.activation_dequant_scale(g), t, beta, od)
+                y_ref = Q.scaled_int_matmul(q, g, t, beta, od)
+                eq = torch.equal(y, y_ref)
+                detail[f"y_{str(od).split('.')[-1]}_bit_identical"] = bool(eq)
+                ok = ok and eq
+            return ok, detail
+
+        ck.run("fwd_gemm_vector_beta_exact", f_fwdv, shape=[m_tokens, n, k])
+
+        def f_dgradv(n=n, k=k):
+            dy = torch.randn(m_tokens, n, device=dev, dtype=bf16)
+            beta = torch.rand(n, device=dev) * 0.05 + 1e-3
+            t, beta = Q.quantize_weight(torch.randn(n, k, device=dev) * 0.02, beta)
+            ref = dy.float() @ (t.float() * beta[:, None])  # fp32 truth of dY @ (beta*T)
+            poison((m_tokens, k), bf16)
+            dx = tk.bitnet_dgrad(dy, t, beta)
+            cublas = dy @ Q.dequantize_weight(t, beta, bf16)
+            e_ours, e_cublas = rel_err(dx, ref), rel_err(cublas, ref)
+            ok = e_ours < 1e-2 and e_ours <= max(1.5 * e_cublas, 5e-3)
+            return ok, {"rel_err": e_ours, "rel_err_cublas_bf16": e_cublas}
+
+        ck.run("dgrad_vector_beta", f_dgradv, shape=[m_tokens, n, k])
+
+    for dimpl in ("cublas", "triton"):
+
+        def f_e2ev(dimpl=dimpl):
+            os.environ["BITNET_DGRAD"] = dimpl
+            os.environ["BITNET_WGRAD"] = dimpl
+            try:
+                s, b, h, n = 8, max(1, m_tokens // 8 // 4), 1024, 768
+                ids = seg_ids(n)
+                x0 = torch.randn(s, b, h, device=dev, dtype=bf16) * 2
+                w0 = torch.randn(n, h, device=dev, dtype=bf16) * 0.02
+                dy = torch.randn(s, b, n, device=dev, dtype=bf16)
+                out = {}
+                for be in ("triton", "torch"):
+                    x = x0.clone().requires_grad_(True)
+                    w = torch.nn.Parameter(w0.clone())
+                    w.main_grad = torch.zeros(n, h, device=dev)
+                    rows = BF.weight_row_abs_sums(w, backend=be)
+                    beta = seg_beta(w, ids, rows)
+                    y = BF.bitnet_linear(
+                        x, w, weight_scale=beta, gradient_accumulation_fusion=True, backend=be
+                    )
+                    y.backward(dy)
+                    out[be] = (beta, y.detach(), x.grad, w.main_grad)
+                beta = out["torch"][0]
+                q, g = Q.quantize_activation(x0.reshape(-1, h))
+                t, _ = Q.quantize_weight(w0, beta)
+                xq = q.float() * Q.activation_dequant_scale(g)[:, None]
+                wq = t.float() * beta[:, None]
+                gx_ref = dy.reshape(-1, n).float() @ wq
+                gw_ref = dy.reshape(-1, n).float().t() @ xq
+                d = {
+                    "beta_equal": bool(torch.equal(out["triton"][0], beta)),
+                    "y_bit_identical": bool(torch.equal(out["triton"][1], out["torch"][1])),
+                    "grad_x_rel_err": rel_err(out["triton"][2].reshape(-1, h), gx_ref),
+                    "main_grad_rel_err": rel_err(out["triton"][3], gw_ref),
+                }
+                ok = (
+                    d["beta_equal"]
+                    and d["y_bit_identical"]
+                    and d["grad_x_rel_err"] < 1e-2
+                    and d["main_grad_rel_err"] < 1e-2
+                )
+                return ok, d
+            finally:
+                os.environ.pop("BITNET_DGRAD", None)
+                os.environ.pop("BITNET_WGRAD", None)
+
+        ck.run("bitnet_linear_vector_beta_e2e", f_e2ev, dgrad=dimpl, wgrad=dimpl)
 
     # ---------------------------------------------------------------- end to end
     for dimpl in ("cublas", "triton"):

@@ -9,6 +9,8 @@
   compiled vs interpreted when it and each kernel are first imported and consults the variable
   again later, so it cannot be scoped to one import: it stays set for the rest of this
   (CPU-only) pytest process, where compiled Triton kernels could not run anyway.
+* Puts this directory on ``sys.path`` for the tests' helper modules (pytest runs with
+  ``--import-mode=importlib``, which does not).
 * Registers the ``gpu`` marker for tests that need a CUDA device.
 """
 
@@ -69,6 +71,12 @@ def _ensure_bitnet_importable() -> None:
 
 
 _ensure_bitnet_importable()
+
+# Helper modules of these tests (bitnet_layer_helpers, bitnet_tp_worker) are imported by plain
+# name, also by the processes the tensor-parallel tests spawn (they inherit sys.path).
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 
 def pytest_configure(config):

@@ -4,7 +4,13 @@
 Public API (see :mod:`.functional`): :func:`bitnet_linear`, :class:`BitNetWeightCache`,
 :func:`invalidate_weight_caches`, the separable scale / quantisation / product ops used by
 tensor-parallel layers, and the pure-torch reference in :mod:`.quant`.  The Triton kernels in
-:mod:`.triton_kernels` are imported lazily (this package imports without Triton).
+:mod:`.triton_kernels` are imported lazily (this package imports without Triton).  The
+Megatron tensor-parallel layers live in :mod:`.layers` (``BitNetColumnParallelLinear``,
+``BitNetRowParallelLinear``, ``bitnet_class_for``); import that module explicitly (it is not
+imported here, so this package stays importable without Megatron's tensor-parallel stack).
+
+The weight scale ``beta`` is a scalar per weight or a vector with one value per output row
+(weights fusing several logical matrices: q/k/v, gate/up); see :mod:`.quant`.
 
 Environment knobs (all optional):
 
@@ -28,14 +34,17 @@ from .functional import (
     bitnet_linear,
     bitnet_matmul,
     bitnet_weight_grad,
+    expand_segment_scales,
     get_quantized_weight,
     invalidate_weight_caches,
     quantize_activation,
     quantize_weight,
     resolve_backend,
+    segment_sums,
     triton_available,
     weight_abs_sum,
     weight_cache_generation,
+    weight_row_abs_sums,
     weight_scale,
     weight_scale_from_abs_sum,
 )
@@ -51,14 +60,17 @@ __all__ = [
     "bitnet_linear",
     "bitnet_matmul",
     "bitnet_weight_grad",
+    "expand_segment_scales",
     "get_quantized_weight",
     "invalidate_weight_caches",
     "quantize_activation",
     "quantize_weight",
     "resolve_backend",
+    "segment_sums",
     "triton_available",
     "weight_abs_sum",
     "weight_cache_generation",
+    "weight_row_abs_sums",
     "weight_scale",
     "weight_scale_from_abs_sum",
 ]

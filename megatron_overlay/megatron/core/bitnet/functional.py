@@ -9,7 +9,9 @@ Layers of this module, bottom up:
    ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (tests).
 2. Separable ops, used by :class:`BitNetLinearFunction` and meant to be composed by
    tensor-parallel layers with their own communication: scales (:func:`weight_abs_sum`,
-   :func:`weight_scale_from_abs_sum`, :func:`activation_absmax`), quantisers
+   :func:`weight_row_abs_sums` + :func:`segment_sums` for per-segment scales,
+   :func:`weight_scale_from_abs_sum`, :func:`expand_segment_scales`,
+   :func:`activation_absmax`), quantisers
    (:func:`quantize_weight`, :func:`quantize_activation`) and the three products
    (:func:`bitnet_matmul`, :func:`bitnet_input_grad`, :func:`bitnet_weight_grad`).
 3. :class:`BitNetWeightCache`: the quantised weight is computed once per optimizer step and
@@ -36,7 +38,10 @@ __all__ = [
     "triton_available",
     "resolve_backend",
     "weight_abs_sum",
+    "weight_row_abs_sums",
+    "segment_sums",
     "weight_scale_from_abs_sum",
+    "expand_segment_scales",
     "weight_scale",
     "quantize_weight",
     "activation_absmax",
@@ -181,7 +186,8 @@ class QuantizedWeight:
 
     Attributes:
         t: int8 ``[N, K]`` with values in {-1, 0, 1}.
-        beta: 0-dim fp32 scale on the weight's device.
+        beta: fp32 scale on the weight's device: 0-dim (one per weight) or ``[N]`` (one per
+            output row, for weights that fuse several logical matrices).
         dense: optional ``beta * t`` in a 16/32-bit dtype (cuBLAS input-gradient path).
     """
 
@@ -223,9 +229,29 @@ def weight_abs_sum(weight: torch.Tensor, backend: Optional[str] = None) -> torch
     return quant.weight_abs_sum(weight)
 
 
-def weight_scale_from_abs_sum(abs_sum: torch.Tensor, numel: int) -> torch.Tensor:
-    """``beta = max(fp32(abs_sum / numel), 1e-5)``; numel is the global element count."""
+def weight_row_abs_sums(weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Local per-output-row ``sum|W[n, :]|`` (fp64 ``[N]``), for per-segment scales."""
+    if resolve_backend(weight, backend) == "triton":
+        return _triton_kernels().weight_row_abs_sums(weight)
+    return quant.weight_row_abs_sums(weight)
+
+
+def segment_sums(
+    row_values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """``[S]`` sums of ``row_values [N]`` per segment id (deterministic; see :mod:`.quant`)."""
+    return quant.segment_sums(row_values, segment_ids, num_segments)
+
+
+def weight_scale_from_abs_sum(abs_sum: torch.Tensor, numel) -> torch.Tensor:
+    """``beta = max(fp32(abs_sum / numel), 1e-5)``; numel is the global element count (an int,
+    or one count per element of ``abs_sum`` for per-segment sums)."""
     return quant.weight_scale_from_abs_sum(abs_sum, numel)
+
+
+def expand_segment_scales(beta_segments: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row beta ``[N]`` from per-segment betas ``[S]`` and row segment ids ``[N]``."""
+    return quant.expand_segment_scales(beta_segments, segment_ids)
 
 
 def weight_scale(weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -242,13 +268,15 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantise ``weight`` to ``(T, beta[, beta*T in dense_dtype])`` without host sync.
 
-    ``beta`` may be supplied by the caller (e.g. reduced over tensor-parallel shards).
+    ``beta`` may be supplied by the caller (e.g. reduced over tensor-parallel shards): one
+    element (per-tensor scale, stored 0-dim) or one per output row (stored ``[N]``).
+    Computed per tensor from ``weight`` if None.
     """
     be = resolve_backend(weight, backend)
     with torch.no_grad():
         if beta is None:
             beta = weight_scale(weight, be)
-        beta = beta.reshape(()).to(device=weight.device, dtype=torch.float32)
+        beta = quant.normalize_weight_scale(beta, weight)
         if be == "triton":
             t, dense = _triton_kernels().weight_quant(weight, beta, dense_dtype)
         else:
@@ -451,9 +479,11 @@ def get_quantized_weight(
 
     Args:
         cache: optional :class:`BitNetWeightCache`.
-        beta: precomputed scale; used on a miss (ignored on a hit).
-        beta_fn: ``weight -> beta`` called only on a miss (e.g. local abs-sum + all-reduce +
-            :func:`weight_scale_from_abs_sum` in a TP layer); mutually exclusive with beta.
+        beta: precomputed scale; used on a miss (ignored on a hit).  0-dim / 1 element (per
+            tensor) or ``[N]`` (per output row).
+        beta_fn: ``weight -> beta`` called only on a miss (e.g. local abs-sums + all-reduce +
+            :func:`weight_scale_from_abs_sum` in a TP layer); returns a scale of either form
+            above; mutually exclusive with beta.
         dense_dtype: also materialise ``beta*T`` in this dtype (cuBLAS dgrad path).
     """
     if beta is not None and beta_fn is not None:
@@ -576,8 +606,12 @@ def bitnet_linear(
             across tensor-parallel ranks; computed from ``x`` if None.
         weight_quant: a precomputed :class:`QuantizedWeight`; bypasses cache and scale args.
         weight_cache: optional :class:`BitNetWeightCache` (quantise once per optimizer step).
-        weight_scale: optional precomputed beta (used when quantising).
-        weight_scale_fn: optional ``weight -> beta`` callable, evaluated only when quantising.
+        weight_scale: optional precomputed beta (used when quantising): 0-dim / 1 element (one
+            scale for the weight) or ``[N]`` (one per output row, e.g. q / k / v rows of a fused
+            QKV weight each carrying their own matrix's scale).
+        weight_scale_fn: optional ``weight -> beta`` callable, evaluated only when quantising
+            (i.e. on a cache miss); returns a scale of either form.  A tensor-parallel layer
+            does its cross-rank reduction here.
         gradient_accumulation_fusion: if True and ``weight`` has ``main_grad``, the weight
             gradient is accumulated into ``weight.main_grad`` and the autograd weight gradient
             is None (or a dummy if ``weight.grad_added_to_main_grad`` exists), as in Megatron.

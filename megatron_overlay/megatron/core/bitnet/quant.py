@@ -13,6 +13,14 @@ Weight (per tensor, or per logical tensor when shards are reduced by the caller)
     T    = clamp(round(fp32(W) / beta), -1, 1)  # int8 in {-1, 0, 1}
     W_q  = beta * T
 
+``beta`` is either one scalar for the whole weight or a vector with one value per output row
+(``[N]`` for ``W [N, K]``): Megatron fuses matrices that are separate in HF / BitNet models
+(``linear_qkv`` = [q, k, v] per query group, gated ``linear_fc1`` = [gate; up]), and each logical
+matrix needs its own beta.  In the vector case row ``n`` uses ``beta[n]`` everywhere (T, W_q,
+the output epilogue); a per-segment scale is expanded to rows by the caller
+(:func:`segment_sums` / :func:`weight_scale_from_abs_sum` / :func:`expand_segment_scales`).
+Nothing here assumes the vector is piecewise constant.
+
 Activation (per token, i.e. per row of the last dimension)::
 
     gamma = max(max|x|, 1e-5)                          # fp32
@@ -30,8 +38,9 @@ Triton kernels can reproduce it exactly.
 Scale computation and quantisation are separable so that a tensor-parallel layer can reduce
 the scales across ranks before quantising:
 
-* weight: :func:`weight_abs_sum` (local fp64 sum) -> all-reduce SUM ->
-  :func:`weight_scale_from_abs_sum` (with the global element count) ->
+* weight: :func:`weight_abs_sum` (local fp64 sum; per segment: :func:`weight_row_abs_sums`
+  + :func:`segment_sums`) -> all-reduce SUM -> :func:`weight_scale_from_abs_sum` (with the
+  global element count of each segment) -> (:func:`expand_segment_scales`) ->
   :func:`quantize_weight` ``(w, beta=...)``;
 * activation: :func:`activation_absmax` (local per-token max) -> all-reduce MAX ->
   :func:`quantize_activation` ``(x, gamma=...)``.  ``max(., eps)`` commutes with MAX, so the
@@ -58,8 +67,12 @@ __all__ = [
     "QMIN",
     "FP32_EXACT_MAX_K",
     "weight_abs_sum",
+    "weight_row_abs_sums",
+    "segment_sums",
     "weight_scale_from_abs_sum",
+    "expand_segment_scales",
     "weight_scale",
+    "normalize_weight_scale",
     "quantize_weight",
     "dequantize_weight",
     "activation_absmax",
@@ -90,21 +103,105 @@ def weight_abs_sum(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().sum(dtype=torch.float64)
 
 
-def weight_scale_from_abs_sum(abs_sum: torch.Tensor, numel: int) -> torch.Tensor:
-    """``beta = max(fp32(abs_sum / numel), 1e-5)`` as a 0-dim fp32 tensor (no host sync)."""
-    if numel <= 0:
-        raise ValueError(f"numel must be positive, got {numel}")
+def weight_row_abs_sums(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-row ``sum|W[n, :]|`` accumulated in fp64 (``[N]`` fp64 for ``W [N, ...]``).
+
+    The input of per-segment scales (:func:`segment_sums`).
+    """
+    w = weight.detach()
+    return w.abs().reshape(w.shape[0], -1).sum(dim=1, dtype=torch.float64)
+
+
+def segment_sums(
+    row_values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """``out[s] = sum(row_values[segment_ids == s])`` (deterministic, no host sync).
+
+    Args:
+        row_values: ``[N]`` (e.g. the fp64 output of :func:`weight_row_abs_sums`).
+        segment_ids: integer ``[N]`` with values in ``[0, num_segments)``.
+        num_segments: number of segments ``S`` (small: one per logical matrix).
+
+    Returns:
+        ``[S]`` in ``row_values.dtype``.  Each segment is reduced by a fixed-order
+        ``torch.sum`` (no atomics), so the result does not vary from run to run.
+    """
+    if row_values.dim() != 1 or segment_ids.shape != row_values.shape:
+        raise ValueError(
+            f"expected row_values [N] and segment_ids [N], got {tuple(row_values.shape)} and "
+            f"{tuple(segment_ids.shape)}"
+        )
+    ids = segment_ids.to(row_values.device)
+    zero = torch.zeros((), dtype=row_values.dtype, device=row_values.device)
+    return torch.stack([torch.where(ids == s, row_values, zero).sum() for s in range(num_segments)])
+
+
+def weight_scale_from_abs_sum(abs_sum: torch.Tensor, numel) -> torch.Tensor:
+    """``beta = max(fp32(abs_sum / numel), 1e-5)`` in fp32 (no host sync).
+
+    Args:
+        abs_sum: 0-dim fp64 sum of ``|W|`` (or any shape: one sum per segment).
+        numel: element count(s) the sums were taken over (the *global* counts in a
+            tensor-parallel layer): an int, or a sequence of ints matching ``abs_sum``'s
+            elements.
+
+    Returns:
+        fp32 tensor of ``abs_sum``'s shape.
+    """
     abs_sum = abs_sum.to(torch.float64)
-    # Divide by a tensor, not a Python scalar: on CUDA, torch turns division by a scalar into
-    # a multiplication by its reciprocal, which is not the IEEE quotient.
-    denom = torch.full((), float(numel), dtype=torch.float64, device=abs_sum.device)
+    if isinstance(numel, int):
+        if numel <= 0:
+            raise ValueError(f"numel must be positive, got {numel}")
+        # Divide by a tensor, not a Python scalar: on CUDA, torch turns division by a scalar
+        # into a multiplication by its reciprocal, which is not the IEEE quotient.
+        denom = torch.full((), float(numel), dtype=torch.float64, device=abs_sum.device)
+    else:
+        counts = [int(n) for n in numel]
+        if any(n <= 0 for n in counts):
+            raise ValueError(f"numel must be positive, got {counts}")
+        if len(counts) != abs_sum.numel():
+            raise ValueError(f"{len(counts)} element counts for {abs_sum.numel()} sums")
+        # One fill per segment (a host->device copy of a list would synchronise on CUDA).
+        denom = torch.stack(
+            [torch.full((), float(n), dtype=torch.float64, device=abs_sum.device) for n in counts]
+        ).reshape(abs_sum.shape)
     mean = (abs_sum / denom).to(torch.float32)
     return mean.clamp_min(EPS)
+
+
+def expand_segment_scales(beta_segments: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row scale ``beta[n] = beta_segments[segment_ids[n]]`` (fp32 ``[N]``)."""
+    ids = segment_ids.to(device=beta_segments.device, dtype=torch.long)
+    return beta_segments.to(torch.float32).reshape(-1).index_select(0, ids)
 
 
 def weight_scale(weight: torch.Tensor) -> torch.Tensor:
     """Per-tensor weight scale ``beta = max(mean|W|, 1e-5)`` (0-dim fp32)."""
     return weight_scale_from_abs_sum(weight_abs_sum(weight), weight.numel())
+
+
+def normalize_weight_scale(beta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Validate and normalise a weight scale for ``weight [N, ...]`` (fp32, weight's device).
+
+    A tensor with one element becomes a 0-dim scalar (per-tensor scale); a tensor with ``N``
+    elements becomes a ``[N]`` per-output-row vector.  Anything else raises ValueError.
+    """
+    n = beta.numel()
+    if n == 1:
+        return beta.reshape(()).to(device=weight.device, dtype=torch.float32)
+    if weight.dim() >= 1 and n == weight.shape[0]:
+        return beta.reshape(n).to(device=weight.device, dtype=torch.float32)
+    raise ValueError(
+        f"weight scale must have 1 element or one per output row ({tuple(weight.shape)[:1]}), "
+        f"got shape {tuple(beta.shape)}"
+    )
+
+
+def _row_broadcast(beta: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``beta`` (0-dim or ``[N]``) shaped to broadcast against an ``ndim``-D ``[N, ...]``."""
+    if beta.dim() == 0:
+        return beta
+    return beta.reshape(beta.shape[0], *([1] * (ndim - 1)))
 
 
 def quantize_weight(
@@ -113,27 +210,29 @@ def quantize_weight(
     """Ternary weight quantisation.
 
     Args:
-        weight: full-precision weight of any shape and floating dtype.
-        beta: optional externally computed scale (0-dim or 1-element fp32 tensor), e.g. the
-            cross-rank mean of a tensor-parallel weight.  Computed from ``weight`` if None.
+        weight: full-precision weight of any shape ``[N, ...]`` and floating dtype.
+        beta: optional externally computed scale, e.g. the cross-rank mean of a
+            tensor-parallel weight: one element (per-tensor) or ``N`` elements (one per output
+            row).  Computed from ``weight`` (per tensor) if None.
 
     Returns:
         ``(T, beta)``: ``T`` int8 with values in {-1, 0, 1}, same shape as ``weight``;
-        ``beta`` 0-dim fp32.
+        ``beta`` fp32, 0-dim (per-tensor) or ``[N]`` (per row).
     """
     if beta is None:
         beta = weight_scale(weight)
-    beta = beta.reshape(()).to(device=weight.device, dtype=torch.float32)
+    beta = normalize_weight_scale(beta, weight)
     w = weight.detach().to(torch.float32)
-    t = torch.round(w / beta).clamp_(-1.0, 1.0).to(torch.int8)
+    t = torch.round(w / _row_broadcast(beta, w.dim())).clamp_(-1.0, 1.0).to(torch.int8)
     return t, beta
 
 
 def dequantize_weight(
     t: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``W_q = beta * T`` computed in fp32 and cast to ``dtype``."""
-    return (t.to(torch.float32) * beta.reshape(()).to(torch.float32)).to(dtype)
+    """``W_q = beta * T`` computed in fp32 and cast to ``dtype`` (beta 0-dim or per row)."""
+    beta = normalize_weight_scale(beta, t)
+    return (t.to(torch.float32) * _row_broadcast(beta, t.dim())).to(dtype)
 
 
 def activation_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -210,16 +309,20 @@ def scaled_int_matmul(
     """BitNet forward product ``y = fp32(fp32(Q @ T^T) * gamma/127) * beta`` cast to out_dtype.
 
     Args:
-        q: int8 ``[M, K]``; gamma: fp32 ``[M]``; t: int8 ``[N, K]``; beta: 0-dim fp32.
+        q: int8 ``[M, K]``; gamma: fp32 ``[M]``; t: int8 ``[N, K]``; beta: fp32, 0-dim
+        (per tensor) or ``[N]`` (per output row; column ``n`` of ``y`` uses ``beta[n]``).
     """
     acc = int_matmul_exact(q, t).to(torch.float32)
     s = activation_dequant_scale(gamma).reshape(-1, 1)
-    y = (acc * s) * beta.reshape(()).to(torch.float32)
+    beta = normalize_weight_scale(beta, t)
+    y = (acc * s) * (beta if beta.dim() == 0 else beta.reshape(1, -1))
     return y.to(out_dtype)
 
 
 def bitnet_dgrad(grad_output: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Input gradient (identity STE): ``dX = dY @ W_q`` with ``W_q = beta*T`` in dY's dtype.
+
+    ``beta`` is 0-dim or per output row ``[N]`` (``t`` is ``[N, K]``).
 
     ``W_q`` is materialised in ``grad_output.dtype`` (for bf16 this rounds beta to bf16, as a
     bf16 reference implementation does), the product accumulates in the matmul's precision.

@@ -11,16 +11,24 @@ Kernels (each reproduces the definitions of :mod:`megatron.core.bitnet.quant` ex
 * ``_act_absmax_kernel``: per-token gamma only (for the tensor-parallel two-phase path).
 * ``_weight_abs_sum_kernel``: per-block fp64 partial sums of ``|W|``; the partials are summed
   on device (``torch.sum``), so beta never touches the host.
+* ``_weight_row_abs_sum_kernel``: per-output-row fp64 sums of ``|W|`` (inputs of per-segment
+  scales, e.g. q / k / v of a fused QKV weight).
 * ``_weight_quant_kernel``: ``T = clamp(rint(W / beta), -1, 1)`` as int8, reading beta from
   device memory; optionally also writes the dense ``beta*T`` copy in a 16-bit dtype.
 * ``_fwd_kernel``: ``y = fp32(fp32(Q @ T^T) * s_row) * beta`` with an int8 x int8 -> int32
   ``tl.dot`` (int8 tensor cores) and the scales fused in the epilogue.
 * ``_dgrad_kernel``: ``dX = fp32(dY @ bf16(T)) * beta`` (T converted in the operand load,
-  beta applied in fp32 in the epilogue; no dense ``beta*T`` copy needed).
+  beta applied in fp32 in the epilogue; no dense ``beta*T`` copy needed).  With a per-row
+  beta the scale lies along the reduction dimension, so it is applied in the operand load
+  instead: ``dX = dY @ dtype(beta[n] * T)`` (the same operand as the dense copy).
 * ``_wgrad_kernel``: ``dW = dY^T @ x_q`` with ``x_q = bf16(Q * s_row)`` dequantised in the
   operand load from the saved int8 activations; optionally accumulates in place into an fp32
   ``main_grad`` (gradient-accumulation fusion).
 * ``_act_dequant_kernel``: ``x_q = bf16(Q * s_row)`` (input of the cuBLAS weight gradient).
+
+Weight scale ``beta``: a scalar (one value per weight) or one value per output row (``[N]``,
+for weights that fuse several logical matrices).  A ``BETA_PER_ROW`` constexpr selects the
+variant at compile time, so the scalar case loads a single value exactly as before.
 
 Both backward kernels compute the transposed product (``dX^T = T^T dY^T``,
 ``dW^T = x_q^T dY``) so that the operand converted in registers is the left one, which
@@ -57,6 +65,7 @@ __all__ = [
     "act_absmax",
     "act_dequant",
     "weight_abs_sum",
+    "weight_row_abs_sums",
     "weight_quant",
     "bitnet_fwd",
     "bitnet_dgrad",
@@ -323,22 +332,45 @@ def _weight_abs_sum_kernel(w_ptr, partial_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _weight_row_abs_sum_kernel(
+    w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    w_row = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (cols[None, :] < K)
+        w = tl.load(w_row + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tl.abs(w.to(tl.float32)).to(tl.float64), axis=1)
+    tl.store(out_ptr + rows, acc, mask=rmask)
+
+
+@triton.jit
 def _weight_quant_kernel(
     w_ptr,
     beta_ptr,
     t_ptr,
     dense_ptr,
     numel,
+    K,
     WRITE_DENSE: tl.constexpr,
+    BETA_PER_ROW: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    beta = tl.load(beta_ptr)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.div_rn(w, tl.broadcast_to(beta, w.shape))
+    if BETA_PER_ROW:
+        # Contiguous [N, K] weight: element offs lies in row offs // K.
+        beta = tl.load(beta_ptr + offs // K, mask=mask, other=1.0)
+    else:
+        beta = tl.broadcast_to(tl.load(beta_ptr), w.shape)
+    v = tl.div_rn(w, beta)
     v = tl.minimum(tl.maximum(v, -4.0), 4.0)
     r = _rint(v, USE_LIBDEVICE)
     r = tl.minimum(tl.maximum(r, -1.0), 1.0)
@@ -360,14 +392,48 @@ def weight_abs_sum(weight: torch.Tensor) -> torch.Tensor:
     return partial.sum()
 
 
+def weight_row_abs_sums(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-row ``sum|W[n, :]|`` in fp64 (``[N]``) of a weight ``[N, ...]``."""
+    w = weight.detach()
+    w2 = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
+    if w2.numel() > 0 and w2.stride(-1) != 1:
+        w2 = w2.contiguous()
+    n, k = w2.shape
+    out = torch.zeros((n,), dtype=torch.float64, device=w.device)
+    if n == 0 or k == 0:
+        return out
+    block_k = min(triton.next_power_of_2(k), 1024)
+    block_n = max(1, min(16, 8192 // block_k))
+    if interpret_mode():
+        block_n = min(block_n, 4)
+    _weight_row_abs_sum_kernel[(triton.cdiv(n, block_n),)](
+        w2, out, n, k, w2.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8
+    )
+    return out
+
+
+def _beta_arg(beta: torch.Tensor, n_rows: int) -> Tuple[torch.Tensor, bool]:
+    """(contiguous fp32 beta, per_row): 1 element -> scalar, ``n_rows`` elements -> per row."""
+    beta = beta.reshape(-1).to(dtype=torch.float32).contiguous()
+    if beta.numel() == 1:
+        return beta, False
+    if beta.numel() != n_rows:
+        raise ValueError(f"beta has {beta.numel()} elements; expected 1 or {n_rows} (one per row)")
+    return beta, True
+
+
 def weight_quant(
     weight: torch.Tensor, beta: torch.Tensor, dense_dtype: Optional[torch.dtype] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Ternary ``T`` (int8, weight's shape) and optionally ``beta*T`` in ``dense_dtype``."""
+    """Ternary ``T`` (int8, weight's shape) and optionally ``beta*T`` in ``dense_dtype``.
+
+    ``beta``: one element (per tensor) or ``N`` elements (one per output row of ``[N, ...]``).
+    """
     w = weight.detach()
     if not w.is_contiguous():
         w = w.contiguous()
-    beta = beta.reshape(1).to(dtype=torch.float32).contiguous()
+    n_rows = w.shape[0] if w.dim() >= 1 else 1
+    beta, per_row = _beta_arg(beta, n_rows)
     t = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     dense = (
         None if dense_dtype is None else torch.empty(w.shape, dtype=dense_dtype, device=w.device)
@@ -380,7 +446,9 @@ def weight_quant(
             t,
             dense if dense is not None else t,
             numel,
+            numel // max(n_rows, 1),
             WRITE_DENSE=dense is not None,
+            BETA_PER_ROW=per_row,
             BLOCK=_EW_BLOCK,
             USE_LIBDEVICE=not interpret_mode(),
             num_warps=8,
@@ -423,8 +491,9 @@ def _fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    BETA_PER_ROW: tl.constexpr,
 ):
-    """y[M, N] = (fp32(Q[M, K] @ T[N, K]^T) * s[M]) * beta."""
+    """y[M, N] = (fp32(Q[M, K] @ T[N, K]^T) * s[M]) * beta (beta scalar or per column n)."""
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -448,9 +517,13 @@ def _fwd_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     s = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-    beta = tl.load(beta_ptr)
     y = acc.to(tl.float32) * s[:, None]
-    y = y * beta
+    if BETA_PER_ROW:
+        beta_n = tl.load(beta_ptr + rn, mask=rn < N, other=0.0)
+        y = y * beta_n[None, :]
+    else:
+        beta = tl.load(beta_ptr)
+        y = y * beta
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -473,11 +546,14 @@ def _dgrad_kernel(
     GROUP_M: tl.constexpr,
     EVEN_N: tl.constexpr,
     IEEE: tl.constexpr,
+    BETA_PER_ROW: tl.constexpr,
 ):
     """Transposed dgrad: tile ``dX^T[BLOCK_K, BLOCK_M] = bf16(T^T) @ dY^T`` (* beta).
 
     The converted int8 operand is the left (A) operand, which Hopper's wgmma can read from
     registers; dY^T is the right operand read from shared memory in its natural K-major form.
+    A per-row beta (indexed by the reduction index n) scales that operand instead:
+    ``A = dtype(T^T * beta[n])``, and the epilogue applies no scale.
     """
     pid = tl.program_id(0)
     pid_k, pid_m = _tile_ids(pid, tl.cdiv(K, BLOCK_K), tl.cdiv(M, BLOCK_M), GROUP_M)
@@ -488,24 +564,36 @@ def _dgrad_kernel(
     rma = (rm % M).to(tl.int64)
     a_ptrs = t_ptr + rn.to(tl.int64)[None, :] * stride_tn + rka[:, None]  # [BLOCK_K, BLOCK_N]
     b_ptrs = dy_ptr + rma[None, :] * stride_dym + rn[:, None]  # [BLOCK_N, BLOCK_M]
+    beta_ptrs = beta_ptr + rn
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     for nn in range(0, tl.cdiv(N, BLOCK_N)):
         if EVEN_N:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
+            if BETA_PER_ROW:
+                beta_n = tl.load(beta_ptrs)
         else:
             n_rem = N - nn * BLOCK_N
             a = tl.load(a_ptrs, mask=rn[None, :] < n_rem, other=0)
             b = tl.load(b_ptrs, mask=rn[:, None] < n_rem, other=0.0)
-        a = a.to(b.dtype)
+            if BETA_PER_ROW:
+                beta_n = tl.load(beta_ptrs, mask=rn < n_rem, other=0.0)
+        if BETA_PER_ROW:
+            a = (a.to(tl.float32) * beta_n[None, :]).to(b.dtype)
+        else:
+            a = a.to(b.dtype)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_N * stride_tn
         b_ptrs += BLOCK_N
-    beta = tl.load(beta_ptr)
-    out = acc * beta
+        beta_ptrs += BLOCK_N
+    if BETA_PER_ROW:
+        out = acc
+    else:
+        beta = tl.load(beta_ptr)
+        out = acc * beta
     dx_ptrs = dx_ptr + rm.to(tl.int64)[None, :] * stride_dxm + rk[:, None]
     tl.store(dx_ptrs, out.to(dx_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rm[None, :] < M))
 
@@ -615,8 +703,10 @@ _INTERP_TILE = 32
 _DGRAD_DEFAULT = dict(BLOCK_K=128, BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
 _WGRAD_DEFAULT = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=64, GROUP_M=8, num_warps=4, num_stages=4)
 
-_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K"])(_fwd_kernel)
-_dgrad_tuned = triton.autotune(configs=_DGRAD_CONFIGS, key=["M", "N", "K"])(_dgrad_kernel)
+_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K", "BETA_PER_ROW"])(_fwd_kernel)
+_dgrad_tuned = triton.autotune(configs=_DGRAD_CONFIGS, key=["M", "N", "K", "BETA_PER_ROW"])(
+    _dgrad_kernel
+)
 _wgrad_tuned = triton.autotune(
     configs=_WGRAD_CONFIGS, key=["M", "N", "K", "ACCUMULATE"], restore_value=["out_ptr"]
 )(_wgrad_kernel)
@@ -657,7 +747,7 @@ def bitnet_fwd(
 
     Args:
         q: int8 ``[M, K]``; s: fp32 ``[M]`` (= gamma / 127); t: int8 ``[N, K]``;
-        beta: fp32 0-dim/1-element device tensor.
+        beta: fp32 device tensor, 0-dim/1-element (per tensor) or ``[N]`` (per output row).
     """
     q = _check_2d("q", q)
     t = _check_2d("t", t)
@@ -669,13 +759,13 @@ def bitnet_fwd(
     if m == 0 or n == 0:
         return y
     s = s.reshape(-1).to(torch.float32).contiguous()
-    beta = beta.reshape(1).to(torch.float32).contiguous()
+    beta, per_row = _beta_arg(beta, n)
     args = (q, t, s, beta, y, m, n, k, q.stride(0), t.stride(0), y.stride(0))
     if _autotune_enabled():
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
         )
-        _fwd_tuned[grid](*args, EVEN_K=k % 128 == 0 and k % 64 == 0)
+        _fwd_tuned[grid](*args, EVEN_K=k % 128 == 0 and k % 64 == 0, BETA_PER_ROW=per_row)
     else:
         meta = (
             dict(_interp_meta(("BLOCK_M", "BLOCK_N", "BLOCK_K")))
@@ -683,14 +773,16 @@ def bitnet_fwd(
             else dict(_FWD_DEFAULT)
         )
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _fwd_kernel[grid](*args, EVEN_K=k % meta["BLOCK_K"] == 0, **meta)
+        _fwd_kernel[grid](*args, EVEN_K=k % meta["BLOCK_K"] == 0, BETA_PER_ROW=per_row, **meta)
     return y
 
 
 def bitnet_dgrad(dy: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``dX = fp32(dY @ bf16(T)) * beta`` in dY's dtype.  dy ``[M, N]``, t int8 ``[N, K]``.
 
-    No dense ``beta*T`` copy is needed (the cuBLAS path needs one); slower than cuBLAS on H100.
+    ``beta``: 1 element, or ``[N]`` per output row of T; then ``dX = dY @ dtype(beta[:, None]*T)``
+    (beta applied to the operand, as in the dense copy).  No dense ``beta*T`` copy is needed
+    (the cuBLAS path needs one); slower than cuBLAS on H100.
     """
     dy = _check_2d("dy", dy)
     t = _check_2d("t", t)
@@ -703,7 +795,7 @@ def bitnet_dgrad(dy: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch
         return dx
     if n == 0:
         return dx.zero_()
-    beta = beta.reshape(1).to(torch.float32).contiguous()
+    beta, per_row = _beta_arg(beta, n)
     ieee = dy.dtype == torch.float32
     args = (dy, t, beta, dx, m, n, k, dy.stride(0), t.stride(0), dx.stride(0))
     _launch_2d(
@@ -713,7 +805,7 @@ def bitnet_dgrad(dy: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch
         _DGRAD_DEFAULT,
         (k, m),
         args,
-        dict(IEEE=ieee),
+        dict(IEEE=ieee, BETA_PER_ROW=per_row),
         ("EVEN_N", n),
     )
     return dx
