@@ -10,6 +10,8 @@ rm -rf .carry/Megatron-LM && mkdir -p .carry/Megatron-LM .carry/wheels
 git -C build/Megatron-LM archive HEAD megatron tools pretrain_gpt.py pretrain_hybrid.py \
     pretrain_mamba.py gpt_builders.py hybrid_builders.py mamba_builders.py model_provider.py \
     | tar -x -C .carry/Megatron-LM
+# Megatron's compiled dataset helpers (built by `make dataset-helpers`), if present.
+cp build/Megatron-LM/megatron/core/datasets/helpers_cpp*.so .carry/Megatron-LM/megatron/core/datasets/ 2>/dev/null || true
 wheels=${WHEELS_DIR:-../shared/wheels}
 if [ -d "$wheels" ]; then cp "$wheels"/*.whl .carry/wheels/; fi
 du -sh .carry/Megatron-LM .carry/wheels

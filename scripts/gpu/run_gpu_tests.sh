@@ -7,11 +7,12 @@
 #   bitnet    BitNet kernel correctness
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
+#   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 results=${1:-${OUT:-gpu-results}}
 shift || true
-steps=${*:-mamba parity bitnet bench convert}
+steps=${*:-mamba parity bitnet bench convert gptstep}
 mkdir -p "$results"
 megatron=build/Megatron-LM
 [ -d .carry/Megatron-LM/megatron ] && megatron=.carry/Megatron-LM
@@ -45,6 +46,7 @@ for step in $steps; do
         parity) run parity python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" ;;
         bitnet) run bitnet python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
         bench) run bench python3 scripts/bench_bitnet.py --out-dir "$results" ;;
+        gptstep) run gptstep python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
         convert) run convert python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
         *) echo "unknown step $step"; status=1 ;;
     esac

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""GPU benchmark: a whole BitNet GPT training step vs the same model in bf16 (pretrain_gpt.py).
+
+Runs pretrain_gpt.py twice on one GPU with identical arguments (a Llama-3-8B-like layer shape:
+hidden 4096, ffn 14336, 32 heads / 8 KV heads, 4 layers, 8192 tokens per step, bf16, local
+transformer implementation), once plain and once with --use-bitnet, and reports the median
+iteration time after warm-up and the peak allocated memory Megatron logs. Writes JSON and a
+markdown table to --out-dir.
+
+    python scripts/gpu/bench_bitnet_gpt_step.py --out-dir results/ [--iters 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(megatron: Path, extra: list[str], iters: int, log: Path) -> dict:
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        "--master-port", "29555", str(megatron / "pretrain_gpt.py"),
+        "--transformer-impl", "local", "--bf16", "--mock-data", "--tokenizer-type",
+        "NullTokenizer", "--vocab-size", "32000", "--num-layers", "4", "--hidden-size", "4096",
+        "--ffn-hidden-size", "14336", "--num-attention-heads", "32", "--group-query-attention",
+        "--num-query-groups", "8", "--swiglu", "--normalization", "RMSNorm",
+        "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--untie-embeddings-and-output-weights", "--seq-length", "2048",
+        "--max-position-embeddings", "2048", "--micro-batch-size", "4", "--global-batch-size", "4",
+        "--train-iters", str(iters), "--lr", "1e-4", "--log-interval", "1", "--eval-iters", "0",
+        "--eval-interval", "100000", "--no-gradient-accumulation-fusion",
+        "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+        "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--log-memory-to-tensorboard",
+        "--tensorboard-dir", str(log.parent / "tb"), *extra,
+    ]
+    env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
+    with open(log, "w") as fh:
+        proc = subprocess.run(args, cwd=megatron, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({extra}); tail:\n" + "\n".join(text.splitlines()[-30:]))
+    times = {
+        int(m.group(1)): float(m.group(2))
+        for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)", text)
+    }
+    losses = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", text)]
+    peak = [float(v) for v in re.findall(r"max allocated: ([0-9.]+)", text)]
+    steady = [t for i, t in times.items() if i > iters // 3]
+    return {
+        "median_ms": statistics.median(steady),
+        "steady_iterations": len(steady),
+        "peak_allocated_mb": max(peak) if peak else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--megatron", type=Path, default=ROOT / "build" / "Megatron-LM")
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args()
+    args.megatron = args.megatron.resolve()
+    args.out_dir = args.out_dir.resolve()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    results = {}
+    for name, extra in (("bf16", []), ("bitnet", ["--use-bitnet"])):
+        results[name] = run(args.megatron, extra, args.iters, args.out_dir / f"gpt_step_{name}.log")
+        print(name, results[name], flush=True)
+    ratio = results["bitnet"]["median_ms"] / results["bf16"]["median_ms"]
+    mem = None
+    if results["bf16"]["peak_allocated_mb"] and results["bitnet"]["peak_allocated_mb"]:
+        mem = results["bitnet"]["peak_allocated_mb"] / results["bf16"]["peak_allocated_mb"]
+    report = {
+        "benchmark": "bitnet_gpt_training_step",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
+        "command": " ".join(sys.argv),
+        "model": "GPT, 4 layers, hidden 4096, ffn 14336, 32/8 heads, seq 2048 x mbs 4, bf16",
+        "results": results,
+        "step_time_ratio_bitnet_over_bf16": ratio,
+        "peak_memory_ratio_bitnet_over_bf16": mem,
+        "targets": {"step_time_ratio": 1.05, "peak_memory_ratio": 1.05},
+    }
+    (args.out_dir / "bench_bitnet_gpt_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [
+        "# BitNet GPT training step vs bf16",
+        "",
+        f"- device: {report['device']}; date (UTC): {report['date']}; torch {torch.__version__}",
+        f"- command: `{report['command']}`",
+        f"- model: {report['model']}; median of iterations > {args.iters // 3}",
+        "",
+        "| run | step ms | peak allocated MB | first / last lm loss |",
+        "|---|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        md.append(f"| {name} | {r['median_ms']:.1f} | {r['peak_allocated_mb']} | {r['first_loss']} / {r['last_loss']} |")
+    md += ["", f"step time ratio bitnet/bf16: {ratio:.3f} (target <= 1.05); peak memory ratio: {mem}"]
+    (args.out_dir / "bench_bitnet_gpt_step.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
