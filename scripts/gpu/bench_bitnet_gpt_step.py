@@ -39,6 +39,7 @@ def run(megatron: Path, extra: list[str], iters: int, log: Path) -> dict:
         "--train-iters", str(iters), "--lr", "1e-4", "--log-interval", "1", "--eval-iters", "0",
         "--eval-interval", "100000", "--no-gradient-accumulation-fusion",
         "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+        "--no-rope-fusion",
         "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--log-memory-to-tensorboard",
         "--tensorboard-dir", str(log.parent / "tb"), *extra,
     ]
