@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+
 # size: layers, hidden, heads, kv heads, head_dim, mamba heads, mamba head_dim, d_state,
 #       groups, ffn, vocab, mamba_rms_norm
 PRESETS = {
@@ -96,31 +98,17 @@ def from_preset(name: str) -> list[str]:
 
 
 def from_hf_config(path: Path) -> list[str]:
-    c = json.loads(path.read_text())
+    """Flags from a release config.json, via the checkpoint converter's config mapping (one
+    implementation: it validates the config and refuses what Megatron cannot express)."""
+    sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
+    from falcon_h1_mapping import ConversionError, megatron_model_flags, parse_hf_config
+
     try:
-        heads = c["num_attention_heads"]
-        head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        m_heads = c["mamba_n_heads"]
-        m_dim = c.get("mamba_d_head")
-        if m_dim in (None, "auto"):
-            m_dim = c["mamba_d_ssm"] // m_heads
-        if c.get("mamba_norm_before_gate", False) and c.get("mamba_rms_norm", False):
-            sys.exit(f"error: {path}: mamba_norm_before_gate=true is not supported (releases use false)")
-        rope = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 1e11))
-        flags = shape_flags(
-            c["num_hidden_layers"], c["hidden_size"], heads, c["num_key_value_heads"], head_dim,
-            m_heads, m_dim, c["mamba_d_state"], c.get("mamba_n_groups", 1),
-            c["intermediate_size"], c.get("mamba_rms_norm", False),
-        )
-        flags += common_flags(rope, c.get("rms_norm_eps", 1e-5), c.get("mamba_chunk_size", 128),
-                              c.get("mamba_d_conv", 4))
-        m = {name: c.get(name, 1.0) for name in SCALARS}
-        m["mlp_multipliers"] = c.get("mlp_multipliers") or [1.0, 1.0]
-        m["ssm_multipliers"] = c.get("ssm_multipliers") or [1.0] * 5
-        flags += multiplier_flags(m) + ["--vocab-size", str(c["vocab_size"])]
-    except KeyError as exc:
-        sys.exit(f"error: {path}: missing Falcon-H1 field {exc}")
-    return flags
+        settings = parse_hf_config(json.loads(path.read_text()))
+        flags = megatron_model_flags(settings, [settings.dims.num_layers])
+    except (ConversionError, KeyError, ValueError) as exc:
+        sys.exit(f"error: {path}: {exc}")
+    return flags + ["--vocab-size", str(settings.dims.vocab)]
 
 
 def main() -> int:
