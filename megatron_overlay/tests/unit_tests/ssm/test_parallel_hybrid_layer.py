@@ -4,9 +4,7 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
@@ -16,8 +14,8 @@ from megatron.core.models.hybrid.parallel_hybrid_layer import (
     ParallelHybridLayer,
     ParallelHybridMixer,
 )
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
 
 MULTIPLIERS = dict(
     embedding_multiplier=1.7,
@@ -30,21 +28,6 @@ MULTIPLIERS = dict(
     mlp_multipliers=[0.79, 1.41],
     ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
 )
-
-
-@pytest.fixture
-def single_rank(tmp_path):
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{tmp_path / 'init'}", world_size=1, rank=0
-        )
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(123)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 def _config(**kwargs):

@@ -4,11 +4,8 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.forward_multipliers import (
     ForwardMultiplierMixin,
     mamba_in_proj_output_multipliers,
@@ -17,21 +14,7 @@ from megatron.core.transformer.forward_multipliers import (
     with_forward_multipliers,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-
-@pytest.fixture
-def single_rank(tmp_path):
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{tmp_path / 'init'}", world_size=1, rank=0
-        )
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(123)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
 
 
 def _config(**kwargs):
