@@ -52,10 +52,16 @@ SHAPES = {  # name: (in_features K, out_features N)
     "fc2": (14336, 4096),
 }
 ALL_CASES = ["bf16", "pr3002", "bitnet", "bitnet_nocache", "bitnet_mg"]
-# Variants of the cached BitNet case with the backward GEMMs on our Triton kernels instead of
-# the cuBLAS defaults (how the BITNET_DGRAD / BITNET_WGRAD defaults were chosen); not run
-# unless named in --cases.
-EXTRA_CASES = ["bitnet_dgrad_triton", "bitnet_wgrad_triton", "bitnet_both_triton"]
+# Variants of the cached BitNet case: the bf16 beta*T input-gradient operand kept in the weight
+# cache for the whole step (BITNET_DGRAD=cublas_cached) instead of dequantised per backward, and
+# the backward GEMMs on our Triton kernels instead of cuBLAS (how the BITNET_DGRAD /
+# BITNET_WGRAD defaults were chosen); not run unless named in --cases.
+EXTRA_CASES = [
+    "bitnet_dgrad_cached",
+    "bitnet_dgrad_triton",
+    "bitnet_wgrad_triton",
+    "bitnet_both_triton",
+]
 
 
 def _import_bitnet():
@@ -167,6 +173,8 @@ def component_breakdown(shapes, m, dev):
             "int8_int_mm_cublas_noscale": bench(lambda: torch._int_mm(q, wq.t.t())),
             "dgrad_triton": bench(lambda: tk.bitnet_dgrad(dy, wq.t, wq.beta)),
             "dgrad_cublas_dense": bench(lambda: dy @ wq.dense),
+            "weight_dequant": bench(lambda: tk.weight_dequant(wq.t, wq.beta, dt)),
+            "dgrad_cublas_transient": bench(lambda: dy @ tk.weight_dequant(wq.t, wq.beta, dt)),
             "wgrad_triton": bench(lambda: tk.bitnet_wgrad(dy, q, s)),
             "wgrad_triton_main_grad": bench(lambda: tk.bitnet_wgrad(dy, q, s, main_grad=mg)),
             "act_dequant": bench(lambda: tk.act_dequant(q, s, dt)),
@@ -321,6 +329,7 @@ def main() -> int:
             return (lambda: BF.bitnet_linear(x, w).backward(dy)), None
         if case in EXTRA_CASES:
             env = {
+                "bitnet_dgrad_cached": {"BITNET_DGRAD": "cublas_cached"},
                 "bitnet_dgrad_triton": {"BITNET_DGRAD": "triton"},
                 "bitnet_wgrad_triton": {"BITNET_WGRAD": "triton"},
                 "bitnet_both_triton": {"BITNET_DGRAD": "triton", "BITNET_WGRAD": "triton"},

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """GPU benchmark: a whole BitNet GPT training step vs the same model in bf16 (pretrain_gpt.py).
 
-Runs pretrain_gpt.py twice on one GPU with identical arguments (a Llama-3-8B-like layer shape:
-hidden 4096, ffn 14336, 32 heads / 8 KV heads, 4 layers, 8192 tokens per step, bf16, local
-transformer implementation), once plain and once with --use-bitnet, and reports the median
-iteration time after warm-up and the peak allocated memory Megatron logs. Writes JSON and a
-markdown table to --out-dir.
+Runs pretrain_gpt.py on one GPU with identical arguments (a Llama-3-8B-like layer shape:
+hidden 4096, ffn 14336, 32 heads / 8 KV heads, 4 layers, 8192 tokens per micro-batch, bf16,
+local transformer implementation) once per variant: ``bf16`` (plain), ``bitnet``
+(--use-bitnet, defaults), ``bitnet_dgrad_cached`` (BITNET_DGRAD=cublas_cached: the bf16 beta*T
+operand kept in the weight cache for the step) and ``bitnet_dgrad_triton``; it reports the
+median iteration time after warm-up and the peak allocated memory Megatron logs. Writes JSON
+and a markdown table to --out-dir (file names carry a suffix when --micro-batches > 1).
 
     python scripts/gpu/bench_bitnet_gpt_step.py --out-dir results/ [--iters 30]
+        [--variants bf16,bitnet] [--micro-batches 4]
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(megatron: Path, extra: list[str], iters: int, log: Path) -> dict:
+VARIANTS = {  # name: (extra pretrain_gpt.py arguments, extra environment)
+    "bf16": ([], {}),
+    "bitnet": (["--use-bitnet"], {}),
+    "bitnet_dgrad_cached": (["--use-bitnet"], {"BITNET_DGRAD": "cublas_cached"}),
+    "bitnet_dgrad_triton": (["--use-bitnet"], {"BITNET_DGRAD": "triton"}),
+}
+
+
+def run(
+    megatron: Path, extra: list[str], env_extra: dict, iters: int, micro_batches: int, log: Path
+) -> dict:
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
         "--master-port", "29555", str(megatron / "pretrain_gpt.py"),
@@ -35,7 +48,7 @@ def run(megatron: Path, extra: list[str], iters: int, log: Path) -> dict:
         "--num-query-groups", "8", "--swiglu", "--normalization", "RMSNorm",
         "--disable-bias-linear", "--position-embedding-type", "rope",
         "--untie-embeddings-and-output-weights", "--seq-length", "2048",
-        "--max-position-embeddings", "2048", "--micro-batch-size", "4", "--global-batch-size", "4",
+        "--max-position-embeddings", "2048", "--micro-batch-size", "4", "--global-batch-size", str(4 * micro_batches),
         "--train-iters", str(iters), "--lr", "1e-4", "--log-interval", "1", "--eval-iters", "0",
         "--eval-interval", "100000", "--no-gradient-accumulation-fusion",
         "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
@@ -44,6 +57,7 @@ def run(megatron: Path, extra: list[str], iters: int, log: Path) -> dict:
         "--tensorboard-dir", str(log.parent / "tb"), *extra,
     ]
     env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
+    env.update(env_extra)
     with open(log, "w") as fh:
         proc = subprocess.run(args, cwd=megatron, env=env, stdout=fh, stderr=subprocess.STDOUT)
     text = log.read_text(errors="replace")
@@ -70,20 +84,47 @@ def main() -> int:
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--megatron", type=Path, default=ROOT / "build" / "Megatron-LM")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument(
+        "--variants",
+        default="bf16,bitnet,bitnet_dgrad_cached",
+        help="comma list of " + ",".join(VARIANTS) + " (bf16 is always run: the baseline)",
+    )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="micro-batches per step (gradient accumulation; global batch = 4 x this)",
+    )
     args = parser.parse_args()
+    variants = ["bf16"] + [v for v in args.variants.split(",") if v and v != "bf16"]
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.micro_batches < 1:
+        parser.error("--micro-batches must be >= 1")
+    suffix = "" if args.micro_batches == 1 else f"_mb{args.micro_batches}"
     args.megatron = args.megatron.resolve()
     args.out_dir = args.out_dir.resolve()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
     results = {}
-    for name, extra in (("bf16", []), ("bitnet", ["--use-bitnet"])):
-        results[name] = run(args.megatron, extra, args.iters, args.out_dir / f"gpt_step_{name}.log")
+    for name in variants:
+        extra, env_extra = VARIANTS[name]
+        log = args.out_dir / f"gpt_step_{name}{suffix}.log"
+        results[name] = run(args.megatron, extra, env_extra, args.iters, args.micro_batches, log)
         print(name, results[name], flush=True)
-    ratio = results["bitnet"]["median_ms"] / results["bf16"]["median_ms"]
-    mem = None
-    if results["bf16"]["peak_allocated_mb"] and results["bitnet"]["peak_allocated_mb"]:
-        mem = results["bitnet"]["peak_allocated_mb"] / results["bf16"]["peak_allocated_mb"]
+    base = results["bf16"]
+    for name, r in results.items():
+        r["step_time_ratio_over_bf16"] = r["median_ms"] / base["median_ms"]
+        r["peak_memory_ratio_over_bf16"] = (
+            r["peak_allocated_mb"] / base["peak_allocated_mb"]
+            if r["peak_allocated_mb"] and base["peak_allocated_mb"]
+            else None
+        )
+    main_variant = "bitnet" if "bitnet" in results else variants[-1]
+    ratio = results[main_variant]["step_time_ratio_over_bf16"]
+    mem = results[main_variant]["peak_memory_ratio_over_bf16"]
     report = {
         "benchmark": "bitnet_gpt_training_step",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -91,26 +132,38 @@ def main() -> int:
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
         "command": " ".join(sys.argv),
         "model": "GPT, 4 layers, hidden 4096, ffn 14336, 32/8 heads, seq 2048 x mbs 4, bf16",
+        "micro_batches_per_step": args.micro_batches,
         "results": results,
+        "compared_variant": main_variant,
         "step_time_ratio_bitnet_over_bf16": ratio,
         "peak_memory_ratio_bitnet_over_bf16": mem,
         "targets": {"step_time_ratio": 1.05, "peak_memory_ratio": 1.05},
     }
-    (args.out_dir / "bench_bitnet_gpt_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out_dir / f"bench_bitnet_gpt_step{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = [
         "# BitNet GPT training step vs bf16",
         "",
         f"- device: {report['device']}; date (UTC): {report['date']}; torch {torch.__version__}",
         f"- command: `{report['command']}`",
-        f"- model: {report['model']}; median of iterations > {args.iters // 3}",
+        f"- model: {report['model']}; {args.micro_batches} micro-batch(es) per step; median of "
+        f"iterations > {args.iters // 3}",
         "",
-        "| run | step ms | peak allocated MB | first / last lm loss |",
-        "|---|---:|---:|---|",
+        "| run | step ms | x bf16 | peak allocated MB | x bf16 | first / last lm loss |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
-        md.append(f"| {name} | {r['median_ms']:.1f} | {r['peak_allocated_mb']} | {r['first_loss']} / {r['last_loss']} |")
-    md += ["", f"step time ratio bitnet/bf16: {ratio:.3f} (target <= 1.05); peak memory ratio: {mem}"]
-    (args.out_dir / "bench_bitnet_gpt_step.md").write_text("\n".join(md) + "\n")
+        pm = r["peak_memory_ratio_over_bf16"]
+        md.append(
+            f"| {name} | {r['median_ms']:.1f} | {r['step_time_ratio_over_bf16']:.3f} | "
+            f"{r['peak_allocated_mb']} | {'n/a' if pm is None else f'{pm:.4f}'} | "
+            f"{r['first_loss']} / {r['last_loss']} |"
+        )
+    md += [
+        "",
+        f"{main_variant}/bf16: step time {ratio:.3f} (target <= 1.05); peak memory "
+        f"{'n/a' if mem is None else f'{mem:.4f}'} (target <= 1.05)",
+    ]
+    (args.out_dir / f"bench_bitnet_gpt_step{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

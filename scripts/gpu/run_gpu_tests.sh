@@ -8,11 +8,12 @@
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
+#   gptaccum  the same with 4 micro-batches per step (gradient accumulation)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 results=${1:-${OUT:-gpu-results}}
 shift || true
-steps=${*:-mamba parity bitnet bench convert gptstep}
+steps=${*:-mamba parity bitnet bench convert gptstep gptaccum}
 mkdir -p "$results"
 megatron=build/Megatron-LM
 [ -d .carry/Megatron-LM/megatron ] && megatron=.carry/Megatron-LM
@@ -47,6 +48,7 @@ for step in $steps; do
         bitnet) run bitnet python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
         bench) run bench python3 scripts/bench_bitnet.py --out-dir "$results" ;;
         gptstep) run gptstep python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
+        gptaccum) run gptaccum python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
         convert) run convert python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
         *) echo "unknown step $step"; status=1 ;;
     esac

@@ -202,9 +202,13 @@ def main() -> int:
                     "beta_equal_torch_cpu": bool(torch.equal(beta_tri.cpu(), beta_cpu)),
                     "mismatched_t": int((t != t_ref).sum()),
                 }
+                poison((n, k), bf16)
+                deq = tk.weight_dequant(t_ref, beta_ref, bf16)
+                detail["weight_dequant_bit_identical"] = bool(torch.equal(deq, dense_ref))
                 ok = (
                     torch.equal(t, t_ref)
                     and torch.equal(dense, dense_ref)
+                    and detail["weight_dequant_bit_identical"]
                     and detail["abs_sum_rel_diff"] < 1e-12
                     and detail["beta_equal_torch_cuda"]
                 )
@@ -334,8 +338,13 @@ def main() -> int:
                     t_ref, _ = Q.quantize_weight(w, beta)
                     poison((n, k), torch.int8)
                     t, dense = tk.weight_quant(w, beta, dense_dtype=bf16)
-                    same = torch.equal(t, t_ref) and torch.equal(
-                        dense, Q.dequantize_weight(t_ref, beta, bf16)
+                    dense_ref = Q.dequantize_weight(t_ref, beta, bf16)
+                    poison((n, k), bf16)
+                    deq = tk.weight_dequant(t_ref, beta, bf16)
+                    same = (
+                        torch.equal(t, t_ref)
+                        and torch.equal(dense, dense_ref)
+                        and torch.equal(deq, dense_ref)
                     )
                     detail[f"{name}_t_and_dense_bit_identical"] = bool(same)
                     detail[f"{name}_mismatched_t"] = int((t != t_ref).sum())
@@ -378,11 +387,11 @@ def main() -> int:
 
         ck.run("dgrad_vector_beta", f_dgradv, shape=[m_tokens, n, k])
 
-    for dimpl in ("cublas", "triton"):
+    for dimpl, wimpl in (("cublas", "cublas"), ("cublas_cached", "cublas"), ("triton", "triton")):
 
-        def f_e2ev(dimpl=dimpl):
+        def f_e2ev(dimpl=dimpl, wimpl=wimpl):
             os.environ["BITNET_DGRAD"] = dimpl
-            os.environ["BITNET_WGRAD"] = dimpl
+            os.environ["BITNET_WGRAD"] = wimpl
             try:
                 s, b, h, n = 8, max(1, m_tokens // 8 // 4), 1024, 768
                 ids = seg_ids(n)
@@ -425,10 +434,10 @@ def main() -> int:
                 os.environ.pop("BITNET_DGRAD", None)
                 os.environ.pop("BITNET_WGRAD", None)
 
-        ck.run("bitnet_linear_vector_beta_e2e", f_e2ev, dgrad=dimpl, wgrad=dimpl)
+        ck.run("bitnet_linear_vector_beta_e2e", f_e2ev, dgrad=dimpl, wgrad=wimpl)
 
     # ---------------------------------------------------------------- end to end
-    for dimpl in ("cublas", "triton"):
+    for dimpl in ("cublas", "cublas_cached", "triton"):
         for wimpl in ("cublas", "triton"):
 
             def f_e2e(dimpl=dimpl, wimpl=wimpl):

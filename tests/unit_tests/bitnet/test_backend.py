@@ -50,8 +50,17 @@ def test_auto_on_cuda_is_triton(monkeypatch):
 
 
 def test_impl_choice_validation(monkeypatch):
+    monkeypatch.delenv("BITNET_DGRAD", raising=False)
+    monkeypatch.delenv("BITNET_WGRAD", raising=False)
+    assert F.dgrad_impl() == "cublas" and F.wgrad_impl() == "cublas"
     monkeypatch.setenv("BITNET_DGRAD", "bogus")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="BITNET_DGRAD"):
         F.dgrad_impl()
+    monkeypatch.setenv("BITNET_DGRAD", " Cublas_Cached ")
+    assert F.dgrad_impl() == "cublas_cached"
+    # the cached dense copy exists only for the input gradient
+    monkeypatch.setenv("BITNET_WGRAD", "cublas_cached")
+    with pytest.raises(ValueError, match="BITNET_WGRAD"):
+        F.wgrad_impl()
     monkeypatch.setenv("BITNET_WGRAD", "cublas")
     assert F.wgrad_impl() == "cublas"

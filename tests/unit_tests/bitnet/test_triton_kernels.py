@@ -160,6 +160,24 @@ def test_wgrad_and_main_grad_accumulation(mnk, dtype):
     assert torch.allclose(got, 2 * ref, rtol=tol, atol=2 * tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("shape", [(48, 100), (3, 5), (130, 257)])
+def test_weight_dequant_bit_identical(shape, per_row):
+    w = _randn(*shape, seed=shape[1], scale=0.02)
+    beta = quant.weight_scale(w)
+    if per_row:
+        beta = (torch.rand(shape[0], generator=torch.Generator().manual_seed(1)) * 0.05 + 1e-3).to(
+            DEV
+        )
+    t, beta = quant.quantize_weight(w, beta)
+    for dtype in FLOAT_DTYPES:
+        got = tk.weight_dequant(t, beta, dtype)
+        assert got.dtype == dtype and got.shape == t.shape
+        assert torch.equal(got, quant.dequantize_weight(t, beta, dtype))
+        # the same operand the cached dense copy holds
+        assert torch.equal(got, tk.weight_quant(w, beta, dense_dtype=dtype)[1])
+
+
 def test_act_dequant_bit_identical():
     q, gamma = quant.quantize_activation(_randn(21, 77, seed=6, scale=2.0))
     for dtype in FLOAT_DTYPES:
@@ -169,11 +187,13 @@ def test_act_dequant_bit_identical():
         )
 
 
-@pytest.mark.parametrize("impl", ["cublas", "triton"])
+@pytest.mark.parametrize(
+    "dimpl,wimpl", [("cublas", "cublas"), ("cublas_cached", "cublas"), ("triton", "triton")]
+)
 @pytest.mark.parametrize("fusion", [False, True])
-def test_bitnet_linear_triton_vs_torch_backend(fusion, impl, monkeypatch):
-    monkeypatch.setenv("BITNET_DGRAD", impl)
-    monkeypatch.setenv("BITNET_WGRAD", impl)
+def test_bitnet_linear_triton_vs_torch_backend(fusion, dimpl, wimpl, monkeypatch):
+    monkeypatch.setenv("BITNET_DGRAD", dimpl)
+    monkeypatch.setenv("BITNET_WGRAD", wimpl)
     x = _randn(6, 5, 96, seed=7, scale=2.0).requires_grad_(True)
     w = torch.nn.Parameter(_randn(40, 96, seed=8, scale=0.05))
     dy = _randn(6, 5, 40, seed=9)
@@ -190,3 +210,18 @@ def test_bitnet_linear_triton_vs_torch_backend(fusion, impl, monkeypatch):
     assert torch.equal(outs["triton"][0], outs["torch"][0])  # forward exact on both
     for a, b in zip(outs["triton"][1:], outs["torch"][1:]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dimpl", ["cublas", "cublas_cached", "triton"])
+def test_weight_cache_holds_dense_copy_only_when_asked(dimpl, monkeypatch):
+    """Default: the per-step cache keeps int8 T only (1 byte/param); the bf16 beta*T operand
+    of the cuBLAS input gradient is a temporary.  ``cublas_cached`` caches it for the step."""
+    monkeypatch.setenv("BITNET_DGRAD", dimpl)
+    cache = F.BitNetWeightCache()
+    w = torch.nn.Parameter(_randn(24, 32, seed=3, scale=0.05))
+    for _ in range(2):  # second micro-batch hits the cache
+        x = _randn(5, 32, seed=4).requires_grad_(True)
+        F.bitnet_linear(x, w, weight_cache=cache, backend="triton").sum().backward()
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert cache._value.t.dtype == torch.int8
+    assert (cache._value.dense is not None) == (dimpl == "cublas_cached")

@@ -279,11 +279,13 @@ def test_triton_dgrad_vector_beta(tk_dev, mnk):
         assert torch.allclose(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("impl", ["cublas", "triton"])
-def test_bitnet_linear_vector_beta_triton_vs_torch(tk_dev, impl, monkeypatch):
+@pytest.mark.parametrize(
+    "dimpl,wimpl", [("cublas", "cublas"), ("cublas_cached", "cublas"), ("triton", "triton")]
+)
+def test_bitnet_linear_vector_beta_triton_vs_torch(tk_dev, dimpl, wimpl, monkeypatch):
     tk, dev = tk_dev
-    monkeypatch.setenv("BITNET_DGRAD", impl)
-    monkeypatch.setenv("BITNET_WGRAD", impl)
+    monkeypatch.setenv("BITNET_DGRAD", dimpl)
+    monkeypatch.setenv("BITNET_WGRAD", wimpl)
     g = torch.Generator().manual_seed(26)
     seg = _qkv_segment_ids(groups=2, heads_per_group=2, head_dim=8).to(dev)
     x0 = (torch.randn(4, 3, 64, generator=g) * 2).to(dev)

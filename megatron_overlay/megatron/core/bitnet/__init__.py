@@ -16,9 +16,11 @@ Environment knobs (all optional):
 
 * ``BITNET_BACKEND`` = ``auto`` (default: Triton on CUDA tensors, torch otherwise) | ``torch``
   | ``triton``.
-* ``BITNET_DGRAD`` / ``BITNET_WGRAD`` = ``cublas`` (default) | ``triton``: backward GEMM
-  implementation on the Triton backend (``triton`` avoids the cached dense ``beta*T`` copy /
-  the bf16 ``x_q`` temporary, but is slower on H100).
+* ``BITNET_DGRAD`` = ``cublas`` (default: cuBLAS on a ``beta*T`` temporary dequantised from
+  the cached int8 T per backward) | ``cublas_cached`` (the bf16 ``beta*T`` kept in the weight
+  cache for the whole step: 2 more bytes per parameter) | ``triton`` (int8 T converted inside
+  our GEMM; slower on H100).  ``BITNET_WGRAD`` = ``cublas`` (default) | ``triton`` (x_q
+  dequantised inside our GEMM instead of into a bf16 temporary; slower on H100).
 * ``BITNET_WEIGHT_CACHE=0``: disable all weight caches.
 * ``BITNET_TRITON_AUTOTUNE=0``: use fixed GEMM configs instead of autotuning.
 """

@@ -118,31 +118,37 @@ def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     return "triton" if tensor.is_cuda and triton_available() else "torch"
 
 
-_IMPLS = ("cublas", "triton")
+_DGRAD_IMPLS = ("cublas", "cublas_cached", "triton")
+_WGRAD_IMPLS = ("cublas", "triton")
 
 
-def _impl_choice(var: str, default: str) -> str:
+def _impl_choice(var: str, default: str, allowed: Tuple[str, ...]) -> str:
     val = os.environ.get(var, default).strip().lower()
-    if val not in _IMPLS:
-        raise ValueError(f"{var} must be one of {_IMPLS}, got {val!r}")
+    if val not in allowed:
+        raise ValueError(f"{var} must be one of {allowed}, got {val!r}")
     return val
 
 
 # Defaults measured on one H100 (torch 2.11, triton 3.6; scripts/bench_bitnet.py --breakdown):
 # our Triton mixed-input backward GEMMs ran 1.25-1.4x slower than cuBLAS bf16, while the int8
-# forward GEMM ran about 1.65x faster than cuBLAS bf16.  So the backward uses cuBLAS, at the
-# price of a dense bf16 beta*T copy cached per weight per step (2 bytes/parameter on top of the
-# 1-byte int8 T); BITNET_DGRAD=triton avoids that copy.
+# forward GEMM ran about 1.65x faster than cuBLAS bf16.  So the backward uses cuBLAS on a bf16
+# operand.  For the input gradient that operand is beta*T, dequantised from the cached int8 T
+# into a temporary just before the GEMM (an elementwise pass reading 1 and writing 2
+# bytes/parameter, a few percent of the GEMM's time) and freed right after, so the cache holds
+# only T: 1 byte/parameter.  ``cublas_cached`` instead keeps the bf16 beta*T in the cache for
+# the whole step (3 bytes/parameter; saves the pass when a step has many micro-batches).
 
 
 def dgrad_impl() -> str:
     """Input-gradient GEMM on the triton backend (``BITNET_DGRAD``).
 
-    ``cublas`` (default): torch.matmul on a dense ``bf16(beta*T)`` copy that is cached with the
-    quantised weight (one copy per weight per optimizer step).  ``triton``: int8 T read and
-    converted in-kernel, beta applied in the fp32 epilogue (no dense copy, slower on H100).
+    ``cublas`` (default): ``dtype(beta*T)`` dequantised from the cached int8 T into a temporary,
+    then torch.matmul (cuBLAS); the temporary lives only for this GEMM.  ``cublas_cached``: the
+    same operand, but materialised once per optimizer step and cached with T (2 more bytes per
+    parameter for the whole step).  ``triton``: int8 T read and converted in-kernel, beta
+    applied in the fp32 epilogue (no bf16 operand at all; slower on H100).
     """
-    return _impl_choice("BITNET_DGRAD", "cublas")
+    return _impl_choice("BITNET_DGRAD", "cublas", _DGRAD_IMPLS)
 
 
 def wgrad_impl() -> str:
@@ -152,7 +158,7 @@ def wgrad_impl() -> str:
     (fp32 output accumulated straight into ``main_grad`` when supported).  ``triton``: x_q
     dequantised in the GEMM operand load, fp32 main_grad accumulation in the epilogue.
     """
-    return _impl_choice("BITNET_WGRAD", "cublas")
+    return _impl_choice("BITNET_WGRAD", "cublas", _WGRAD_IMPLS)
 
 
 _ADDMM_OUT_DTYPE_OK: Optional[bool] = None
@@ -333,7 +339,11 @@ def bitnet_input_grad(
     if wq.dense is not None and wq.dense.dtype == grad_output.dtype:
         return torch.matmul(grad_output, wq.dense)
     if resolve_backend(grad_output, backend) == "triton":
-        return _triton_kernels().bitnet_dgrad(grad_output, wq.t, wq.beta)
+        tk = _triton_kernels()
+        if dgrad_impl() == "triton":
+            return tk.bitnet_dgrad(grad_output, wq.t, wq.beta)
+        # Transient operand: freed when this function returns (before the next layer's GEMM).
+        return torch.matmul(grad_output, tk.weight_dequant(wq.t, wq.beta, grad_output.dtype))
     return quant.bitnet_dgrad(grad_output, wq.t, wq.beta)
 
 
@@ -623,7 +633,7 @@ def bitnet_linear(
     be = resolve_backend(x, backend)
     if weight_quant is None:
         dense_dtype = None
-        if be == "triton" and dgrad_impl() == "cublas" and torch.is_grad_enabled():
+        if be == "triton" and dgrad_impl() == "cublas_cached" and torch.is_grad_enabled():
             dense_dtype = x.dtype
         weight_quant = get_quantized_weight(
             weight,

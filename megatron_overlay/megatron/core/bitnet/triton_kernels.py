@@ -15,6 +15,8 @@ Kernels (each reproduces the definitions of :mod:`megatron.core.bitnet.quant` ex
   scales, e.g. q / k / v of a fused QKV weight).
 * ``_weight_quant_kernel``: ``T = clamp(rint(W / beta), -1, 1)`` as int8, reading beta from
   device memory; optionally also writes the dense ``beta*T`` copy in a 16-bit dtype.
+* ``_weight_dequant_kernel``: ``dtype(beta * T)`` from the cached int8 ``T`` (the transient
+  operand of the default cuBLAS input gradient; same values as the dense copy above).
 * ``_fwd_kernel``: ``y = fp32(fp32(Q @ T^T) * s_row) * beta`` with an int8 x int8 -> int32
   ``tl.dot`` (int8 tensor cores) and the scales fused in the epilogue.
 * ``_dgrad_kernel``: ``dX = fp32(dY @ bf16(T)) * beta`` (T converted in the operand load,
@@ -35,7 +37,7 @@ Both backward kernels compute the transposed product (``dX^T = T^T dY^T``,
 Hopper's wgmma may take from registers; on one H100 (triton 3.6) this ran 1.15-1.35x faster
 than the direct formulation but still 1.25-1.4x slower than cuBLAS bf16, so
 :mod:`.functional` uses cuBLAS for the backward by default (``BITNET_DGRAD`` /
-``BITNET_WGRAD``).  The int8 forward GEMM ran about 1.65x faster than cuBLAS bf16.
+``BITNET_WGRAD``), on operands dequantised by the elementwise kernels here.  The int8 forward GEMM ran about 1.65x faster than cuBLAS bf16.
 
 Rounding: round-half-to-even.  On the GPU it is ``libdevice.rint`` (``cvt.rni``); the Triton
 CPU interpreter cannot run libdevice, so there the kernels use the exact fp32 identity
@@ -67,6 +69,7 @@ __all__ = [
     "weight_abs_sum",
     "weight_row_abs_sums",
     "weight_quant",
+    "weight_dequant",
     "bitnet_fwd",
     "bitnet_dgrad",
     "bitnet_wgrad",
@@ -456,6 +459,48 @@ def weight_quant(
     return t, dense
 
 
+@triton.jit
+def _weight_dequant_kernel(
+    t_ptr, beta_ptr, out_ptr, numel, K, BETA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    r = tl.load(t_ptr + offs, mask=mask, other=0).to(tl.float32)
+    if BETA_PER_ROW:
+        beta = tl.load(beta_ptr + offs // K, mask=mask, other=1.0)
+    else:
+        beta = tl.broadcast_to(tl.load(beta_ptr), r.shape)
+    tl.store(out_ptr + offs, (r * beta).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def weight_dequant(t: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_q = dtype(fp32(T) * beta)`` from int8 ``T [N, ...]``; beta 1 element or ``[N]``.
+
+    Bit-identical to the dense copy of :func:`weight_quant` and to
+    :func:`megatron.core.bitnet.quant.dequantize_weight`.  One read of 1 byte and one write of
+    ``dtype``'s size per element.
+    """
+    if not t.is_contiguous():
+        t = t.contiguous()
+    n_rows = t.shape[0] if t.dim() >= 1 else 1
+    beta, per_row = _beta_arg(beta, n_rows)
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    numel = t.numel()
+    if numel > 0:
+        _weight_dequant_kernel[(triton.cdiv(numel, _EW_BLOCK),)](
+            t,
+            beta,
+            out,
+            numel,
+            numel // max(n_rows, 1),
+            BETA_PER_ROW=per_row,
+            BLOCK=_EW_BLOCK,
+            num_warps=8,
+        )
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # GEMMs
 # --------------------------------------------------------------------------------------------
@@ -781,8 +826,8 @@ def bitnet_dgrad(dy: torch.Tensor, t: torch.Tensor, beta: torch.Tensor) -> torch
     """``dX = fp32(dY @ bf16(T)) * beta`` in dY's dtype.  dy ``[M, N]``, t int8 ``[N, K]``.
 
     ``beta``: 1 element, or ``[N]`` per output row of T; then ``dX = dY @ dtype(beta[:, None]*T)``
-    (beta applied to the operand, as in the dense copy).  No dense ``beta*T`` copy is needed
-    (the cuBLAS path needs one); slower than cuBLAS on H100.
+    (beta applied to the operand, as in the dense copy).  No dense ``beta*T`` operand is
+    materialised (the cuBLAS path needs one); slower than cuBLAS on H100.
     """
     dy = _check_2d("dy", dy)
     t = _check_2d("t", t)
