@@ -197,13 +197,10 @@ def run_reference(
 ) -> List[dict]:
     """Megatron's logits and quantised weights of legacy checkpoint ``ckpt`` (TP ``tp``, PP 1);
     one result per TP rank (see the module docstring)."""
-    import multiprocessing
-
     import torch.multiprocessing as mp
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    from cpu_ranks import forkserver_env
+
     spec = {
         "work": str(work),
         "ckpt": str(ckpt),
@@ -212,13 +209,8 @@ def run_reference(
         "dist_dir": str(dist_dir) if dist_dir else None,
     }
     (work / f"init_{tag}").unlink(missing_ok=True)  # a stale rendezvous file would hang gloo
-    try:
+    with forkserver_env(_PRELOAD, [p for p in sys.path if p and os.path.isdir(p)]):
         mp.start_processes(worker, args=(tp, spec), nprocs=tp, start_method="forkserver")
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
     return [torch.load(work / f"ref_{tag}_{r}.pt", weights_only=False) for r in range(tp)]
 
 

@@ -256,22 +256,13 @@ def run_world(tp: int, pp: int, spec: dict) -> List[dict]:
     once): forking the test process itself can deadlock on locks its threads hold, and spawning
     would import Megatron again in every rank.
     """
-    import multiprocessing
-
     import torch.multiprocessing as mp
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
-    # The fork server starts with this environment; Python 3.12 ignores the sys.path it is sent.
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    from cpu_ranks import forkserver_env
+
     world = tp * pp
-    try:
+    with forkserver_env(_PRELOAD, [p for p in sys.path if p and os.path.isdir(p)]):
         mp.start_processes(
             worker, args=(world, tp, pp, spec), nprocs=world, start_method="forkserver"
         )
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
     return [torch.load(Path(spec["work"]) / f"result_{tp}x{pp}_{r}.pt") for r in range(world)]

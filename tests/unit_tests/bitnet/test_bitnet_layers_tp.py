@@ -10,7 +10,7 @@ skip_bias_add, main_grad accumulation, the input RMSNorm, and the absence of hos
 All cases run in one 2-process world (see bitnet_tp_worker.py).
 """
 
-import multiprocessing
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
 import bitnet_tp_worker  # noqa: E402
+from cpu_ranks import forkserver_env  # noqa: E402
 from bitnet_layer_helpers import assert_close, assert_forward_close, ref_linear  # noqa: E402
 
 WORLD = 2
@@ -43,19 +44,17 @@ def tp_results(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bitnet_tp")
     names = list(bitnet_tp_worker.CASES)
-    saved_pythonpath = os.environ.get("PYTHONPATH")
     if START_METHOD == "forkserver":
         # No effect if this process already runs a fork server (the ranks then import
-        # themselves).  Python 3.12's fork server ignores the parent's sys.path, so the
-        # preloaded modules' locations go through PYTHONPATH while the server starts.
+        # themselves).
         import megatron.core
 
         roots = [str(Path(megatron.core.__file__).parents[2]), str(Path(__file__).parent)]
-        if saved_pythonpath:
-            roots.append(saved_pythonpath)
-        os.environ["PYTHONPATH"] = os.pathsep.join(roots)
-        multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
-    try:
+        roots += os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        env = forkserver_env(_PRELOAD, roots)
+    else:
+        env = contextlib.nullcontext()
+    with env:
         mp.start_processes(
             bitnet_tp_worker.worker,
             args=(WORLD, str(tmp / "dist_init"), str(tmp), names),
@@ -63,11 +62,6 @@ def tp_results(tmp_path_factory):
             join=True,
             start_method=START_METHOD,
         )
-    finally:
-        if saved_pythonpath is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved_pythonpath
     return {name: torch.load(tmp / f"{name}.pt", weights_only=False) for name in names}
 
 
