@@ -86,6 +86,28 @@ def mamba_split_conv1d_scan_combined(
     return mamba2_torch.mamba_split_conv1d_scan_combined(zxbcdt, *args, **kwargs)
 
 
+def _hide_state_dtype(fn):
+    """Drop ``state_dtype`` from ``fn``'s advertised signature.
+
+    ``MambaMixer`` inspects the signature to decide whether the installed ops take
+    ``state_dtype`` (``MAMBA_HAS_STATE_DTYPE``).  With kernels that do not, the mixer must see
+    what it would see with those kernels imported directly: then it passes no ``state_dtype``
+    (states stay in the input dtype) and rejects ``mamba_training_ssm_states_dtype`` at
+    construction with its own message, instead of failing on the first forward whenever
+    ``params_dtype`` differs from the activations' dtype.
+    """
+    sig = inspect.signature(fn)
+    fn.__signature__ = sig.replace(
+        parameters=[p for p in sig.parameters.values() if p.name != "state_dtype"]
+    )
+    return fn
+
+
+if HAVE_MAMBA_SSM_KERNELS and not _KERNEL_TAKES_STATE_DTYPE:
+    _hide_state_dtype(mamba_chunk_scan_combined)
+    _hide_state_dtype(mamba_split_conv1d_scan_combined)
+
+
 def causal_conv1d_fn(x, weight, bias=None, *args, **kwargs):
     """``causal_conv1d``'s ``causal_conv1d_fn`` (kernel on CUDA, PyTorch otherwise)."""
     if _kernels_for(x, HAVE_CAUSAL_CONV1D_KERNELS):

@@ -8,6 +8,7 @@ RMSNorm formula. float64 comparisons use tight tolerances (~1e-10), float32 ones
 """
 
 import importlib.util
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -1021,3 +1022,68 @@ def test_split_path_matches_naive_end_to_end():
     )
     ref = naive_rmsnorm(y.reshape(b, l, dim), t["norm_w"], None, 1e-5, dim // g)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch: what MambaMixer learns about `state_dtype` from the ops' signatures
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_module(name, **attrs):
+    mod = type(sys)(name)
+    mod.__dict__.update(attrs)
+    return mod
+
+
+@pytest.mark.parametrize("kernels", ["none", "with_state_dtype", "without_state_dtype"])
+def test_dispatch_advertises_state_dtype_like_the_installed_kernels(monkeypatch, kernels):
+    """MambaMixer sets MAMBA_HAS_STATE_DTYPE from inspect.signature of the ops it imports.
+    Through the dispatch it must come out as with the kernels imported directly; otherwise, with
+    kernels lacking `state_dtype`, every forward whose params_dtype differs from the activation
+    dtype fails instead of keeping states in the input dtype (upstream behaviour)."""
+    dispatch_file = Path(m2.__file__).with_name("mamba2_dispatch.py")
+    if not dispatch_file.is_file():
+        pytest.skip("mamba2_dispatch.py is not next to mamba2_torch.py")
+    for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if kernels == "none":
+        monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # import fails
+    else:
+
+        def scan(x, dt, A, B, C, chunk_size, state_dtype=None):
+            raise AssertionError("not called")
+
+        def scan_old(x, dt, A, B, C, chunk_size):
+            raise AssertionError("not called")
+
+        fn = scan if kernels == "with_state_dtype" else scan_old
+        parts = {
+            "mamba_ssm": {},
+            "mamba_ssm.ops": {},
+            "mamba_ssm.ops.triton": {},
+            "mamba_ssm.ops.triton.layernorm_gated": {"rmsnorm_fn": lambda *a, **k: None},
+            "mamba_ssm.ops.triton.ssd_combined": {
+                "mamba_chunk_scan_combined": fn,
+                "mamba_split_conv1d_scan_combined": fn,
+            },
+        }
+        for name, attrs in parts.items():
+            monkeypatch.setitem(sys.modules, name, _fake_module(name, **attrs))
+    spec = importlib.util.spec_from_file_location("_mamba2_dispatch_under_test", dispatch_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    advertised = all(
+        "state_dtype" in inspect.signature(f).parameters
+        for f in (mod.mamba_chunk_scan_combined, mod.mamba_split_conv1d_scan_combined)
+    )
+    assert mod.HAVE_MAMBA_SSM_KERNELS == (kernels != "none")
+    assert advertised == (kernels != "without_state_dtype")
+    # the PyTorch path still runs on CPU tensors with either signature
+    b, l, h, p, g, n = 1, 6, 2, 4, 1, 3
+    x = torch.randn(b, l, h, p)
+    dt = torch.rand(b, l, h)
+    A = -torch.rand(h)
+    B, C = torch.randn(b, l, g, n), torch.randn(b, l, g, n)
+    y = mod.mamba_chunk_scan_combined(x, dt, A, B, C, 4)
+    torch.testing.assert_close(y, m2.mamba_chunk_scan_combined(x, dt, A, B, C, 4))
