@@ -36,18 +36,47 @@ VARIANTS = {  # name: (extra pretrain_gpt.py arguments, extra environment)
 }
 
 
+GPT_MODEL = [
+    "--vocab-size", "32000", "--num-layers", "4", "--hidden-size", "4096",
+    "--ffn-hidden-size", "14336", "--num-attention-heads", "32", "--group-query-attention",
+    "--num-query-groups", "8", "--swiglu", "--normalization", "RMSNorm",
+    "--disable-bias-linear", "--position-embedding-type", "rope",
+    "--untie-embeddings-and-output-weights",
+]
+MODELS = {  # name: (entry point, description)
+    "gpt": ("pretrain_gpt.py", "GPT, 4 layers, hidden 4096, ffn 14336, 32/8 heads"),
+    "falcon_h1_0.5b": (
+        "pretrain_mamba.py",
+        "Falcon-H1-0.5B shape (36 parallel attention+Mamba-2 layers, hidden 1024, all "
+        "multipliers; scripts/falcon_h1/falcon_h1_args.py --preset 0.5b)",
+    ),
+}
+
+
+def model_args(model: str) -> list[str]:
+    if model == "gpt":
+        return GPT_MODEL
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/falcon_h1/falcon_h1_args.py"), "--preset", "0.5b"],
+        capture_output=True, text=True, check=True,
+    )
+    return out.stdout.split()
+
+
 def run(
-    megatron: Path, extra: list[str], env_extra: dict, iters: int, micro_batches: int, log: Path
+    megatron: Path,
+    model: str,
+    extra: list[str],
+    env_extra: dict,
+    iters: int,
+    micro_batches: int,
+    log: Path,
 ) -> dict:
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-        "--master-port", "29555", str(megatron / "pretrain_gpt.py"),
+        "--master-port", "29555", str(megatron / MODELS[model][0]),
         "--transformer-impl", "local", "--bf16", "--mock-data", "--tokenizer-type",
-        "NullTokenizer", "--vocab-size", "32000", "--num-layers", "4", "--hidden-size", "4096",
-        "--ffn-hidden-size", "14336", "--num-attention-heads", "32", "--group-query-attention",
-        "--num-query-groups", "8", "--swiglu", "--normalization", "RMSNorm",
-        "--disable-bias-linear", "--position-embedding-type", "rope",
-        "--untie-embeddings-and-output-weights", "--seq-length", "2048",
+        "NullTokenizer", *model_args(model), "--seq-length", "2048",
         "--max-position-embeddings", "2048", "--micro-batch-size", "4", "--global-batch-size", str(4 * micro_batches),
         "--train-iters", str(iters), "--lr", "1e-4", "--log-interval", "1", "--eval-iters", "0",
         "--eval-interval", "100000", "--no-gradient-accumulation-fusion",
@@ -84,6 +113,7 @@ def main() -> int:
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--megatron", type=Path, default=ROOT / "build" / "Megatron-LM")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--model", choices=list(MODELS), default="gpt")
     parser.add_argument(
         "--variants",
         default="bf16,bitnet,bitnet_dgrad_cached",
@@ -103,6 +133,8 @@ def main() -> int:
     if args.micro_batches < 1:
         parser.error("--micro-batches must be >= 1")
     suffix = "" if args.micro_batches == 1 else f"_mb{args.micro_batches}"
+    if args.model != "gpt":
+        suffix = f"_{args.model}{suffix}"
     args.megatron = args.megatron.resolve()
     args.out_dir = args.out_dir.resolve()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +144,9 @@ def main() -> int:
     for name in variants:
         extra, env_extra = VARIANTS[name]
         log = args.out_dir / f"gpt_step_{name}{suffix}.log"
-        results[name] = run(args.megatron, extra, env_extra, args.iters, args.micro_batches, log)
+        results[name] = run(
+            args.megatron, args.model, extra, env_extra, args.iters, args.micro_batches, log
+        )
         print(name, results[name], flush=True)
     base = results["bf16"]
     for name, r in results.items():
@@ -131,7 +165,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(0),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
         "command": " ".join(sys.argv),
-        "model": "GPT, 4 layers, hidden 4096, ffn 14336, 32/8 heads, seq 2048 x mbs 4, bf16",
+        "model": f"{MODELS[args.model][1]}, seq 2048 x mbs 4, bf16",
         "micro_batches_per_step": args.micro_batches,
         "results": results,
         "compared_variant": main_variant,
@@ -141,7 +175,7 @@ def main() -> int:
     }
     (args.out_dir / f"bench_bitnet_gpt_step{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = [
-        "# BitNet GPT training step vs bf16",
+        f"# BitNet {args.model} training step vs bf16",
         "",
         f"- device: {report['device']}; date (UTC): {report['date']}; torch {torch.__version__}",
         f"- command: `{report['command']}`",

@@ -9,11 +9,12 @@
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
 #   gptaccum  the same with 4 micro-batches per step (gradient accumulation)
+#   h1step    BitNet vs bf16 training step of a Falcon-H1-0.5B-shaped model (pretrain_mamba.py)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 results=${1:-${OUT:-gpu-results}}
 shift || true
-steps=${*:-mamba parity bitnet bench convert gptstep gptaccum}
+steps=${*:-mamba parity bitnet bench convert gptstep gptaccum h1step}
 mkdir -p "$results"
 megatron=build/Megatron-LM
 [ -d .carry/Megatron-LM/megatron ] && megatron=.carry/Megatron-LM
@@ -49,6 +50,7 @@ for step in $steps; do
         bench) run bench python3 scripts/bench_bitnet.py --out-dir "$results" ;;
         gptstep) run gptstep python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
         gptaccum) run gptaccum python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
+        h1step) run h1step python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
         convert) run convert python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
         *) echo "unknown step $step"; status=1 ;;
     esac
