@@ -67,6 +67,16 @@ def validate_bitnet_config(config) -> None:
         problems.append("--multi-latent-attention")
     if getattr(config, "mtp_num_layers", None):
         problems.append("--mtp-num-layers (multi-token prediction)")
+    graph_impl = getattr(config, "cuda_graph_impl", "none") or "none"
+    if graph_impl != "none" or getattr(config, "enable_cuda_graph", False):
+        # A replayed graph would keep using the ternary weights of the captured step: the
+        # per-step weight cache is refreshed by Python code that a replay skips.
+        problems.append(
+            f"--cuda-graph-impl {graph_impl if graph_impl != 'none' else 'local'} (CUDA graphs "
+            "would replay stale quantised weights)"
+        )
+    if getattr(config, "external_cuda_graph", False):
+        problems.append("external CUDA graphs (would replay stale quantised weights)")
     if problems:
         raise ValueError("--use-bitnet does not support: " + "; ".join(problems))
 
@@ -100,7 +110,9 @@ def _convert_linear(value: Any, field: str, path: str):
             "use --transformer-impl local and a local spec)"
         )
     if kind is not expected:
-        raise BitNetSpecError(f"--use-bitnet: {path} is a {kind.__name__}, expected {expected.__name__}")
+        raise BitNetSpecError(
+            f"--use-bitnet: {path} is a {kind.__name__}, expected {expected.__name__}"
+        )
     if isinstance(value, ModuleSpec):
         return dataclasses.replace(value, module=bitnet_class_for(value.module, role))
     return bitnet_class_for(value, role)
@@ -125,8 +137,10 @@ def _walk(value: Any, path: str) -> Any:
         for field in dataclasses.fields(value):
             child = getattr(value, field.name)
             child_path = f"{path}.{field.name}"
-            if field.name in _ROLES and child is not None and (
-                _linear_kind(child) is not None or _looks_like_linear(child)
+            if (
+                field.name in _ROLES
+                and child is not None
+                and (_linear_kind(child) is not None or _looks_like_linear(child))
             ):
                 changes[field.name] = _convert_linear(child, field.name, child_path)
             elif _looks_like_linear(child):
