@@ -9,17 +9,5 @@
 # (build/Megatron-LM, made by `make apply-patches`; $FALCON_MCORE_BUILD overrides it) with that
 # tree on PYTHONPATH. `scripts/export_bitnet_hf.sh --help` lists every option.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build="${FALCON_MCORE_BUILD:-$root/build/Megatron-LM}"
-tool="$build/tools/checkpoint/bitnet_hf_export.py"
-if [ ! -f "$tool" ]; then
-    echo "error: $tool not found: run \`make apply-patches\` (or set FALCON_MCORE_BUILD)" >&2
-    exit 2
-fi
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-    python=python3
-    [ -x "$root/.venv/bin/python" ] && python="$root/.venv/bin/python"
-fi
-export PYTHONPATH="$build${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" "$tool" "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/build_tool.sh"
+run_build_tool tools/checkpoint/bitnet_hf_export.py "$@"
