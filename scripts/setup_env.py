@@ -80,7 +80,7 @@ def main() -> int:
     if stamp.is_file() and stamp.read_text().strip() == stamp_value and vpy.exists():
         ok = subprocess.run([str(vpy), "-c", "import torch, pytest"], capture_output=True)
         if ok.returncode == 0:
-            print(f"[setup] {venv.relative_to(ROOT)} is up to date")
+            print(f"[setup] {args.venv} is up to date")
             return 0
     if not vpy.exists():
         cmd = python + ["-m", "venv"]
