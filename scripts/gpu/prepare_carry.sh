@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # Prepare what a GPU machine needs besides the repo checkout, in the ignored folder .carry/:
-#   .carry/Megatron-LM   the patched tree's files (git archive of build/Megatron-LM HEAD)
-#   .carry/wheels        mamba_ssm / causal_conv1d wheels (from ../shared/wheels or $WHEELS_DIR)
-# Then run scripts/gpu/run_gpu_tests.sh there (the device tool carries .carry).
+#   .carry/megatron.tar.xz  the patched tree's files (git archive of build/Megatron-LM HEAD, + the
+#                           compiled dataset helpers), unpacked there by scripts/gpu/setup_env.sh
+#   .carry/wheels           mamba_ssm / causal_conv1d wheels (from ../shared/wheels or $WHEELS_DIR)
+#                           and liger-kernel (downloaded here from PyPI once)
+#   .carry/te               the Transformer Engine kit (../shared/te or $TE_DIR), if present
+#   .carry/provenance.json  the commit and dirty flag of this checkout (the GPU machine gets no .git)
+# Everything must stay under the device tool's 64 MiB per call.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 make -s apply-patches
-rm -rf .carry/Megatron-LM && mkdir -p .carry/Megatron-LM .carry/wheels
-git -C build/Megatron-LM archive HEAD megatron tools pretrain_gpt.py pretrain_hybrid.py \
-    pretrain_mamba.py gpt_builders.py hybrid_builders.py mamba_builders.py model_provider.py \
-    | tar -x -C .carry/Megatron-LM
-# Megatron's compiled dataset helpers (built by `make dataset-helpers`), if present.
-cp build/Megatron-LM/megatron/core/datasets/helpers_cpp*.so .carry/Megatron-LM/megatron/core/datasets/ 2>/dev/null || true
+rm -rf .carry/Megatron-LM .carry/megatron.tar.xz && mkdir -p .carry/wheels
+{
+    git -C build/Megatron-LM archive --format=tar HEAD megatron tools pretrain_gpt.py \
+        pretrain_hybrid.py pretrain_mamba.py gpt_builders.py hybrid_builders.py mamba_builders.py \
+        model_provider.py
+} | xz -T0 -6 > .carry/megatron.tar.xz
+helpers=$(ls build/Megatron-LM/megatron/core/datasets/helpers_cpp*.so 2>/dev/null | head -1 || true)
+if [ -n "$helpers" ]; then cp "$helpers" .carry/; fi
 wheels=${WHEELS_DIR:-../shared/wheels}
 if [ -d "$wheels" ]; then cp "$wheels"/*.whl .carry/wheels/; fi
-du -sh .carry/Megatron-LM .carry/wheels
+LIGER=liger_kernel-0.8.5-py3-none-any.whl
+if [ ! -f ".carry/wheels/$LIGER" ]; then
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .carry/wheels liger-kernel==0.8.5
+fi
+te=${TE_DIR:-../shared/te}
+if [ -d "$te" ]; then rm -rf .carry/te && mkdir -p .carry/te && cp "$te"/te_site.tar.xz "$te"/*.whl "$te"/te_env.sh .carry/te/; fi
+python3 scripts/lib/provenance.py > .carry/provenance.json
+du -sh .carry

@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""GPU benchmark: Falcon-H1 training step, HF transformers vs this project's Megatron, one job.
+
+For each case (model shape x sequence x micro-batch) it trains the same model, bf16, Adam-family
+optimizer, gradient clipping 1.0, random tokens, on one GPU:
+
+* ``hf``: HF ``FalconH1ForCausalLM`` (bf16 parameters, SDPA attention, ``torch.optim.AdamW(fused=
+  True)``), with whatever Mamba path transformers picks (mamba_ssm / causal_conv1d when
+  importable; the path actually taken is read from the kernels in the profile);
+  ``hf_compile`` (``torch.compile(model)``) and ``hf_liger`` (Liger-Kernel's Falcon-H1 patches)
+  as information, where they run.
+* ``ours_*``: ``pretrain_mamba.py`` of the patched tree with the same model (flags derived from
+  the same HF config by the checkpoint converter's mapping), mixed precision (bf16 compute, fp32
+  master weights and gradients), Adam; variants: local / Transformer Engine spec, eager /
+  full-iteration CUDA graph / per-layer CUDA graphs, BitNet.
+
+Per run: median step time after warm-up (and after graph capture), tokens/s, peak allocated
+memory, the loss of every step, GPU-busy fraction of two profiled steps (torch profiler:
+union of kernel/memcpy time over the steps' wall time, scripts/lib/gpu_trace.py), the top
+kernels, and MFU = tokens/s x training FLOPs per token (scripts/falcon_h1/flops.py) / the bf16
+matmul rate measured at the start of the same job. Runs that fail are recorded with their error
+and do not stop the job. Writes ``bench_falcon_h1.json`` and ``.md`` to --out-dir.
+
+    python scripts/gpu/bench_falcon_h1.py --out-dir results/h200/falcon_h1 \
+        [--cases 0.5b_s2048_b4,...] [--systems hf,ours_local,...] [--iters 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
+sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
+
+from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
+from gpu_trace import gpu_busy_fraction, kernel_names, load_trace, top_kernels  # noqa: E402
+
+MULTIPLIERS_0_5B = dict(
+    embedding_multiplier=5.656854249492381,
+    lm_head_multiplier=0.0390625,
+    key_multiplier=0.390625,
+    attention_in_multiplier=1.0,
+    attention_out_multiplier=0.9375,
+    ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.23570226,
+    mlp_multipliers=[0.88388348, 0.5859375],
+    ssm_multipliers=[0.35355339, 0.25, 0.35355339, 0.5, 0.35355339],
+)
+
+
+def _hf_config(layers, hidden, heads, kv, head_dim, m_heads, m_dim, d_state, groups, ffn,
+               vocab, rms_norm) -> dict:  # fmt: skip
+    return dict(
+        architectures=["FalconH1ForCausalLM"], model_type="falcon_h1",
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, hidden_act="silu",
+        rms_norm_eps=1e-5, max_position_embeddings=8192, mamba_d_ssm=m_heads * m_dim,
+        mamba_n_heads=m_heads, mamba_d_head=m_dim, mamba_n_groups=groups, mamba_d_state=d_state,
+        mamba_d_conv=4, mamba_chunk_size=128, mamba_conv_bias=True, mamba_proj_bias=False,
+        mamba_norm_before_gate=False, mamba_rms_norm=rms_norm, projectors_bias=False,
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, rope_theta=1e11,
+        **MULTIPLIERS_0_5B,
+    )  # fmt: skip
+
+
+# Shapes: DESIGN.md section 3. 0.5B: the verified release shape and multipliers. 1.5B-Deep:
+# layers/hidden/heads/Mamba sizes from DESIGN.md; ffn 3072 and vocab 65536 are not verified here
+# (ffn is what makes the parameter count the published 1.55B); it uses the 0.5B multipliers as
+# stand-ins (their values do not change the work done).
+SHAPES = {
+    "0.5b": _hf_config(36, 1024, 8, 2, 64, 24, 64, 128, 1, 2048, 32784, False),
+    "1.5b-deep": _hf_config(66, 1280, 6, 2, 128, 24, 64, 256, 1, 3072, 65536, True),
+}
+CASES = {  # name: (shape, sequence length, micro-batch size)
+    "0.5b_s2048_b4": ("0.5b", 2048, 4),
+    "0.5b_s4096_b2": ("0.5b", 4096, 2),
+    "1.5b-deep_s4096_b1": ("1.5b-deep", 4096, 1),
+}
+
+LOCAL = ["--transformer-impl", "local", "--no-rope-fusion"]
+TE = ["--transformer-impl", "transformer_engine"]
+FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
+LAYER_GRAPH = ["--cuda-graph-impl", "local"]
+OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
+    "ours_local": (LOCAL, False),
+    "ours_local_graph": (LOCAL + FULL_GRAPH, False),
+    "ours_local_layergraph": (LOCAL + LAYER_GRAPH, False),
+    "ours_te": (TE, True),
+    "ours_te_graph": (TE + FULL_GRAPH, True),
+    "ours_te_layergraph": (TE + LAYER_GRAPH, True),
+    "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
+    "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
+}
+HF = {"hf": {}, "hf_compile": {"compile": True}, "hf_liger": {"liger": True}}
+SYSTEMS = list(HF) + list(OURS)
+
+LR, BETAS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def timing_plan(iters: int) -> tuple[int, int, int]:
+    """(first timed step, last timed step, first profiled step); steps are 1-based.
+
+    Timed: from step iters//3 + 2 (after the default 3 CUDA-graph warm-up steps and capture)
+    to iters - 3; profiled: the last two steps.
+    """
+    if iters < 12:
+        raise SystemExit("--iters must be >= 12 (warm-up, graph capture, timing, profile)")
+    return iters // 3 + 2, iters - 3, iters - 1
+
+
+# --------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def matmul_tflops() -> float:
+    """bf16 8192^3 matmul rate on this GPU (median of 20 runs), the MFU denominator."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def mamba_path(names: set[str]) -> str:
+    """Which Mamba implementation ran, from the kernel names of a profile."""
+    kernels = "mamba_ssm Triton SSD kernels" if any("chunk_scan" in n for n in names) else None
+    conv = "causal_conv1d CUDA" if any("causal_conv1d" in n for n in names) else None
+    found = [k for k in (kernels, conv) if k]
+    return " + ".join(found) if found else "no mamba_ssm/causal_conv1d kernels (torch path)"
+
+
+def trace_summary(path: Path) -> dict:
+    trace = load_trace(path)
+    busy = gpu_busy_fraction(trace)
+    return {
+        "gpu_busy": busy["busy_fraction"],
+        "profiled_steps": busy["steps"],
+        "kernels_per_step": busy["kernels"] / max(busy["steps"], 1),
+        "mamba_path": mamba_path(kernel_names(trace)),
+        "top_kernels": top_kernels(trace, 20),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# HF worker (runs in its own process)
+
+
+def hf_worker(spec: dict) -> dict:
+    import torch
+
+    torch.manual_seed(1234)
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    if spec.get("liger"):
+        from liger_kernel.transformers import apply_liger_kernel_to_falcon_h1
+
+        apply_liger_kernel_to_falcon_h1()
+    config = FalconH1Config(**SHAPES[spec["shape"]])
+    config._attn_implementation = "sdpa"
+    model = FalconH1ForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True
+    )
+    run = torch.compile(model) if spec.get("compile") else model
+    seq, mbs, iters = spec["seq"], spec["mbs"], spec["iters"]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    first, last, prof_start = timing_plan(iters)
+
+    def step() -> float:
+        tokens = torch.randint(
+            0, config.vocab_size, (mbs, seq), device="cuda", generator=generator
+        )
+        loss = run(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = {}, []
+    torch.cuda.reset_peak_memory_stats()
+    trace_path = Path(spec["trace"])
+    with torch.profiler.profile(
+        schedule=torch.profiler.schedule(wait=prof_start - 2, warmup=1, active=2, repeat=1),
+        on_trace_ready=lambda p: p.export_chrome_trace(str(trace_path)),
+    ) as prof:
+        for i in range(1, iters + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = step()
+            losses.append(float(loss))  # syncs, like Megatron's per-step loss logging
+            times[i] = (time.perf_counter() - t0) * 1e3
+            prof.step()
+    steady = [t for i, t in times.items() if first <= i <= last]
+    return {
+        "median_ms": statistics.median(steady),
+        "timed_steps": [first, last],
+        "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "losses": losses,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+
+
+def run_hf(name: str, case: str, iters: int, out_dir: Path) -> dict:
+    shape, seq, mbs = CASES[case]
+    trace = out_dir / f"trace_{case}_{name}.json"
+    spec = dict(HF[name], shape=shape, seq=seq, mbs=mbs, iters=iters, trace=str(trace))
+    log = out_dir / f"{case}_{name}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--hf-worker", json.dumps(spec)],
+            stdout=fh, stderr=subprocess.STDOUT, timeout=900,
+        )  # fmt: skip
+    text = log.read_text(errors="replace")
+    match = re.search(r"^HF_RESULT (.*)$", text, re.M)
+    if proc.returncode != 0 or not match:
+        return {"error": "\n".join(text.splitlines()[-15:])}
+    result = json.loads(match.group(1))
+    result.update(trace_summary(trace))
+    trace.unlink()
+    return result
+
+
+def megatron_flags(case: str) -> list[str]:
+    from falcon_h1_mapping import megatron_model_flags, parse_hf_config
+
+    shape, seq, mbs = CASES[case]
+    config = SHAPES[shape]
+    settings = parse_hf_config(config)
+    flags = megatron_model_flags(settings, [config["num_hidden_layers"]])
+    drop = {"--max-position-embeddings"}  # set to the sequence length below
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+            continue
+        if flag in drop:
+            skip = True
+            continue
+        out.append(flag)
+    return out + [
+        "--vocab-size", str(config["vocab_size"]), "--seq-length", str(seq),
+        "--max-position-embeddings", str(seq), "--micro-batch-size", str(mbs),
+        "--global-batch-size", str(mbs),
+    ]  # fmt: skip
+
+
+def run_ours(name: str, case: str, iters: int, megatron: Path, out_dir: Path) -> dict:
+    extra, _ = OURS[name]
+    first, last, prof_start = timing_plan(iters)
+    work = out_dir / f"work_{case}_{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        "--master-port", "29555", str(megatron / "pretrain_mamba.py"),
+        *megatron_flags(case), "--bf16", "--mock-data", "--tokenizer-type", "NullTokenizer",
+        "--train-iters", str(iters), "--lr", str(LR), "--lr-decay-style", "constant",
+        "--optimizer", "adam", "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]),
+        "--weight-decay", str(WEIGHT_DECAY), "--clip-grad", str(CLIP), "--seed", "1234",
+        "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "100000",
+        "--no-gradient-accumulation-fusion", "--log-memory-to-tensorboard",
+        "--tensorboard-dir", str(work / "tb"), "--profile", "--use-pytorch-profiler",
+        "--profile-step-start", str(prof_start - 1), "--profile-step-end", str(prof_start + 1),
+        *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
+    log = out_dir / f"{case}_{name}.log"
+    with open(log, "w") as fh:
+        fh.write(" ".join(args) + "\n")
+        fh.flush()
+        try:
+            proc = subprocess.run(
+                args, cwd=megatron, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=900
+            )
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    text = log.read_text(errors="replace")
+    if code != 0:
+        errors = [l for l in text.splitlines() if "Error" in l or "error" in l]
+        return {"error": f"exit {code}: " + " | ".join(errors[-3:])[-1500:]}
+    times = {
+        int(m.group(1)): float(m.group(2))
+        for m in re.finditer(
+            r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)", text
+        )
+    }
+    losses = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", text)]
+    peak = [float(v) for v in re.findall(r"max allocated: ([0-9.]+)", text)]
+    steady = [t for i, t in times.items() if first <= i <= last]
+    result = {
+        "median_ms": statistics.median(steady),
+        "timed_steps": [first, last],
+        "peak_allocated_mb": max(peak) if peak else None,
+        "losses": losses,
+    }
+    traces = sorted((work / "torch_profile").glob("rank-0.json*"))
+    if traces:
+        result.update(trace_summary(traces[0]))
+    return result
+
+
+def te_available() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import transformer_engine.pytorch"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Falcon-H1 training step: HF transformers vs falcon-mcore (pretrain_mamba.py)",
+        "",
+        f"- device: {report['device']}; date (UTC): {report['date']}; commit "
+        f"{report['commit']}{' (dirty tree)' if report.get('dirty') else ''}",
+        f"- versions: {json.dumps(report['versions'])}",
+        f"- command: `{report['command']}`",
+        f"- bf16 matmul rate measured in this job: {report['matmul_tflops']:.0f} TFLOP/s "
+        "(MFU denominator); FLOPs/token: scripts/falcon_h1/flops.py",
+        "",
+    ]
+    for case, entry in report["cases"].items():
+        lines += [
+            f"## {case} ({entry['tokens_per_step']} tokens/step, "
+            f"{entry['flops_per_token'] / 1e9:.3f} GFLOP/token)",
+            "",
+            "| system | step ms | tokens/s | x HF | MFU | GPU busy | peak MB | kernels/step | "
+            "Mamba path |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, r in entry["systems"].items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error'][:200]} | | | | | | | |")
+                continue
+            busy = r.get("gpu_busy")
+            lines.append(
+                f"| {name} | {r['median_ms']:.1f} | {r['tok_s']:.0f} | "
+                f"{r.get('over_hf', float('nan')):.2f} | {r['mfu']:.1%} | "
+                f"{'n/a' if busy is None else f'{busy:.1%}'} | {r['peak_allocated_mb']:.0f} | "
+                f"{r.get('kernels_per_step', 0):.0f} | {r.get('mamba_path', 'n/a')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--megatron", type=Path, default=ROOT / "build" / "Megatron-LM")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--iters", type=int, default=16)
+    parser.add_argument("--name", default="bench_falcon_h1", help="output file stem")
+    args = parser.parse_args()
+    if args.hf_worker:
+        print("HF_RESULT " + json.dumps(hf_worker(json.loads(args.hf_worker))), flush=True)
+        return 0
+    if args.out_dir is None:
+        parser.error("--out-dir is required")
+    cases = [c for c in args.cases.split(",") if c]
+    systems = [s for s in args.systems.split(",") if s]
+    for c in cases:
+        if c not in CASES:
+            parser.error(f"--cases: unknown {c!r}; choose from {', '.join(CASES)}")
+    for s in systems:
+        if s not in SYSTEMS:
+            parser.error(f"--systems: unknown {s!r}; choose from {', '.join(SYSTEMS)}")
+    timing_plan(args.iters)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.megatron = args.megatron.resolve()
+
+    from provenance import provenance
+
+    report = provenance([sys.executable, *sys.argv])
+    report.update(benchmark="falcon_h1_training_step", matmul_tflops=matmul_tflops(), cases={})
+    have_te = te_available()
+    out_json = args.out_dir / f"{args.name}.json"
+    for case in cases:
+        shape, seq, mbs = CASES[case]
+        dims = FalconH1Dims.from_hf_config(SHAPES[shape])
+        flops = training_flops_per_token(dims, seq)
+        entry = {
+            "shape": shape, "seq_len": seq, "micro_batch": mbs, "tokens_per_step": seq * mbs,
+            "flops_per_token": flops["total"], "flops_terms": flops, "systems": {},
+        }  # fmt: skip
+        report["cases"][case] = entry
+        for name in systems:
+            t0 = time.time()
+            if name in HF:
+                r = run_hf(name, case, args.iters, args.out_dir)
+            elif OURS[name][1] and not have_te:
+                r = {"error": "Transformer Engine not importable here"}
+            else:
+                r = run_ours(name, case, args.iters, args.megatron, args.out_dir)
+            r["wall_s"] = round(time.time() - t0, 1)
+            if "error" not in r:
+                r["tok_s"] = seq * mbs / (r["median_ms"] / 1e3)
+                r["mfu"] = r["tok_s"] * flops["total"] / (report["matmul_tflops"] * 1e12)
+            entry["systems"][name] = r
+            print(f"[{case}] {name}: " + json.dumps(
+                {k: v for k, v in r.items() if k not in ("losses", "top_kernels")}
+            ), flush=True)  # fmt: skip
+            out_json.write_text(json.dumps(report, indent=1) + "\n")  # partial results survive
+        hf = entry["systems"].get("hf", {})
+        for name, r in entry["systems"].items():
+            if "error" not in r and "error" not in hf and "tok_s" in hf:
+                r["over_hf"] = r["tok_s"] / hf["tok_s"]
+        ours = {n: r for n, r in entry["systems"].items() if n in OURS and "error" not in r}
+        if ours:
+            best = max(ours, key=lambda n: ours[n]["tok_s"])
+            entry.update(
+                best_ours=best, ours_tok_s=ours[best]["tok_s"], mfu_ours=ours[best]["mfu"],
+                gpu_busy_ours=ours[best].get("gpu_busy"),
+            )  # fmt: skip
+        if "tok_s" in hf:
+            entry.update(hf_tok_s=hf["tok_s"], mfu_hf=hf["mfu"])
+        if "ours_tok_s" in entry and "hf_tok_s" in entry:
+            entry["ours_over_hf"] = entry["ours_tok_s"] / entry["hf_tok_s"]
+        out_json.write_text(json.dumps(report, indent=1) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Read a torch profiler chrome trace: how busy the GPU was during the profiled steps.
+
+``gpu_busy_fraction(trace)`` = (union of the GPU activity intervals: kernels, memcpy, memset)
+/ (wall time of the profiled steps, from the first ``ProfilerStep#`` start to the last one's
+end), with activity clipped to that window. Overlapping kernels (several streams) count once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Iterable
+
+GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def load_trace(path: Path) -> dict:
+    """A chrome trace (``.json`` or ``.json.gz``)."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    return json.loads(raw)
+
+
+def _union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    total = 0.0
+    end = float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def step_window(events: list[dict]) -> tuple[float, float, int]:
+    """(start, end, number of steps) of the ``ProfilerStep#N`` annotations."""
+    steps = [
+        e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("ProfilerStep#")
+    ]
+    if not steps:
+        raise ValueError("trace has no ProfilerStep# events (was the profiler given a schedule?)")
+    start = min(float(e["ts"]) for e in steps)
+    end = max(float(e["ts"]) + float(e["dur"]) for e in steps)
+    return start, end, len(steps)
+
+
+def gpu_busy_fraction(trace: dict) -> dict:
+    """``{busy_fraction, window_us, busy_us, steps, kernels}`` of a profiler trace."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    start, end, steps = step_window(events)
+    intervals = []
+    kernels = 0
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in GPU_CATEGORIES:
+            continue
+        lo, hi = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
+        lo, hi = max(lo, start), min(hi, end)
+        if hi > lo:
+            intervals.append((lo, hi))
+            kernels += e.get("cat") == "kernel"
+    busy = _union_length(intervals)
+    window = end - start
+    return {
+        "busy_fraction": busy / window if window > 0 else 0.0,
+        "window_us": window,
+        "busy_us": busy,
+        "steps": steps,
+        "kernels": kernels,
+    }
+
+
+def kernel_names(trace: dict) -> set[str]:
+    """Names of every GPU kernel in the trace."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return {str(e.get("name")) for e in events if e.get("cat") == "kernel"}
+
+
+def top_kernels(trace: dict, count: int = 25) -> list[dict]:
+    """The kernels with the most total GPU time in the profiled steps."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    start, end, steps = step_window(events)
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") != "kernel" or e.get("ph") != "X":
+            continue
+        if not start <= float(e["ts"]) <= end:
+            continue
+        entry = totals.setdefault(str(e.get("name")), [0.0, 0])
+        entry[0] += float(e.get("dur", 0.0))
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
+    return [
+        {"name": name[:160], "us_per_step": t / steps, "calls_per_step": n / steps}
+        for name, (t, n) in ranked
+    ]
