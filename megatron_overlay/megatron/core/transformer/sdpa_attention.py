@@ -10,6 +10,10 @@ causal attention of fewer queries than keys (KV-cache decode and chunked prefill
 aligned to the last key, as in HF), grouped-query attention, additive attention bias, dropout,
 and packed sequences in THD layout (a block-diagonal causal mask built from ``cu_seqlens``;
 memory is quadratic in the packed length). Context parallelism is not supported.
+
+Plain causal self-attention (as many queries as keys, no extra mask or bias) passes
+``is_causal=True`` and no mask, so PyTorch can take its flash kernel; grouped-query attention
+uses ``enable_gqa`` instead of copying K / V per query head.
 """
 
 from __future__ import annotations
@@ -116,21 +120,42 @@ class SDPADotProductAttention(MegatronModule):
                 # data pipeline combines with the causal mask type to the same result.
                 keep = ~attention_mask.bool()
                 mask = keep if mask is None else (mask & keep)
-        attn_mask: Optional[Tensor] = mask
-        if attention_bias is not None:
-            bias = attention_bias.to(q.dtype)
-            if mask is not None:
-                bias = bias.masked_fill(~mask, float("-inf"))
-            attn_mask = bias
         num_heads, num_kv = q.shape[1], k.shape[1]
-        if num_heads != num_kv:
-            if num_heads % num_kv != 0:
-                raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} kv heads")
-            k = k.repeat_interleave(num_heads // num_kv, dim=1)
-            v = v.repeat_interleave(num_heads // num_kv, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.softmax_scale
+        if num_heads % num_kv != 0:
+            raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} kv heads")
+        plain_causal = (
+            not packed
+            and mask_type == AttnMaskType.causal
+            and attention_mask is None
+            and attention_bias is None
+            and q.shape[2] == k.shape[2]
         )
+        if plain_causal:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=dropout,
+                is_causal=True,
+                scale=self.softmax_scale,
+                enable_gqa=num_heads != num_kv,
+            )
+        else:
+            attn_mask: Optional[Tensor] = mask
+            if attention_bias is not None:
+                bias = attention_bias.to(q.dtype)
+                if mask is not None:
+                    bias = bias.masked_fill(~mask, float("-inf"))
+                attn_mask = bias
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout,
+                scale=self.softmax_scale,
+                enable_gqa=num_heads != num_kv,
+            )
         if packed:
             # [1, n, t, d] -> [t, n * d]
             return out.squeeze(0).transpose(0, 1).reshape(out.shape[2], -1)

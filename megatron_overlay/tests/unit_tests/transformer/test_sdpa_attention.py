@@ -51,6 +51,23 @@ def test_causal_gqa():
     assert torch.allclose(out, _reference(q, k, v, allowed), atol=1e-12)
 
 
+def test_plain_causal_takes_the_flash_eligible_call(monkeypatch):
+    """No materialised mask and no K/V copies: is_causal + enable_gqa (flash-eligible on GPU)."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv(7, 7)
+    _module()(q, k, v, None)
+    (q_shape, k_shape, kwargs), = calls
+    assert kwargs.get("attn_mask") is None and kwargs["is_causal"] is True
+    assert kwargs["enable_gqa"] is True and k_shape[1] == 2 and q_shape[1] == 4
+
+
 def test_fewer_queries_than_keys_aligns_to_last_key():
     """KV-cache decode / chunked prefill: query i sees keys up to i + (sk - sq)."""
     q, k, v = _qkv(3, 8)
