@@ -17,7 +17,8 @@ not set the multipliers are bit-identical to the plain linear.
 Roles:
 
 * ``linear_qkv``: input x ``attention_in_multiplier``; key channels x ``key_multiplier``
-  (before RoPE, which is linear, so this equals HF's scaling of the key projection).
+  (before RoPE, which is linear, so this equals HF's scaling of the key projection; the
+  output-gate channels of ``--attention-output-gate`` are not keys and stay unscaled).
 * ``linear_proj``: output x ``attention_out_multiplier``.
 * ``mamba_in_proj``: input x ``ssm_in_multiplier``; the z / x / B / C / dt segments of the
   output x ``ssm_multipliers`` (HF's ``mup_vector``).
@@ -158,28 +159,47 @@ def _role_scalars(config: TransformerConfig, role: str) -> tuple[float, float]:
     raise ValueError(f"unknown forward-multiplier role {role!r}; expected one of {ROLES}")
 
 
+def fused_qkv_group_layout(config: TransformerConfig) -> tuple[tuple[str, int], ...]:
+    """``(name, rows)`` of the logical matrices in one query group of Megatron's fused QKV.
+
+    Upstream ``SelfAttention`` lays the fused QKV output out per query group: the group's query
+    heads, then (with ``attention_output_gate``) as many output-gate heads, then its key head,
+    then its value head, each ``kv_channels`` wide. Names: ``q``, ``gate``, ``k``, ``v``.
+    """
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    head_dim = config.kv_channels
+    if head_dim is None or heads % groups != 0:
+        raise ValueError(
+            f"fused QKV layout needs --kv-channels and --num-attention-heads ({heads}) divisible "
+            f"by --num-query-groups ({groups})"
+        )
+    query_rows = heads // groups * head_dim
+    gate = (("gate", query_rows),) if getattr(config, "attention_output_gate", False) else ()
+    return (("q", query_rows),) + gate + (("k", head_dim), ("v", head_dim))
+
+
 def qkv_output_multipliers(config: TransformerConfig, local_out: int, tp_size: int) -> torch.Tensor:
     """Per-channel multipliers of one TP rank's fused QKV output (key channels x key_mult).
 
-    Megatron lays the fused QKV output out per query group: the group's query heads, then its
-    key head, then its value head, each ``kv_channels`` wide.
+    The layout is :func:`fused_qkv_group_layout` repeated once per local query group.
     """
     if config.num_query_groups % tp_size != 0:
         raise ValueError(
             f"--key-multiplier needs --num-query-groups ({config.num_query_groups}) divisible by "
             f"the tensor-parallel size ({tp_size})"
         )
-    head_dim = config.kv_channels
-    heads_per_group = config.num_attention_heads // config.num_query_groups
-    group_width = (heads_per_group + 2) * head_dim
+    layout = fused_qkv_group_layout(config)
+    group_width = sum(rows for _, rows in layout)
     if local_out % group_width != 0:
         raise ValueError(
             f"fused QKV output of {local_out} channels per rank is not a whole number of query "
-            f"groups of width {group_width}; cannot place --key-multiplier"
+            f"groups of width {group_width} ({', '.join(name for name, _ in layout)}); cannot "
+            "place --key-multiplier"
         )
-    vector = torch.ones(local_out // group_width, heads_per_group + 2, head_dim)
-    vector[:, heads_per_group, :] = config.key_multiplier
-    return vector.reshape(-1)
+    key = float(config.key_multiplier)
+    group = torch.cat([torch.full((rows,), key if name == "k" else 1.0) for name, rows in layout])
+    return group.repeat(local_out // group_width)
 
 
 def mamba_in_proj_output_multipliers(config: TransformerConfig, local_out: int, tp_size: int):
