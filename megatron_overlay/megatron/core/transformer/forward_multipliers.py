@@ -325,25 +325,62 @@ def with_forward_multipliers(linear_cls: type, role: str) -> type:
     return _CLASSES[key]
 
 
-def check_forward_multipliers_applied(model: torch.nn.Module, config: TransformerConfig) -> None:
-    """Raise if a layer multiplier is set but no projection of the model can apply it.
+def check_forward_multipliers_applied(
+    models, config: Optional[TransformerConfig] = None, group=None
+) -> None:
+    """Raise if a layer multiplier is set but no projection of the whole model applies it.
 
     Guards against silently ignoring ``--key-multiplier`` and friends when a model is built from
-    a spec whose projections are not multiplier-aware (e.g. upstream's TE hybrid spec).
+    a spec whose projections are not multiplier-aware (upstream's GPT specs, the TE hybrid spec).
+
+    Args:
+        models: the module, or every model chunk this rank holds (virtual pipeline stages).
+        config: the model's config (default: the first chunk's ``config``).
+        group: the process group whose ranks together hold the whole model (the pipeline
+            group). The roles present are OR-reduced over it, so a pipeline stage without, say,
+            attention layers does not raise while another stage applies ``--key-multiplier``;
+            every rank raises, or none. The collective runs only when a layer multiplier is
+            set (all ranks share the config), so default models do no extra communication.
+
+    Training calls this once all model chunks are built (``get_model`` and
+    ``unimodal_build_distributed_models``), for every model type.
     """
-    roles_present = {
-        m.multiplier_role for m in model.modules() if isinstance(m, ForwardMultiplierMixin)
-    }
+    if isinstance(models, torch.nn.Module):
+        models = [models]
+    if config is None:
+        config = getattr(models[0], "config", None) if models else None
+    flagged = []
     for field_name, role in LAYER_MULTIPLIER_FIELDS.items():
         value = getattr(config, field_name, None)
         is_set = value is not None and (
             any(v != 1.0 for v in value) if isinstance(value, (list, tuple)) else value != 1.0
         )
-        if is_set and role not in roles_present:
-            flag = "--" + field_name.replace("_", "-")
+        if is_set:
+            flagged.append((field_name, role))
+    if not flagged:
+        return
+    present = torch.zeros(len(ROLES), dtype=torch.int32)
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, ForwardMultiplierMixin):
+                present[ROLES.index(module.multiplier_role)] = 1
+    if (
+        group is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size(group) > 1
+    ):
+        if torch.distributed.get_backend(group) == "nccl":
+            present = present.to(torch.cuda.current_device())
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX, group=group)
+        present = present.cpu()
+    roles_present = {role for role, flag in zip(ROLES, present.tolist()) if flag}
+    for field_name, role in flagged:
+        if role not in roles_present:
             raise ValueError(
-                f"{flag} is set, but no layer of this model applies it: the layer spec in use "
-                "has no multiplier-aware projections. Use a falcon-mcore hybrid spec (e.g. "
-                "--spec megatron.core.models.hybrid.falcon_h1_layer_specs falcon_h1_stack_spec) "
-                "or leave the multiplier at 1.0."
+                f"{_flag(field_name)} is set, but no layer of this model applies it: the layer "
+                "spec in use has no multiplier-aware projections (upstream's GPT and Transformer "
+                "Engine hybrid specs have none). Use a falcon-mcore hybrid spec "
+                "(e.g. --spec megatron.core.models.hybrid.falcon_h1_layer_specs "
+                "falcon_h1_stack_spec) or leave the multiplier at 1.0."
             )

@@ -8,6 +8,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.forward_multipliers import (
     ForwardMultiplierMixin,
+    check_forward_multipliers_applied,
     mamba_in_proj_output_multipliers,
     qkv_output_multipliers,
     role_is_identity,
@@ -168,6 +169,20 @@ def test_scaled_linears_match_explicit_formula(single_rank):
     y, _ = in_proj(x)
     expected = (x * 1.5) @ in_proj.weight.t() * in_proj.output_multiplier_vector
     assert torch.allclose(y, expected)
+
+
+def test_check_unites_the_chunks_of_a_rank(single_rank):
+    """Virtual-pipeline chunks: a multiplier applied by any chunk of the rank is applied."""
+    config = _config(key_multiplier=0.5, mlp_multipliers=[0.25, 1.0])
+    qkv = _column(with_forward_multipliers(ColumnParallelLinear, "linear_qkv"), config, 48)
+    fc1 = _column(with_forward_multipliers(ColumnParallelLinear, "linear_fc1"), config, 40)
+    check_forward_multipliers_applied([qkv, fc1], config)
+    with pytest.raises(ValueError, match="--key-multiplier is set"):
+        check_forward_multipliers_applied([fc1], config)
+    with pytest.raises(ValueError, match="--mlp-multipliers is set"):
+        check_forward_multipliers_applied(qkv, config)
+    plain = _column(ColumnParallelLinear, _config(), 40)
+    check_forward_multipliers_applied(plain, _config(lm_head_multiplier=0.5))  # not a layer one
 
 
 def test_classes_are_cached_and_importable():
