@@ -60,6 +60,7 @@ MODEL_ARG_NAMES = (
     "mamba_rms_norm",
     "mamba_chunk_size",
     "mamba_conv_kernel",
+    "unpadded_vocab_size",
 )
 
 # Config fields that only projections apply (the embedding / lm-head multipliers are applied
