@@ -15,7 +15,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.megatron
 
@@ -42,9 +41,10 @@ def _gpt_config(**multipliers):
 def _gpt_builder(config):
     from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-    return GPTModelBuilder(
-        GPTModelConfig(transformer=config, vocab_size=64, seq_length=16, position_embedding_type="rope")
+    model_config = GPTModelConfig(
+        transformer=config, vocab_size=64, seq_length=16, position_embedding_type="rope"
     )
+    return GPTModelBuilder(model_config)
 
 
 def test_gpt_builder_refuses_key_multiplier(single_rank_model_parallel):
