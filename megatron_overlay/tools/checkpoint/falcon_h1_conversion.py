@@ -29,6 +29,8 @@ Guarantees and limits:
 * The checkpoint args are Megatron's own ``parse_args`` + ``validate_args`` of the model flags
   (the 14 multipliers included), plus the padded vocabulary, the tokenizer (``--hf-dir`` when
   it holds one) and the source config.json, so ``--use-checkpoint-args`` needs no model flags.
+  They include ``--unpadded-vocab-size`` (HF's ``vocab_size``): the padding rows Megatron adds
+  to the output layer (zeros) are masked out of the softmax, so losses equal HF's.
   One model flag Megatron's ``--use-checkpoint-args`` does not restore: ``--norm-epsilon``
   (default 1e-5, as in every Falcon-H1 release; the converter warns when it differs).
 * The checkpoint is a ``release`` checkpoint (iteration 0, no optimizer or RNG state).
@@ -588,6 +590,8 @@ def hf_to_megatron(opts: argparse.Namespace) -> None:
             "--ckpt-format", opts.ckpt_format,
             "--transformer-impl", "local",
             "--make-vocab-size-divisible-by", str(opts.make_vocab_size_divisible_by),
+            # HF has no padding rows: mask Megatron's out of the softmax, so losses agree.
+            "--unpadded-vocab-size", str(dims.vocab),
         ] + _dtype_flag(params_dtype)  # fmt: skip
         tokenizer = opts.tokenizer_model
         if tokenizer is None and not opts.no_tokenizer:

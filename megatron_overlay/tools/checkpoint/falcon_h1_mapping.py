@@ -262,7 +262,15 @@ def parse_hf_config(config: Mapping, allow_unknown_keys: bool = False) -> HFSett
     head_dim = int(get("head_dim") or hidden // heads)
     mamba_heads = int(config["mamba_n_heads"])
     if config.get("mamba_d_ssm") is None and "mamba_d_ssm" in config:
-        d_ssm = int(get("mamba_expand")) * hidden  # explicit null: HF uses expand * hidden
+        # explicit null: HF uses expand * hidden (expand may be fractional, e.g. 1.5)
+        expand = float(get("mamba_expand"))
+        d_ssm = expand * hidden
+        if d_ssm != int(d_ssm):
+            raise ConversionError(
+                f"mamba_expand ({expand!r}) x hidden_size ({hidden}) = {d_ssm!r} is not a whole "
+                "number of Mamba channels (mamba_d_ssm is null)"
+            )
+        d_ssm = int(d_ssm)
     else:
         d_ssm = int(get("mamba_d_ssm"))
     d_head = get("mamba_d_head")
@@ -900,6 +908,7 @@ def settings_from_megatron_args(args, vocab: Optional[int] = None) -> Tuple[HFSe
     expect("rotary_percent", 1.0, 1.0)
     expect("rotary_interleaved", False, False)
     expect("qk_layernorm", False, False)
+    expect("attention_output_gate", False, False)
     expect("apply_layernorm_1p", False, False)
     expect("num_experts", None)
     expect("use_rope_scaling", False, False)
@@ -920,6 +929,8 @@ def settings_from_megatron_args(args, vocab: Optional[int] = None) -> Tuple[HFSe
 
     if vocab is None:
         vocab = (getattr(args, HF_CONFIG_ARG, None) or {}).get("vocab_size")
+    if vocab is None:
+        vocab = getattr(args, "unpadded_vocab_size", None)
     if vocab is None:
         vocab = getattr(args, "vocab_size", None)
     if vocab is None:

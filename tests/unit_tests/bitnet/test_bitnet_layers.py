@@ -14,6 +14,9 @@ pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched M
 
 from bitnet_layer_helpers import (  # noqa: E402
     FFN,
+    GROUPS,
+    HEAD_DIM,
+    HEADS,
     HIDDEN,
     QKV_OUT,
     assert_close,
@@ -120,6 +123,30 @@ def test_column_forward_and_ste_vs_formula(role, out, gated, nseg, skip_bias_add
     assert_close(layer.weight.grad, ref["dw"])
     if not skip_bias_add:
         assert_close(layer.bias.grad, ref["db"])
+
+
+def test_qkv_with_attention_output_gate_has_a_gate_segment():
+    """--attention-output-gate: every query group is [q heads, gate heads, k, v] (upstream
+    SelfAttention), four logical matrices with four betas.  Its 96 rows are also three groups of
+    the ungated 32-row [q, k, v] block, so the row count alone cannot catch a wrong layout."""
+    config = make_config(attention_output_gate=True)
+    query_rows = HEADS // GROUPS * HEAD_DIM
+    block = [0] * query_rows + [1] * query_rows + [2] * HEAD_DIM + [3] * HEAD_DIM
+    seg = torch.tensor(block * GROUPS)
+    out = seg.numel()
+    layer = _column("linear_qkv", out, config, bias=False)
+    assert layer.bitnet_segment_names == ("q", "gate", "k", "v")
+    w = _segment_scaled_weight(seg, HIDDEN, seed=31, scales=(0.02, 0.1, 0.5, 2.0))
+    _set_weight(layer, w)
+    x = _rand(4, 2, HIDDEN, seed=32, scale=2.0)
+    y, _ = layer(x)
+    ref = ref_linear(x, w, seg)
+    assert torch.equal(layer.bitnet_quantized_weight().beta, ref["beta"])
+    assert len(set(ref["beta"].tolist())) == 4
+    assert_forward_close(y, ref)
+    betas = layer.bitnet_segment_betas()
+    for i, name in enumerate(layer.bitnet_segment_names):
+        assert torch.all(ref["beta"][seg == i] == betas[name]), name
 
 
 @pytest.mark.parametrize("skip_bias_add", [False, True])

@@ -19,6 +19,9 @@ The quantisation of a TP shard equals the corresponding part of the quantisation
 
   - ``"linear_qkv"``: q, k, v (Megatron's per-query-group layout: for every local query group
     ``heads_per_group * kv_channels`` q rows, ``kv_channels`` k rows, ``kv_channels`` v rows);
+    with ``attention_output_gate`` a fourth matrix, the output gate (``heads_per_group *
+    kv_channels`` rows between q and k of every group, see
+    :func:`~megatron.core.transformer.forward_multipliers.fused_qkv_group_layout`);
   - ``"linear_fc1"`` with ``config.gated_linear_unit``: gate (first half of the local rows) and
     up (second half) -- Megatron stores each rank's shard of gate and of up in that order;
   - anything else: one segment, the whole logical weight (a scalar beta).
@@ -126,23 +129,18 @@ def bitnet_weight_segments(
         repeats ``local_rows // len(pattern)`` times (once per local query group for QKV).
     """
     if role == "linear_qkv":
-        heads = config.num_attention_heads
-        groups = config.num_query_groups or heads
-        head_dim = config.kv_channels
-        if head_dim is None or heads % groups != 0:
-            raise ValueError(
-                f"BitNet linear_qkv needs kv_channels and num_attention_heads ({heads}) divisible "
-                f"by num_query_groups ({groups})"
-            )
-        heads_per_group = heads // groups
-        pattern = (0,) * (heads_per_group * head_dim) + (1,) * head_dim + (2,) * head_dim
+        from megatron.core.transformer.forward_multipliers import fused_qkv_group_layout
+
+        layout = fused_qkv_group_layout(config)
+        pattern = tuple(i for i, (_, rows) in enumerate(layout) for _ in range(rows))
+        names = tuple(name for name, _ in layout)
         if local_rows % len(pattern) != 0:
             raise ValueError(
                 f"BitNet linear_qkv: {local_rows} output rows per rank are not whole query groups "
-                f"of {len(pattern)} rows ({heads_per_group} query heads + key + value, "
-                f"kv_channels={head_dim}); cannot separate the q / k / v scales"
+                f"of {len(pattern)} rows ({' + '.join(f'{n} {r}' for n, r in layout)}); cannot "
+                f"separate the {' / '.join(names)} scales"
             )
-        return ("q", "k", "v"), pattern
+        return names, pattern
     if role == "linear_fc1" and getattr(config, "gated_linear_unit", False):
         if local_rows % 2 != 0:
             raise ValueError(

@@ -17,7 +17,8 @@ not set the multipliers are bit-identical to the plain linear.
 Roles:
 
 * ``linear_qkv``: input x ``attention_in_multiplier``; key channels x ``key_multiplier``
-  (before RoPE, which is linear, so this equals HF's scaling of the key projection).
+  (before RoPE, which is linear, so this equals HF's scaling of the key projection; the
+  output-gate channels of ``--attention-output-gate`` are not keys and stay unscaled).
 * ``linear_proj``: output x ``attention_out_multiplier``.
 * ``mamba_in_proj``: input x ``ssm_in_multiplier``; the z / x / B / C / dt segments of the
   output x ``ssm_multipliers`` (HF's ``mup_vector``).
@@ -59,6 +60,7 @@ MODEL_ARG_NAMES = (
     "mamba_rms_norm",
     "mamba_chunk_size",
     "mamba_conv_kernel",
+    "unpadded_vocab_size",
 )
 
 # Config fields that only projections apply (the embedding / lm-head multipliers are applied
@@ -158,28 +160,47 @@ def _role_scalars(config: TransformerConfig, role: str) -> tuple[float, float]:
     raise ValueError(f"unknown forward-multiplier role {role!r}; expected one of {ROLES}")
 
 
+def fused_qkv_group_layout(config: TransformerConfig) -> tuple[tuple[str, int], ...]:
+    """``(name, rows)`` of the logical matrices in one query group of Megatron's fused QKV.
+
+    Upstream ``SelfAttention`` lays the fused QKV output out per query group: the group's query
+    heads, then (with ``attention_output_gate``) as many output-gate heads, then its key head,
+    then its value head, each ``kv_channels`` wide. Names: ``q``, ``gate``, ``k``, ``v``.
+    """
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    head_dim = config.kv_channels
+    if head_dim is None or heads % groups != 0:
+        raise ValueError(
+            f"fused QKV layout needs --kv-channels and --num-attention-heads ({heads}) divisible "
+            f"by --num-query-groups ({groups})"
+        )
+    query_rows = heads // groups * head_dim
+    gate = (("gate", query_rows),) if getattr(config, "attention_output_gate", False) else ()
+    return (("q", query_rows),) + gate + (("k", head_dim), ("v", head_dim))
+
+
 def qkv_output_multipliers(config: TransformerConfig, local_out: int, tp_size: int) -> torch.Tensor:
     """Per-channel multipliers of one TP rank's fused QKV output (key channels x key_mult).
 
-    Megatron lays the fused QKV output out per query group: the group's query heads, then its
-    key head, then its value head, each ``kv_channels`` wide.
+    The layout is :func:`fused_qkv_group_layout` repeated once per local query group.
     """
     if config.num_query_groups % tp_size != 0:
         raise ValueError(
             f"--key-multiplier needs --num-query-groups ({config.num_query_groups}) divisible by "
             f"the tensor-parallel size ({tp_size})"
         )
-    head_dim = config.kv_channels
-    heads_per_group = config.num_attention_heads // config.num_query_groups
-    group_width = (heads_per_group + 2) * head_dim
+    layout = fused_qkv_group_layout(config)
+    group_width = sum(rows for _, rows in layout)
     if local_out % group_width != 0:
         raise ValueError(
             f"fused QKV output of {local_out} channels per rank is not a whole number of query "
-            f"groups of width {group_width}; cannot place --key-multiplier"
+            f"groups of width {group_width} ({', '.join(name for name, _ in layout)}); cannot "
+            "place --key-multiplier"
         )
-    vector = torch.ones(local_out // group_width, heads_per_group + 2, head_dim)
-    vector[:, heads_per_group, :] = config.key_multiplier
-    return vector.reshape(-1)
+    key = float(config.key_multiplier)
+    group = torch.cat([torch.full((rows,), key if name == "k" else 1.0) for name, rows in layout])
+    return group.repeat(local_out // group_width)
 
 
 def mamba_in_proj_output_multipliers(config: TransformerConfig, local_out: int, tp_size: int):
@@ -305,25 +326,62 @@ def with_forward_multipliers(linear_cls: type, role: str) -> type:
     return _CLASSES[key]
 
 
-def check_forward_multipliers_applied(model: torch.nn.Module, config: TransformerConfig) -> None:
-    """Raise if a layer multiplier is set but no projection of the model can apply it.
+def check_forward_multipliers_applied(
+    models, config: Optional[TransformerConfig] = None, group=None
+) -> None:
+    """Raise if a layer multiplier is set but no projection of the whole model applies it.
 
     Guards against silently ignoring ``--key-multiplier`` and friends when a model is built from
-    a spec whose projections are not multiplier-aware (e.g. upstream's TE hybrid spec).
+    a spec whose projections are not multiplier-aware (upstream's GPT specs, the TE hybrid spec).
+
+    Args:
+        models: the module, or every model chunk this rank holds (virtual pipeline stages).
+        config: the model's config (default: the first chunk's ``config``).
+        group: the process group whose ranks together hold the whole model (the pipeline
+            group). The roles present are OR-reduced over it, so a pipeline stage without, say,
+            attention layers does not raise while another stage applies ``--key-multiplier``;
+            every rank raises, or none. The collective runs only when a layer multiplier is
+            set (all ranks share the config), so default models do no extra communication.
+
+    Training calls this once all model chunks are built (``get_model`` and
+    ``unimodal_build_distributed_models``), for every model type.
     """
-    roles_present = {
-        m.multiplier_role for m in model.modules() if isinstance(m, ForwardMultiplierMixin)
-    }
+    if isinstance(models, torch.nn.Module):
+        models = [models]
+    if config is None:
+        config = getattr(models[0], "config", None) if models else None
+    flagged = []
     for field_name, role in LAYER_MULTIPLIER_FIELDS.items():
         value = getattr(config, field_name, None)
         is_set = value is not None and (
             any(v != 1.0 for v in value) if isinstance(value, (list, tuple)) else value != 1.0
         )
-        if is_set and role not in roles_present:
-            flag = "--" + field_name.replace("_", "-")
+        if is_set:
+            flagged.append((field_name, role))
+    if not flagged:
+        return
+    present = torch.zeros(len(ROLES), dtype=torch.int32)
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, ForwardMultiplierMixin):
+                present[ROLES.index(module.multiplier_role)] = 1
+    if (
+        group is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size(group) > 1
+    ):
+        if torch.distributed.get_backend(group) == "nccl":
+            present = present.to(torch.cuda.current_device())
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX, group=group)
+        present = present.cpu()
+    roles_present = {role for role, flag in zip(ROLES, present.tolist()) if flag}
+    for field_name, role in flagged:
+        if role not in roles_present:
             raise ValueError(
-                f"{flag} is set, but no layer of this model applies it: the layer spec in use "
-                "has no multiplier-aware projections. Use a falcon-mcore hybrid spec (e.g. "
-                "--spec megatron.core.models.hybrid.falcon_h1_layer_specs falcon_h1_stack_spec) "
-                "or leave the multiplier at 1.0."
+                f"{_flag(field_name)} is set, but no layer of this model applies it: the layer "
+                "spec in use has no multiplier-aware projections (upstream's GPT and Transformer "
+                "Engine hybrid specs have none). Use a falcon-mcore hybrid spec "
+                "(e.g. --spec megatron.core.models.hybrid.falcon_h1_layer_specs "
+                "falcon_h1_stack_spec) or leave the multiplier at 1.0."
             )

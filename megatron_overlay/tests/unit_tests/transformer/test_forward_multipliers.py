@@ -8,6 +8,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.forward_multipliers import (
     ForwardMultiplierMixin,
+    check_forward_multipliers_applied,
     mamba_in_proj_output_multipliers,
     qkv_output_multipliers,
     role_is_identity,
@@ -66,6 +67,71 @@ def test_qkv_layout_scales_only_keys():
     assert torch.all(per_group[:, 3] == 1.0)
 
 
+def test_qkv_layout_with_output_gate_scales_only_keys():
+    """--attention-output-gate puts a gate block between the query heads and the key: per
+    group [q heads, gate heads, k, v]. 72 channels are also 3 groups of the ungated width
+    (24), so only the layout, not the size check, can tell the two apart."""
+    config = _config(key_multiplier=0.5, attention_output_gate=True)
+    vector = qkv_output_multipliers(config, local_out=2 * (2 + 2 + 2) * 6, tp_size=1)
+    per_group = vector.view(2, 6, 6)  # groups x (2 query, 2 gate, key, value) x head_dim
+    assert torch.all(per_group[:, :4] == 1.0)
+    assert torch.all(per_group[:, 4] == 0.5)
+    assert torch.all(per_group[:, 5] == 1.0)
+    with pytest.raises(ValueError, match="q, gate, k, v"):
+        qkv_output_multipliers(config, local_out=2 * (2 + 2) * 6, tp_size=1)
+
+
+def _attention_model(config):
+    from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=falcon_h1_stack_spec,
+        vocab_size=32,
+        max_sequence_length=16,
+        hybrid_layer_pattern="*",
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    ).eval()
+
+
+def test_key_multiplier_with_output_gate_equals_scaled_key_weights(single_rank):
+    """Through upstream's SelfAttention: x -> (x Wqkv^T) * key_mult on the key channels equals
+    the model whose key rows of Wqkv are scaled (the gate and the query stay unscaled)."""
+    key_mult = 0.43
+    common = dict(
+        num_layers=1, normalization="RMSNorm", attention_output_gate=True, is_hybrid_model=True,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
+        apply_rope_fusion=False, transformer_impl="local",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    scaled = _attention_model(_config(key_multiplier=key_mult, **common))
+    plain = _attention_model(_config(**common))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for param in scaled.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    state = scaled.state_dict()
+    qkv_name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    qkv = state[qkv_name].clone().view(2, 6, 6, 16)  # groups x (q, q, gate, gate, k, v) x ...
+    qkv[:, 4] *= key_mult
+    state[qkv_name] = qkv.view(-1, 16)
+    plain.load_state_dict(state)
+    tokens = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(7).expand(2, -1)
+    with torch.no_grad():
+        got = scaled(tokens, positions, attention_mask=None)
+        want = plain(tokens, positions, attention_mask=None)
+    # fp32: (x W^T) * k and x (k W)^T round differently, so not bit-identical.
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+    # Not vacuous: the same weights without the key multiplier give other logits.
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        unscaled = plain(tokens, positions, attention_mask=None)
+    assert (unscaled - want).abs().max() > 0.1
+
+
 def test_mamba_in_proj_segments():
     config = _config(ssm_multipliers=[2.0, 3.0, 4.0, 5.0, 6.0])
     d_inner, groups_state, heads = 4 * 3, 2 * 5, 4
@@ -103,6 +169,20 @@ def test_scaled_linears_match_explicit_formula(single_rank):
     y, _ = in_proj(x)
     expected = (x * 1.5) @ in_proj.weight.t() * in_proj.output_multiplier_vector
     assert torch.allclose(y, expected)
+
+
+def test_check_unites_the_chunks_of_a_rank(single_rank):
+    """Virtual-pipeline chunks: a multiplier applied by any chunk of the rank is applied."""
+    config = _config(key_multiplier=0.5, mlp_multipliers=[0.25, 1.0])
+    qkv = _column(with_forward_multipliers(ColumnParallelLinear, "linear_qkv"), config, 48)
+    fc1 = _column(with_forward_multipliers(ColumnParallelLinear, "linear_fc1"), config, 40)
+    check_forward_multipliers_applied([qkv, fc1], config)
+    with pytest.raises(ValueError, match="--key-multiplier is set"):
+        check_forward_multipliers_applied([fc1], config)
+    with pytest.raises(ValueError, match="--mlp-multipliers is set"):
+        check_forward_multipliers_applied(qkv, config)
+    plain = _column(ColumnParallelLinear, _config(), 40)
+    check_forward_multipliers_applied(plain, _config(lm_head_multiplier=0.5))  # not a layer one
 
 
 def test_classes_are_cached_and_importable():
