@@ -71,10 +71,54 @@ def test_logits_and_gradients_match_hf(single_rank_model_parallel, groups, rms_n
         assert err <= 1e-5 * max(1.0, scale), f"{name}: grad max abs diff {err:.3e} (scale {scale:.3e})"
 
 
-def test_multipliers_matter(single_rank_model_parallel):
-    """Guard against a parity test that cannot fail: changing one multiplier changes logits."""
+# The 14 numbers of the 9 multiplier fields: (field, index in a list field or None).
+MULTIPLIER_SLOTS = [
+    (name, None)
+    for name in (
+        "embedding_multiplier",
+        "lm_head_multiplier",
+        "key_multiplier",
+        "attention_in_multiplier",
+        "attention_out_multiplier",
+        "ssm_in_multiplier",
+        "ssm_out_multiplier",
+    )
+] + [("mlp_multipliers", i) for i in range(2)] + [("ssm_multipliers", i) for i in range(5)]
+
+
+def _perturbed(multipliers: dict, name: str, index: int | None, factor: float = 1.5) -> dict:
+    changed = {k: list(v) if isinstance(v, list) else v for k, v in multipliers.items()}
+    if index is None:
+        changed[name] *= factor
+    else:
+        changed[name][index] *= factor
+    return changed
+
+
+def test_multiplier_slots_cover_every_number():
+    assert len(MULTIPLIER_SLOTS) == 14
+    numbers = sum(len(v) if isinstance(v, list) else 1 for v in MULTIPLIERS.values())
+    assert numbers == 14 and {name for name, _ in MULTIPLIER_SLOTS} == set(MULTIPLIERS)
+
+
+@pytest.mark.parametrize(
+    "name,index",
+    MULTIPLIER_SLOTS,
+    ids=[name if i is None else f"{name}[{i}]" for name, i in MULTIPLIER_SLOTS],
+)
+def test_multipliers_matter(single_rank_model_parallel, name, index):
+    """Guard against a parity test that cannot fail: scaling any one of the 14 multipliers by 1.5
+    changes HF's logits and Megatron's (so neither side ignores it, e.g. a misspelt config field
+    on both sides), by far more than the parity tolerance, and Megatron still equals HF with
+    the changed value (so it is applied where HF applies it)."""
     shape = TinyShape()
-    _, _, hf_logits, mg_logits = _run_pair(shape, MULTIPLIERS)
-    changed = dict(MULTIPLIERS, ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.48])
-    _, _, _, mg_changed = _run_pair(shape, changed)
-    assert (mg_changed - hf_logits).abs().max().item() > 1e-4
+    _, _, hf_base, mg_base = _run_pair(shape, MULTIPLIERS)
+    _, _, hf_changed, mg_changed = _run_pair(shape, _perturbed(MULTIPLIERS, name, index))
+    hf_effect = (hf_changed - hf_base).abs().max().item()
+    mg_effect = (mg_changed - mg_base).abs().max().item()
+    parity = (mg_changed - hf_changed).abs().max().item()
+    label = name if index is None else f"{name}[{index}]"
+    print(f"{label}: HF moved {hf_effect:.3e}, Megatron {mg_effect:.3e}, parity {parity:.1e}")
+    assert hf_effect > 1e-3, f"HF logits moved by {hf_effect:.3e}: the oracle ignores {label}"
+    assert mg_effect > 1e-3, f"Megatron logits moved by {mg_effect:.3e}: {label} is ignored"
+    assert parity <= 1e-5, f"with {label} changed, logits max abs diff {parity:.3e}"
