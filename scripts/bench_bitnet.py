@@ -33,17 +33,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 SHAPES = {  # name: (in_features K, out_features N)
     "qkv": (4096, 6144),
@@ -301,8 +301,6 @@ def main() -> int:
             f"ERROR: Triton kernels failed to import: {BF._TRITON_IMPORT_ERROR!r}", file=sys.stderr
         )
         return 2
-    import triton
-
     shapes = [s for s in args.shapes.split(",") if s]
     cases = [c for c in args.cases.split(",") if c]
     for s in shapes:
@@ -491,16 +489,8 @@ def main() -> int:
 
     report = {
         "script": "scripts/bench_bitnet.py",
-        "command": " ".join([sys.executable] + sys.argv),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
+        **provenance(sys.argv),
         "capability": list(torch.cuda.get_device_capability(0)),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton.__version__,
-        },
         "env": {k: v for k, v in os.environ.items() if k.startswith(("BITNET_", "TRITON_"))},
         "tokens": m,
         "timing": "cuda events, cases interleaved, "
@@ -525,6 +515,7 @@ def main() -> int:
         "",
         f"- device: {report['device']} (sm_{''.join(map(str, report['capability']))})",
         f"- date (UTC): {report['date_utc']}",
+        f"- commit: {report['commit']} (dirty: {report['dirty']})",
         f"- versions: python {report['versions']['python']}, torch {report['versions']['torch']}, "
         f"CUDA {report['versions']['cuda']}, triton {report['versions']['triton']}",
         f"- command: `{report['command']}`",

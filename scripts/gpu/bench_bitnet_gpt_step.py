@@ -16,7 +16,6 @@ and a markdown table to --out-dir (file names carry a suffix when --micro-batche
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -26,6 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 
 VARIANTS = {  # name: (extra pretrain_gpt.py arguments, extra environment)
@@ -161,10 +162,7 @@ def main() -> int:
     mem = results[main_variant]["peak_memory_ratio_over_bf16"]
     report = {
         "benchmark": "bitnet_gpt_training_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-        "command": " ".join(sys.argv),
+        **provenance(sys.argv),
         "model": f"{MODELS[args.model][1]}, seq 2048 x mbs 4, bf16",
         "micro_batches_per_step": args.micro_batches,
         "results": results,
@@ -177,7 +175,8 @@ def main() -> int:
     md = [
         f"# BitNet {args.model} training step vs bf16",
         "",
-        f"- device: {report['device']}; date (UTC): {report['date']}; torch {torch.__version__}",
+        f"- device: {report['device']}; date (UTC): {report['date_utc']}; torch {torch.__version__}",
+        f"- commit: {report['commit']} (dirty: {report['dirty']})",
         f"- command: `{report['command']}`",
         f"- model: {report['model']}; {args.micro_batches} micro-batch(es) per step; median of "
         f"iterations > {args.iters // 3}",

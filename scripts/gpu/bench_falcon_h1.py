@@ -334,7 +334,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Falcon-H1 training step: HF transformers vs falcon-mcore (pretrain_mamba.py)",
         "",
-        f"- device: {report['device']}; date (UTC): {report['date']}; commit "
+        f"- device: {report['device']}; date (UTC): {report['date_utc']}; commit "
         f"{report['commit']}{' (dirty tree)' if report.get('dirty') else ''}",
         f"- versions: {json.dumps(report['versions'])}",
         f"- command: `{report['command']}`",

@@ -23,8 +23,6 @@ Runs on CPU too (``--device cpu --layers 2`` for a quick smoke test).
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib
 import importlib.util
 import json
 import os
@@ -38,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BF16_LOGITS_REL = 3e-2  # as scripts/gpu/check_falcon_h1_hf_parity.py
 # fp32 (TF32 off): kernel reduction order only, through 36 layers.
 FP32_LOGITS_REL = 1e-3
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 
 def _megatron_dir(arg: str | None) -> Path:
@@ -50,16 +50,6 @@ def _megatron_dir(arg: str | None) -> Path:
         return Path(list(spec.submodule_search_locations)[0]).parent
     carry = ROOT / ".carry" / "Megatron-LM"
     return carry if (carry / "megatron").is_dir() else ROOT / "build" / "Megatron-LM"
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "safetensors", "mamba_ssm", "causal_conv1d"):
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception as exc:  # noqa: BLE001 - report, don't fail
-            out[name] = f"unavailable ({type(exc).__name__})"
-    return out
 
 
 def main() -> int:
@@ -95,10 +85,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {
         "check": "falcon_h1_conversion",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": _versions(),
-        "command": " ".join(sys.argv),
+        **provenance(sys.argv),
+        "run_device": str(device),
         "shape": vars(shape),
         "multipliers": MULTIPLIERS_0_5B,
         "tolerances": {
@@ -253,9 +241,16 @@ def main() -> int:
         mg_rec["pass"] = False
     timings["megatron_logits"] = time.time() - t0
 
-    report["pass"] = bool(
-        all(r["pass"] for r in results.values()) and hf_rec["pass"] and mg_rec["pass"]
-    )
+    checks = {f"round_trip_{fmt}": r["pass"] for fmt, r in results.items()}
+    checks.update(hf_round_tripped_logits=hf_rec["pass"], megatron_logits=mg_rec["pass"])
+    n_passed = sum(bool(v) for v in checks.values())
+    report["summary"] = {
+        "n_checks": len(checks),
+        "n_passed": n_passed,
+        "n_failed": len(checks) - n_passed,
+        "failed": [k for k, v in checks.items() if not v],
+    }
+    report["pass"] = n_passed == len(checks)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(

@@ -5,7 +5,10 @@
 #   .carry/wheels           mamba_ssm / causal_conv1d wheels (from ../shared/wheels or $WHEELS_DIR)
 #                           and liger-kernel (downloaded here from PyPI once)
 #   .carry/te               the Transformer Engine kit (../shared/te or $TE_DIR), if present
-#   .carry/provenance.json  the commit and dirty flag of this checkout (the GPU machine gets no .git)
+#   .carry/provenance.json  the commit, dirty flag and `git describe` of this checkout, and a
+#                           fingerprint of its files: the GPU machine gets the tree without .git;
+#                           scripts/lib/provenance.py reads this there (and marks results dirty
+#                           when the files changed after this ran). Run this after every change.
 # Everything must stay under the device tool's 64 MiB per call.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -26,5 +29,5 @@ if [ ! -f ".carry/wheels/$LIGER" ]; then
 fi
 te=${TE_DIR:-../shared/te}
 if [ -d "$te" ]; then rm -rf .carry/te && mkdir -p .carry/te && cp "$te"/te_site.tar.xz "$te"/*.whl "$te"/te_env.sh .carry/te/; fi
-python3 scripts/lib/provenance.py > .carry/provenance.json
+python3 scripts/lib/provenance.py --write-carry .carry/provenance.json
 du -sh .carry

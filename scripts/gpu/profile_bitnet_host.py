@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 
 def main() -> int:
@@ -54,8 +56,11 @@ def main() -> int:
         "get_quantized_weight (hit)": lambda: BF.get_quantized_weight(w, cache=cache),
         "resolve_backend": lambda: BF.resolve_backend(x),
     }
-    lines = [f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-             f"tokens {a.tokens}, K {a.k}, N {a.n}", "", "host us per call (median of 5 x reps):"]
+    prov = provenance(sys.argv)
+    lines = [f"device {prov['device']}, torch {torch.__version__}, "
+             f"tokens {a.tokens}, K {a.k}, N {a.n}",
+             f"commit {prov['commit']} (dirty: {prov['dirty']}), {prov['date_utc']}, "
+             f"command: {prov['command']}", "", "host us per call (median of 5 x reps):"]
     for name, fn in ops.items():
         for _ in range(20):
             fn()

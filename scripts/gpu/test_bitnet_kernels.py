@@ -25,17 +25,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 
 def _import_bitnet():
@@ -107,8 +107,6 @@ def main() -> int:
     if tk.interpret_mode():
         print("ERROR: TRITON_INTERPRET is set; unset it for the GPU run.", file=sys.stderr)
         return 2
-
-    import triton
 
     dev = torch.device("cuda")
     torch.manual_seed(args.seed)
@@ -490,24 +488,22 @@ def main() -> int:
 
     # ---------------------------------------------------------------- report
     all_ok = all(r["passed"] for r in ck.results)
+    n_failed = sum(not r["passed"] for r in ck.results)
     report = {
         "script": "scripts/gpu/test_bitnet_kernels.py",
-        "command": " ".join([sys.executable] + sys.argv),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
+        **provenance(sys.argv),
         "capability": list(torch.cuda.get_device_capability(0)),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton.__version__,
-        },
         "env": {k: v for k, v in os.environ.items() if k.startswith(("BITNET_", "TRITON_"))},
         "tokens": m_tokens,
         "quick": args.quick,
         "all_passed": all_ok,
         "n_checks": len(ck.results),
-        "n_failed": sum(not r["passed"] for r in ck.results),
+        "n_failed": n_failed,
+        "summary": {
+            "n_checks": len(ck.results),
+            "n_passed": len(ck.results) - n_failed,
+            "n_failed": n_failed,
+        },
         "results": ck.results,
     }
     out = Path(args.out)
