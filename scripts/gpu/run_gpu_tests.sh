@@ -2,7 +2,7 @@
 # The GPU tier: run on a CUDA machine from a repo checkout (after scripts/gpu/prepare_carry.sh,
 # or with the patched tree at build/Megatron-LM). Writes JSON/markdown results to $1
 # (default: $OUT, else gpu-results/). Steps can be chosen: run_gpu_tests.sh DIR mamba parity ...
-#   mamba     pure-PyTorch Mamba-2 ops vs mamba_ssm / causal_conv1d kernels
+#   mamba     pure-PyTorch Mamba-2 ops and mamba_ssm / causal_conv1d kernels vs a naive reference
 #   parity    Megatron Falcon-H1 vs HF FalconH1ForCausalLM (fp32 + bf16, kernels)
 #   bitnet    BitNet kernel correctness
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
@@ -10,6 +10,13 @@
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
 #   gptaccum  the same with 4 micro-batches per step (gradient accumulation)
 #   h1step    BitNet vs bf16 training step of a Falcon-H1-0.5B-shaped model (pretrain_mamba.py)
+#
+# Green or named: the exit status is 0 only if every step exited 0 (a check script exits 0 only
+# when its checks passed or failed in a declared, named way: see its report). Every step's
+# status, time and pass/fail counts (from its report's "summary") go to DIR/summary.json, with
+# the provenance (commit, dirty tree, versions) that every report also carries
+# (scripts/lib/provenance.py; DIR/environment.json is the same record for the job).
+# Time limit per step: STEP_TIMEOUT (default 300 s), or STEP_TIMEOUT_<step> for one step.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 results=${1:-${OUT:-gpu-results}}
@@ -24,35 +31,42 @@ if ls .carry/wheels/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/$megatron${PYTHONPATH:+:$PYTHONPATH}
 export USE_HUB_KERNELS=NO HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no network on GPU runners
-python3 - <<'PY' > "$results/environment.json"
-import json, subprocess, sys, datetime, torch
-print(json.dumps({
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-    "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-    "nvidia_smi": subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-        "--format=csv,noheader"], capture_output=True, text=True).stdout.strip(),
-}, indent=2))
-PY
 status=0
-run() {  # name, command...
-    local name=$1; shift
+if ! python3 scripts/lib/provenance.py --out "$results/environment.json" -- \
+        scripts/gpu/run_gpu_tests.sh "$results" $steps; then
+    echo "--- environment.json FAILED"; status=1
+fi
+steps_tsv="$results/steps.tsv"
+: > "$steps_tsv"
+run() {  # name, report (JSON the step writes, or -), command...
+    local name=$1 report=$2; shift 2
     echo "=== $name: $*"
-    local t0=$SECONDS
-    if timeout "${STEP_TIMEOUT:-300}" "$@" > "$results/$name.log" 2>&1; then echo "--- $name passed ($((SECONDS - t0)) s)";
-    else echo "--- $name FAILED ($((SECONDS - t0)) s)"; tail -30 "$results/$name.log"; status=1; fi
+    local t0=$SECONDS rc limit_var="STEP_TIMEOUT_$name"
+    timeout "${!limit_var:-${STEP_TIMEOUT:-300}}" "$@" > "$results/$name.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then echo "--- $name passed ($((SECONDS - t0)) s)"
+    else
+        [ $rc -eq 124 ] && echo "--- $name TIMED OUT" || echo "--- $name FAILED (exit $rc)"
+        tail -30 "$results/$name.log"; status=1
+    fi
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$report" >> "$steps_tsv"
 }
 for step in $steps; do
     case $step in
-        mamba) run mamba python3 scripts/gpu/check_mamba2_torch.py --out "$results/mamba2_torch_vs_kernels.json" ;;
-        parity) run parity python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" ;;
-        bitnet) run bitnet python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
-        bench) run bench python3 scripts/bench_bitnet.py --out-dir "$results" ;;
-        gptstep) run gptstep python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
-        gptaccum) run gptaccum python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
-        h1step) run h1step python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
-        convert) run convert python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
-        *) echo "unknown step $step"; status=1 ;;
+        mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py --out "$results/mamba2_torch_vs_kernels.json" ;;
+        parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" ;;
+        bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
+        bench) run bench "$results/bench_bitnet.json" python3 scripts/bench_bitnet.py --out-dir "$results" ;;
+        gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
+        gptaccum) run gptaccum "$results/bench_bitnet_gpt_step_mb4.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
+        h1step) run h1step "$results/bench_bitnet_gpt_step_falcon_h1_0.5b.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
+        convert) run convert "$results/falcon_h1_conversion.json" python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
+        *) echo "unknown step $step"; printf '%s\t2\t0\t-\n' "$step" >> "$steps_tsv"; status=1 ;;
     esac
 done
+echo "=== summary ($results/summary.json)"
+python3 scripts/gpu/gpu_job_summary.py --steps "$steps_tsv" --environment "$results/environment.json" \
+    --out "$results/summary.json" || status=1  # also red when a step exited 0 with failures
+rm -f "$steps_tsv"
+[ $status -eq 0 ] && echo "=== all steps passed" || echo "=== SOME STEPS FAILED (see above and $results/summary.json)"
 exit $status
