@@ -2,14 +2,15 @@
 
 """CPU tests of the pure-PyTorch Mamba-2 ops (megatron/core/ssm/mamba2_torch.py).
 
-Every op is checked against an independent, deliberately naive reference written here: a
-token-by-token SSM recurrence, a direct double loop for the causal convolution and the textbook
-RMSNorm formula. float64 comparisons use tight tolerances (~1e-10), float32 ones ~1e-5.
+Every op is checked against the independent, deliberately naive references of
+tests/unit_tests/ssm/mamba2_naive.py (shared with test_mamba2_naive.py and the GPU kernel
+comparison): a token-by-token SSM recurrence, a loop over output positions for the causal
+convolution and the textbook RMSNorm formula. float64 comparisons use tight tolerances
+(~1e-10), float32 ones ~1e-5.
 """
 
 import importlib.util
 import inspect
-import math
 import sys
 from pathlib import Path
 
@@ -29,108 +30,9 @@ except ImportError:  # an unpatched Megatron shadows the overlay: load the file 
     m2 = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(m2)
 
+from tests.unit_tests.ssm.mamba2_naive import naive_conv, naive_rmsnorm, naive_scan
+
 F64 = torch.float64
-
-
-# --------------------------------------------------------------------------------------------
-# Naive references
-# --------------------------------------------------------------------------------------------
-
-
-def naive_scan(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D=None,
-    z=None,
-    dt_bias=None,
-    dt_softplus=False,
-    dt_limit=(0.0, math.inf),
-    initial_states=None,
-    seq_idx=None,
-):
-    """Token loop: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t.
-
-    Groups are broadcast over heads (head i uses group i // (nheads // ngroups)). With seq_idx,
-    the state is zeroed whenever the id differs from the previous token's (the initial state
-    belongs to id 0). Returns (y, final_state).
-    """
-    b, l, h, p = x.shape
-    g = B.shape[2]
-    dt = dt if dt_bias is None else dt + dt_bias
-    dt = F.softplus(dt) if dt_softplus else dt
-    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    Bh = B.repeat_interleave(h // g, dim=2)
-    Ch = C.repeat_interleave(h // g, dim=2)
-    state = (
-        initial_states.clone() if initial_states is not None else x.new_zeros(b, h, p, B.shape[-1])
-    )
-    prev_id = torch.zeros(b, dtype=torch.long)
-    ys = []
-    for t in range(l):
-        if seq_idx is not None:
-            keep = (seq_idx[:, t].long() == prev_id).to(x.dtype).view(b, 1, 1, 1)
-            state = state * keep
-            prev_id = seq_idx[:, t].long()
-        decay = torch.exp(dt[:, t] * A).view(b, h, 1, 1)
-        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
-    y = torch.stack(ys, dim=1)
-    if D is not None:
-        y = y + x * (D.view(1, 1, h, 1) if D.dim() == 1 else D.view(1, 1, h, p))
-    if z is not None:
-        y = y * z * torch.sigmoid(z)
-    return y, state
-
-
-def naive_conv(x, weight, bias=None, seq_idx=None, initial_states=None, activation=None):
-    """Direct double loop over time and taps; taps crossing a seq_idx boundary are skipped.
-
-    Positions with a negative seq_idx (padding) output 0.
-    """
-    b, d, l = x.shape
-    w = weight.shape[1]
-    out = torch.zeros_like(x)
-    for t in range(l):
-        acc = bias.clone().expand(b, d).clone() if bias is not None else x.new_zeros(b, d)
-        for k in range(w):
-            src = t - (w - 1) + k
-            if src >= 0:
-                val = x[:, :, src]
-                if seq_idx is not None:
-                    val = val * (seq_idx[:, src] == seq_idx[:, t]).to(x.dtype).unsqueeze(1)
-            elif initial_states is not None:
-                val = initial_states[:, :, w - 1 + src]
-                if seq_idx is not None:  # the initial state belongs to the first token's sequence
-                    val = val * (seq_idx[:, 0] == seq_idx[:, t]).to(x.dtype).unsqueeze(1)
-            else:
-                continue
-            acc = acc + weight[:, k] * val
-        if seq_idx is not None:
-            acc = acc * (seq_idx[:, t] >= 0).to(x.dtype).unsqueeze(1)
-        if activation is not None:
-            acc = acc * torch.sigmoid(acc)
-        out[:, :, t] = acc
-    return out
-
-
-def naive_rmsnorm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
-    """RMSNorm over contiguous groups of the last dim, with optional silu(z) gate."""
-    x = x.double()
-    gate = None if z is None else z.double() * torch.sigmoid(z.double())
-    if gate is not None and not norm_before_gate:
-        x = x * gate
-    gs = group_size or x.shape[-1]
-    pieces = []
-    for start in range(0, x.shape[-1], gs):
-        part = x[..., start : start + gs]
-        pieces.append(part / torch.sqrt((part * part).mean(-1, keepdim=True) + eps))
-    out = torch.cat(pieces, dim=-1) * weight.double()
-    if gate is not None and norm_before_gate:
-        out = out * gate
-    return out
 
 
 def scan_inputs(b=2, l=37, h=4, p=3, g=2, n=5, dtype=F64, seed=0):
