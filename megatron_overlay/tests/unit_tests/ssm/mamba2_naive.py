@@ -4,10 +4,11 @@
 
 Used by the CPU unit tests of ``megatron/core/ssm/mamba2_torch.py`` and by
 ``scripts/gpu/check_mamba2_torch.py``, which compares both our ops and the ``mamba_ssm`` /
-``causal_conv1d`` kernels against these before calling either wrong. Everything here is a plain
-loop over time in the dtype of the inputs (the callers pass float64), with no chunking, no
-log-space tricks and no code shared with the ops under test; autograd through the loops gives
-the reference gradients (tests check those against finite differences).
+``causal_conv1d`` kernels against these before calling either wrong. The scan is a plain loop
+over time, the convolution a sum over each output's window of inputs, in the dtype of the inputs
+(the callers pass float64), with no chunking, no log-space tricks and no code shared with the
+ops under test; autograd through them gives the reference gradients (tests check those against
+finite differences).
 
 Equations (per batch row; head ``i`` reads B/C group ``i // (nheads // ngroups)``):
 
@@ -88,33 +89,35 @@ def naive_scan(
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    heads_per_group = nheads // ngroups
-    group = [i // heads_per_group for i in range(nheads)]
+    group = [i // (nheads // ngroups) for i in range(nheads)]  # B/C group of each head
     delta = dt if dt_bias is None else dt + dt_bias
     if dt_softplus:
         delta = softplus(delta)
     delta = torch.clamp(delta, min=dt_limit[0], max=dt_limit[1])
+    if seq_idx is not None:  # keep[b, t] = 0 where a new sequence starts (id 0 continues h_0)
+        previous = torch.cat([torch.zeros_like(seq_idx[:, :1]), seq_idx[:, :-1]], dim=1)
+        keep = (seq_idx == previous).to(x.dtype)
 
     if initial_states is None:
         h = torch.zeros(batch, nheads, headdim, dstate, dtype=x.dtype, device=x.device)
     else:
         h = initial_states.to(x.dtype)
+    # Per-token views (unbind: one backward node, not one full-size gradient per token).
+    xs, deltas = x.unbind(1), delta.unbind(1)
+    Bs, Cs = B[:, :, group].unbind(1), C[:, :, group].unbind(1)  # (batch, nheads, dstate)
+    zs = z.unbind(1) if z is not None else None
     ys, states = [], []
     for t in range(seqlen):
         if seq_idx is not None:
-            previous = seq_idx[:, t - 1] if t > 0 else torch.zeros_like(seq_idx[:, 0])
-            same = (seq_idx[:, t] == previous).to(x.dtype).view(batch, 1, 1, 1)
-            h = h * same
-        Bt = B[:, t, group, :]  # (batch, nheads, dstate)
-        Ct = C[:, t, group, :]
-        d = delta[:, t].view(batch, nheads, 1, 1)
+            h = h * keep[:, t].view(batch, 1, 1, 1)
+        d = deltas[t].view(batch, nheads, 1, 1)
         decay = torch.exp(d * A.view(1, nheads, 1, 1))
-        h = decay * h + d * x[:, t].unsqueeze(-1) * Bt.unsqueeze(-2)
-        y = (h * Ct.unsqueeze(-2)).sum(-1)  # (batch, nheads, headdim)
+        h = decay * h + d * xs[t].unsqueeze(-1) * Bs[t].unsqueeze(-2)
+        y = (h * Cs[t].unsqueeze(-2)).sum(-1)  # (batch, nheads, headdim)
         if D is not None:
-            y = y + (D.view(1, nheads, 1) if D.dim() == 1 else D.unsqueeze(0)) * x[:, t]
+            y = y + (D.view(1, nheads, 1) if D.dim() == 1 else D.unsqueeze(0)) * xs[t]
         if z is not None:
-            y = y * silu(z[:, t])
+            y = y * silu(zs[t])
         ys.append(y)
         if return_states:
             states.append(h)
@@ -133,7 +136,8 @@ def naive_conv(
     activation=None,
     return_final_states=False,
 ):
-    """Causal depthwise convolution, one output position at a time.
+    """Causal depthwise convolution from its definition: each output is its window of inputs
+    (a strided view, no shifted copies) times the weights.
 
     Args:
         x: (batch, dim, seqlen).
@@ -162,21 +166,18 @@ def naive_conv(
         else:
             prefix_ids = seq_idx[:, :1].expand(batch, width - 1)
         ids = torch.cat([prefix_ids, seq_idx], dim=-1)
-    outs = []
-    for t in range(seqlen):
-        window = u[:, :, t : t + width]  # inputs t - (width - 1) .. t
-        if seq_idx is not None:
-            same = (ids[:, t : t + width] == seq_idx[:, t : t + 1]).to(x.dtype)
-            window = window * same.unsqueeze(1)
-        acc = (window * weight.unsqueeze(0)).sum(-1)
-        if bias is not None:
-            acc = acc + bias
-        if activation is not None:
-            acc = silu(acc)
-        if seq_idx is not None:
-            acc = acc * (seq_idx[:, t] >= 0).to(x.dtype).unsqueeze(1)
-        outs.append(acc)
-    out = torch.stack(outs, dim=-1)
+    # windows[b, d, t, k] = input position t - (width - 1) + k: the taps of output t
+    windows = u.unfold(-1, width, 1)  # (batch, dim, seqlen, width)
+    if seq_idx is not None:
+        same = ids.unfold(-1, width, 1) == seq_idx.unsqueeze(-1)  # (batch, seqlen, width)
+        windows = windows * same.unsqueeze(1).to(x.dtype)
+    out = (windows * weight.view(1, dim, 1, width)).sum(-1)
+    if bias is not None:
+        out = out + bias.view(1, dim, 1)
+    if activation is not None:
+        out = silu(out)
+    if seq_idx is not None:
+        out = out * (seq_idx >= 0).to(x.dtype).unsqueeze(1)
     if return_final_states:
         return out, u[:, :, u.shape[-1] - (width - 1) :]
     return out
