@@ -216,3 +216,20 @@ def hf_to_megatron_state_dict(hf_state: dict, shape: TinyShape) -> dict:
         if shape.rms_norm:
             out[m + "norm.weight"] = hf_state[hf + "mamba.norm.weight"]
     return out
+
+
+def load_hf_weights(model, hf_state: dict, shape: TinyShape) -> None:
+    """Load HF weights into a Megatron model built by ``build_megatron_model``, strictly.
+
+    Every Megatron parameter and persistent buffer must come from the mapping (only TE/extra
+    ``_extra_state`` entries may be missing) and every mapped tensor must be used; otherwise a
+    ``ValueError`` lists the missing and unexpected keys.
+    """
+    mapped = hf_to_megatron_state_dict(hf_state, shape)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(
+            f"HF -> Megatron weights do not match the model: missing {missing}, "
+            f"unexpected {unexpected}"
+        )

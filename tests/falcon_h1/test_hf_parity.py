@@ -15,6 +15,7 @@ from falcon_h1.oracle import (
     build_hf_model,
     build_megatron_model,
     hf_to_megatron_state_dict,
+    load_hf_weights,
     megatron_config,
 )
 
@@ -28,11 +29,7 @@ def _run_pair(shape: TinyShape, multipliers: dict, mem_eff_path: bool = True):
     hf = build_hf_model(shape, multipliers)
     config = megatron_config(shape, multipliers, use_mamba_mem_eff_path=mem_eff_path)
     mg = build_megatron_model(shape, config)
-    mapped = hf_to_megatron_state_dict(hf.state_dict(), shape)
-    missing, unexpected = mg.load_state_dict(mapped, strict=False)
-    # Non-persistent buffers and TE/extra-state entries are not in HF's state dict.
-    assert not [k for k in missing if not k.endswith("_extra_state")], missing
-    assert not unexpected, unexpected
+    load_hf_weights(mg, hf.state_dict(), shape)  # strict: raises on missing / unexpected keys
 
     tokens = torch.randint(0, shape.vocab, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(7))
     positions = torch.arange(SEQ_LEN).unsqueeze(0).expand(BATCH, -1)
