@@ -86,6 +86,7 @@ def test_strict_loading_names_missing_and_unexpected_keys(single_rank_model_para
         load_hf_weights(mg, build_hf_model(bigger).state_dict(), bigger)
 
 
+@pytest.mark.slow
 def test_cpu_smoke_run(tmp_path):
     """Two of the 8 cases (one with the negative control) end to end on CPU."""
     out = tmp_path / "parity.json"
