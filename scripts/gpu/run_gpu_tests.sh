@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU tier: run on a CUDA machine from a repo checkout (after scripts/gpu/prepare_carry.sh,
-# or with the patched tree at build/Megatron-LM). Writes JSON/markdown results to $1
-# (default: $OUT, else gpu-results/). Steps can be chosen: run_gpu_tests.sh DIR mamba parity ...
+# The GPU tier: run on a CUDA machine from a repo checkout (after scripts/gpu/prepare_carry.sh
+# here, whose .carry/ scripts/gpu/setup_env.sh unpacks there; or with build/Megatron-LM).
+# Writes JSON/markdown results to $1 (default: $OUT, else gpu-results/). Steps can be chosen:
+# run_gpu_tests.sh DIR mamba parity ...
 #   mamba     pure-PyTorch Mamba-2 ops and mamba_ssm / causal_conv1d kernels vs a naive reference
 #   parity    Megatron Falcon-H1 vs HF FalconH1ForCausalLM (fp32 + bf16, kernels)
 #   bitnet    BitNet kernel correctness
@@ -23,14 +24,10 @@ results=${1:-${OUT:-gpu-results}}
 shift || true
 steps=${*:-mamba parity bitnet bench convert gptstep gptaccum h1step}
 mkdir -p "$results"
-megatron=build/Megatron-LM
-[ -d .carry/Megatron-LM/megatron ] && megatron=.carry/Megatron-LM
-if ls .carry/wheels/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD/$megatron${PYTHONPATH:+:$PYTHONPATH}
-export USE_HUB_KERNELS=NO HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no network on GPU runners
+# The carried patched tree (else build/Megatron-LM) and wheels; no network on GPU runners.
+source scripts/gpu/setup_env.sh ""  # "": not --te (and not this script's arguments)
+megatron=$MEGATRON
+export PYTHONPATH=$megatron${PYTHONPATH:+:$PYTHONPATH}
 status=0
 if ! python3 scripts/lib/provenance.py --out "$results/environment.json" -- \
         scripts/gpu/run_gpu_tests.sh "$results" $steps; then
