@@ -362,4 +362,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -51,7 +51,8 @@ run() {  # name, report (JSON the step writes, or -), command...
 for step in $steps; do
     case $step in
         mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py --out "$results/mamba2_torch_vs_kernels.json" ;;
-        parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" ;;
+        parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" \
+                    --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )) ;;  # traceback before the kill
         bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
         bench) run bench "$results/bench_bitnet.json" python3 scripts/bench_bitnet.py --out-dir "$results" ;;
         gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
