@@ -62,7 +62,9 @@ def _pin() -> str:
 def _upstream_repo(sha: str) -> Path:
     """A git repository holding the pin: the patched tree (built on it), else the cache."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    cache = Path(os.environ.get("FALCON_MCORE_CACHE", Path(base) / "falcon-mcore" / "Megatron-LM.git"))
+    cache = Path(
+        os.environ.get("FALCON_MCORE_CACHE", Path(base) / "falcon-mcore" / "Megatron-LM.git")
+    )
     for repo in (megatron_path(), cache):
         probe = subprocess.run(
             ["git", "-C", str(repo), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True

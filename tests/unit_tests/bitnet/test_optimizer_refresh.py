@@ -52,7 +52,7 @@ def test_own_loop_uses_fresh_quantisation_after_every_step(
     dtype, distributed, overlap = CASES[case]
     ddp, optimizer = loop.build(dtype, distributed_optimizer=distributed, overlap=overlap)
     records = loop.run(ddp, optimizer, steps=3)
-    stale = [(step, i) for step, r in enumerate(records) for i, ok in enumerate(r["fresh"]) if not ok]
+    stale = [(s, i) for s, r in enumerate(records) for i, ok in enumerate(r["fresh"]) if not ok]
     assert not stale, f"(step, layer) with a stale quantisation: {stale}"
     # Not void: the steps changed the ternary weights the forward passes used.
     first, last = records[0]["t"], records[-1]["t"]
