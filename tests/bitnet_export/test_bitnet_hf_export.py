@@ -575,3 +575,29 @@ def test_refuses_non_bitnet_and_unsupported_checkpoints(tool, checkpoints, tmp_p
         assert re.search(message, err), (message, err[-2000:])
         assert not out.exists(), "a failed export left its output behind"
         assert not list(tmp_path.glob(f".out{k}.tmp-*")), "temporary directory left behind"
+
+
+def test_dense_falcon_h1_converter_refuses_bitnet(
+    tool, checkpoints, references, work, tmp_path, capsys
+):
+    """The dense Falcon-H1 converter does not read trained BitNet checkpoints as dense models
+    (megatron-to-hf: the legacy Falcon-H1 one and the torch_dist one Megatron saved), nor
+    BitNet HF exports (hf-to-megatron); each error names the BitNet route."""
+    import falcon_h1_conversion as fc
+
+    references("gpt_tp2_rms")  # saves work / "gpt_tp2_rms_dist"
+    for k, ckpt in enumerate((checkpoints("falcon_rms"), work / "gpt_tp2_rms_dist")):
+        out = tmp_path / f"dense{k}"
+        assert fc.main(["megatron-to-hf", "--load-dir", str(ckpt), "--save-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is a BitNet checkpoint (trained with --use-bitnet)" in err, err
+        assert "scripts/export_bitnet_hf.sh" in err and not out.exists()
+
+    exported = tmp_path / "bitnet_hf"
+    assert _export(tool, checkpoints("falcon_rms"), exported) == 0
+    capsys.readouterr()
+    out = tmp_path / "mg"
+    assert fc.main(["hf-to-megatron", "--hf-dir", str(exported), "--save-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "quant_method 'bitnet'" in err and "this is a BitNet export" in err, err
+    assert not out.exists()

@@ -694,7 +694,7 @@ def export(opts: argparse.Namespace) -> None:
         raise ConversionError(
             f"{ckpt_dir} is not a BitNet checkpoint (its args have use_bitnet="
             f"{getattr(args, 'use_bitnet', None)!r}); this tool exports --use-bitnet runs only "
-            "(tools/checkpoint/falcon_h1_conversion.py converts full-precision Falcon-H1)"
+            "(scripts/convert_falcon_h1.sh megatron-to-hf converts full-precision Falcon-H1)"
         )
     detected = detect_model(args)
     model = detected if opts.model == "auto" else opts.model
@@ -835,6 +835,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         export(opts)
     except ConversionError as exc:
         _log(f"error: {exc}")
+        _log(f"nothing was written (--save-dir {opts.save_dir} is as it was)")
         return 2
     return 0
 

@@ -41,7 +41,12 @@ Guarantees and limits:
 * TP must divide attention heads, KV heads, Mamba heads, Mamba groups and the FFN size. Falcon-H1
   releases have ``mamba_n_groups = 1`` and therefore convert at TP=1 only.
 * Output is written to a temporary directory next to ``--save-dir`` and renamed into place;
-  an existing ``--save-dir`` is only replaced with ``--force``.
+  an existing ``--save-dir`` is only replaced with ``--force``. On any error nothing is
+  written; a missing, truncated or corrupt input file (config.json, the safetensors index, a
+  shard, a Megatron checkpoint file) is an error that names it.
+* BitNet checkpoints (``--use-bitnet``) are refused: their forward pass quantises weights and
+  activations, so as a dense FalconH1 their latent weights would compute another model; export
+  them with ``scripts/export_bitnet_hf.sh``. Quantized HF checkpoints are refused too.
 * Memory: safetensors are read lazily, one layer at a time. Peak host memory when writing is
   about one pipeline stage of the model (legacy ``torch``: all TP shards of a stage are held
   until that stage's files are written) or the whole model (``torch_dist``: Megatron's saver
@@ -146,6 +151,7 @@ def atomic_output_dir(save_dir: Path, force: bool, inputs: Sequence[Path]) -> It
             raise ConversionError(
                 f"--save-dir {save_dir} exists and is not empty; pass --force to replace it"
             )
+    created = [p for p in [save_dir.parent, *save_dir.parent.parents] if not p.exists()]
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
     try:
@@ -159,6 +165,9 @@ def atomic_output_dir(save_dir: Path, force: bool, inputs: Sequence[Path]) -> It
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # innermost first; only the empty directories made above
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
 
 
@@ -167,23 +176,51 @@ def atomic_output_dir(save_dir: Path, force: bool, inputs: Sequence[Path]) -> It
 # --------------------------------------------------------------------------------------------
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``; an unreadable or malformed file is a
+    :class:`ConversionError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 class HFReader:
-    """Lazy reader of an HF safetensors checkpoint (single file or sharded with an index)."""
+    """Lazy reader of an HF safetensors checkpoint (single file or sharded with an index).
+
+    A missing, truncated or corrupt file (config.json, the index, a shard) is a
+    :class:`ConversionError` that names the file, raised here, before anything is written:
+    safetensors checks at open that a file's header is valid and its tensors cover the file.
+    """
 
     def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
         self.hf_dir = hf_dir
+        self._files: Dict[str, object] = {}
+        self._where: Dict[str, str] = {}
+        self._stack = contextlib.ExitStack()
+        try:
+            self._open(hf_dir)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _open(self, hf_dir: Path) -> None:
         config_path = hf_dir / "config.json"
         if not config_path.is_file():
             raise ConversionError(f"{config_path} not found")
-        with open(config_path) as f:
-            self.config = json.load(f)
+        self.config = read_json_object(config_path)
         index = hf_dir / "model.safetensors.index.json"
         single = hf_dir / "model.safetensors"
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise ConversionError(f"{index} has no weight_map of tensor name -> file name")
         elif single.is_file():
             weight_map = None
         else:
@@ -195,19 +232,15 @@ class HFReader:
                 )
             single = hf_dir / found[0]
             weight_map = None
-        self._files: Dict[str, object] = {}
-        self._where: Dict[str, str] = {}
-        self._stack = contextlib.ExitStack()
         if weight_map is None:
-            handle = self._stack.enter_context(safe_open(str(single), framework="pt"))
-            self._files[single.name] = handle
+            handle = self._open_file(single)
             self._where = {k: single.name for k in handle.keys()}
         else:
             for name in sorted(set(weight_map.values())):
                 path = hf_dir / name
                 if not path.is_file():
-                    raise ConversionError(f"index refers to missing file {path}")
-                self._files[name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                    raise ConversionError(f"{index} lists {name}, which is missing ({path})")
+                self._open_file(path)
             for key, name in weight_map.items():
                 if key not in self._files[name].keys():
                     raise ConversionError(f"index maps {key} to {name}, which does not hold it")
@@ -216,6 +249,18 @@ class HFReader:
                 extra = [k for k in handle.keys() if k not in weight_map]
                 if extra:
                     raise ConversionError(f"{name} holds tensors the index omits: {extra[:5]}")
+
+    def _open_file(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        except (SafetensorError, OSError) as exc:
+            raise ConversionError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+            ) from exc
+        self._files[path.name] = handle
+        return handle
 
     def close(self) -> None:
         self._stack.close()
@@ -698,7 +743,13 @@ class LegacyReader:
         try:
             return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except RuntimeError:  # files written with the old (non-zip) serialization
+            pass
+        try:
             return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated / corrupt: torch raises several kinds
+            raise ConversionError(
+                f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc!r}"
+            ) from exc
 
     def check(self, dims: fm.FalconH1Dims, counts: List[int]) -> None:
         layer_keys = fm.mg_layer_keys(dims)
@@ -737,21 +788,36 @@ class LegacyReader:
         ]
 
 
+def _dcp_error(exc: BaseException) -> str:
+    """The errors behind a PyTorch DCP ``CheckpointException`` (its str is a traceback)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(repr(pair[0]) for pair in failures.values())
+    return repr(exc)
+
+
 class TorchDistReader:
     """Reads global tensors of a ``torch_dist`` checkpoint one layer at a time (PyTorch DCP)."""
 
     def __init__(self, ckpt_dir: Path):
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.ckpt_dir = ckpt_dir
-        with _cpu_tolerant_megatron():
-            state = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+        try:
+            with _cpu_tolerant_megatron():
+                state = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+            meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+        except (Exception, CheckpointException) as exc:  # truncated / corrupt files
+            raise ConversionError(
+                f"cannot read the torch_dist checkpoint {ckpt_dir} (truncated or corrupt?): "
+                f"{_dcp_error(exc)}"
+            ) from exc
         self.args = state.get("args")
         if self.args is None:
             raise ConversionError(f"{ckpt_dir} records no Megatron args (common state)")
-        meta = FileSystemReader(str(ckpt_dir)).read_metadata()
         # Model tensors; optimizer state ("optimizer.state...", "optimizer.distributed...",
         # "chained_N.optimizer...") and byte objects (RNG, extra states) are not converted.
         self.tensors = {
@@ -783,12 +849,19 @@ class TorchDistReader:
     def read(self, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.api import CheckpointException
 
         state = {
             k: torch.empty(tuple(self.tensors[k].size), dtype=self.tensors[k].properties.dtype)
             for k in keys
         }
-        dcp_load(state, storage_reader=FileSystemReader(str(self.ckpt_dir)), no_dist=True)
+        try:
+            dcp_load(state, storage_reader=FileSystemReader(str(self.ckpt_dir)), no_dist=True)
+        except (Exception, CheckpointException) as exc:  # a truncated / corrupt *.distcp
+            raise ConversionError(
+                f"cannot read the torch_dist checkpoint {self.ckpt_dir} (truncated or corrupt?) "
+                f"for {_short(list(keys), 3)}: {_dcp_error(exc)}"
+            ) from exc
         return state
 
 
@@ -818,11 +891,25 @@ def _base_hf_config(args, hf_config: Optional[str]) -> Optional[dict]:
     return None
 
 
+def refuse_bitnet_checkpoint(args, ckpt_dir: Path) -> None:
+    """A ``--use-bitnet`` checkpoint is not a dense FalconH1 model: its forward pass quantises
+    the weights to ternary and the activations to int8. Converting its latent weights would
+    give a model that computes something else, so refuse and name the BitNet exporter."""
+    if getattr(args, "use_bitnet", False):
+        raise ConversionError(
+            f"{ckpt_dir} is a BitNet checkpoint (trained with --use-bitnet): as a dense "
+            "FalconH1ForCausalLM its full-precision latent weights would compute a different "
+            "model. Export it with scripts/export_bitnet_hf.sh --load-dir DIR --save-dir OUT "
+            "(transformers' bitnet format; --format dense writes the ternary weights beta*T)"
+        )
+
+
 def megatron_to_hf(opts: argparse.Namespace) -> None:
     load_dir = Path(opts.load_dir)
     ckpt_dir = _resolve_checkpoint_dir(load_dir)
     is_dist = (ckpt_dir / "metadata.json").is_file()
     reader = TorchDistReader(ckpt_dir) if is_dist else LegacyReader(ckpt_dir)
+    refuse_bitnet_checkpoint(reader.args, ckpt_dir)
     base = _base_hf_config(reader.args, opts.hf_config)
     vocab = opts.vocab_size or (base or {}).get("vocab_size")
     settings, counts = fm.settings_from_megatron_args(reader.args, vocab)
@@ -986,6 +1073,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         opts.func(opts)
     except ConversionError as exc:
         _log(f"error: {exc}")
+        _log(f"nothing was written (--save-dir {opts.save_dir} is as it was)")
         return 2
     return 0
 

@@ -222,6 +222,19 @@ def parse_hf_config(config: Mapping, allow_unknown_keys: bool = False) -> HFSett
     layer does not implement, inconsistent Mamba sizes and (unless ``allow_unknown_keys``)
     keys this converter does not know.
     """
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+        hint = ""
+        if method == "bitnet":
+            hint = (
+                ": this is a BitNet export (scripts/export_bitnet_hf.sh writes it from a Megatron "
+                "--use-bitnet checkpoint; load that checkpoint to train on)"
+            )
+        raise ConversionError(
+            f"quantized HF checkpoints (quantization_config, quant_method {method!r}) are not "
+            f"supported{hint}"
+        )
     missing = [k for k in _HF_REQUIRED if config.get(k) is None]
     if missing:
         raise ConversionError(f"config.json lacks required key(s): {', '.join(missing)}")
@@ -233,8 +246,6 @@ def parse_hf_config(config: Mapping, allow_unknown_keys: bool = False) -> HFSett
             "may change the model, so the conversion would not be exact; pass "
             "--allow-unknown-config-keys to carry them over unchanged if they do not."
         )
-    if "quantization_config" in config:
-        raise ConversionError("quantized HF checkpoints (quantization_config) are not supported")
     arch = config.get("architectures")
     if arch is not None and "FalconH1ForCausalLM" not in arch:
         raise ConversionError(f"architectures is {arch!r}, expected FalconH1ForCausalLM")

@@ -231,7 +231,7 @@ def test_weight_cache_once_per_step(monkeypatch):
     assert len(calls) == 1
     with torch.no_grad():
         layer.weight.data.mul_(-1.0)  # Megatron-style write: only the global hook notices
-    F.invalidate_weight_caches()  # the training loop's call at the start of a step
+    F.invalidate_weight_caches()  # what the optimizer-step hook does
     y, _ = layer(x)
     assert len(calls) == 2
     ref = ref_linear(x, layer.weight.detach(), segment_ids_full("linear_qkv", QKV_OUT), layer.bias)

@@ -2,8 +2,10 @@
 """BitNet b1.58 (ternary weights, int8 activations) training core for Megatron.
 
 Public API (see :mod:`.functional`): :func:`bitnet_linear`, :class:`BitNetWeightCache`,
-:func:`invalidate_weight_caches`, the separable scale / quantisation / product ops used by
-tensor-parallel layers, and the pure-torch reference in :mod:`.quant`.  The Triton kernels in
+:func:`invalidate_weight_caches` (optimizer steps and ``load_state_dict`` of BitNet layers
+invalidate the caches themselves, see :class:`WeightCacheRegistry`), the separable scale /
+quantisation / product ops used by tensor-parallel layers, and the pure-torch reference in
+:mod:`.quant`.  The Triton kernels in
 :mod:`.triton_kernels` are imported lazily (this package imports without Triton).  The
 Megatron tensor-parallel layers live in :mod:`.layers` (``BitNetColumnParallelLinear``,
 ``BitNetRowParallelLinear``, ``bitnet_class_for``); import that module explicitly (it is not
@@ -27,10 +29,12 @@ Environment knobs (all optional):
 
 from . import quant
 from .functional import (
+    WEIGHT_CACHES,
     BitNetLinearFunction,
     BitNetWeightCache,
     QuantizedActivation,
     QuantizedWeight,
+    WeightCacheRegistry,
     activation_absmax,
     bitnet_input_grad,
     bitnet_linear,
@@ -57,6 +61,8 @@ __all__ = [
     "BitNetWeightCache",
     "QuantizedActivation",
     "QuantizedWeight",
+    "WEIGHT_CACHES",
+    "WeightCacheRegistry",
     "activation_absmax",
     "bitnet_input_grad",
     "bitnet_linear",

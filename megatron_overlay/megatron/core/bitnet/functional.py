@@ -15,7 +15,9 @@ Layers of this module, bottom up:
    (:func:`quantize_weight`, :func:`quantize_activation`) and the three products
    (:func:`bitnet_matmul`, :func:`bitnet_input_grad`, :func:`bitnet_weight_grad`).
 3. :class:`BitNetWeightCache`: the quantised weight is computed once per optimizer step and
-   reused by every micro-batch (see its docstring for the invalidation contract).
+   reused by every micro-batch; :class:`WeightCacheRegistry` invalidates the caches after every
+   ``torch.optim`` step (a global step post-hook), BitNet layers after ``load_state_dict``, and
+   :func:`invalidate_weight_caches` is the call for any other write of the weights.
 4. :func:`bitnet_linear`: ``y = x_q W_q^T (+ b)`` with identity straight-through gradients to
    the full-precision ``x`` and ``weight``; saves only int8 activations + per-token scales for
    backward; optional gradient-accumulation fusion into ``weight.main_grad`` following
@@ -25,10 +27,12 @@ Layers of this module, bottom up:
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import quant
 
@@ -50,6 +54,8 @@ __all__ = [
     "bitnet_input_grad",
     "bitnet_weight_grad",
     "BitNetWeightCache",
+    "WeightCacheRegistry",
+    "WEIGHT_CACHES",
     "invalidate_weight_caches",
     "weight_cache_generation",
     "get_quantized_weight",
@@ -388,21 +394,96 @@ def bitnet_weight_grad(
 # Weight cache
 # --------------------------------------------------------------------------------------------
 
-_GENERATION = [0]
+
+class WeightCacheRegistry:
+    """The live :class:`BitNetWeightCache` objects of a process and what invalidates them.
+
+    Model weights change in three kinds of places, and each one invalidates the caches:
+
+    * the optimizer step: while at least one cache is alive, this registry holds a global
+      ``torch.optim`` step post-hook (``register_optimizer_step_post_hook``), which runs after
+      the step of every ``torch.optim.Optimizer``.  Megatron's optimizers
+      (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``FP32Optimizer``,
+      chained or not) step an inner ``torch.optim`` / apex / Transformer Engine optimizer, so any
+      loop calling ``MegatronOptimizer.step()`` invalidates the caches, not only Megatron's
+      ``train_step``.  The step's later writes into the model weights (the copy of the fp32
+      main parameters into the bf16 / fp16 model parameters, the distributed optimizer's
+      parameter all-gather, also when it is overlapped with the next forward pass) need no
+      further signal: a layer quantises lazily, in its own forward, which runs after
+      Megatron's forward pre-hook has waited for the all-gather of that layer's parameters;
+    * loading weights: BitNet layers invalidate their own cache in a ``load_state_dict``
+      post-hook;
+    * anything else that writes weights without going through the parameter (``param.data``
+      copies, writes into a parameter buffer, RL weight refits, EMA swaps, an optimizer step
+      replayed from a CUDA graph, which runs no Python hook) must call
+      :func:`invalidate_weight_caches` (all caches) or :meth:`BitNetWeightCache.invalidate`
+      (one layer).  In-place updates through the parameter itself are caught regardless, by
+      the cache key (``_version``, see :class:`BitNetWeightCache`).
+
+    The hook is installed with the first cache and removed when the last cache is garbage
+    collected, so a process without BitNet layers carries no hook.  Invalidation drops every
+    cached quantisation at once (their memory is freed at the step, not at the next
+    forward).  It is rank-symmetric -- every rank of a tensor-parallel group steps its
+    optimizer together -- which matters because a cache miss runs a collective (the
+    cross-rank weight scale).  One registry exists per process: :data:`WEIGHT_CACHES`.
+    """
+
+    def __init__(self) -> None:
+        self._caches: "weakref.WeakSet[BitNetWeightCache]" = weakref.WeakSet()
+        self._live = 0
+        self._hook = None
+        self.invalidations = 0
+
+    def register(self, cache: "BitNetWeightCache") -> None:
+        """Track ``cache`` (weakly) until it is garbage collected."""
+        self._caches.add(cache)
+        self._live += 1
+        finalizer = weakref.finalize(cache, self._forget)
+        finalizer.atexit = False
+        if self._hook is None:
+            self._hook = register_optimizer_step_post_hook(self._after_optimizer_step)
+
+    def _forget(self) -> None:
+        self._live -= 1
+        if self._live == 0 and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def optimizer_hook_installed(self) -> bool:
+        """True while the ``torch.optim`` step post-hook is registered (diagnostics, tests)."""
+        return self._hook is not None
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self.invalidate_all()
+
+    def invalidate_all(self) -> None:
+        """Drop the quantisation held by every live cache."""
+        self.invalidations += 1
+        for cache in list(self._caches):
+            cache.invalidate()
+
+
+#: The process's :class:`WeightCacheRegistry` (every :class:`BitNetWeightCache` registers here).
+WEIGHT_CACHES = WeightCacheRegistry()
 
 
 def invalidate_weight_caches() -> None:
-    """Invalidate every :class:`BitNetWeightCache` at once (O(1): bumps a global generation).
+    """Invalidate every :class:`BitNetWeightCache` of the process.
 
-    Call after each optimizer step and after loading a checkpoint or otherwise writing model
-    weights (the Megatron integration hooks this into the optimizer step).
+    Optimizer steps and ``load_state_dict`` do this on their own (see
+    :class:`WeightCacheRegistry`); call it after writing model weights any other way (through
+    ``param.data``, a parameter buffer, a weight refit, ...).
     """
-    _GENERATION[0] += 1
+    WEIGHT_CACHES.invalidate_all()
 
 
 def weight_cache_generation() -> int:
-    """Current global cache generation (for diagnostics and tests)."""
-    return _GENERATION[0]
+    """How many times the caches were invalidated so far (for diagnostics and tests)."""
+    return WEIGHT_CACHES.invalidations
 
 
 def _cache_disabled_by_env() -> bool:
@@ -412,46 +493,74 @@ def _cache_disabled_by_env() -> bool:
 class BitNetWeightCache:
     """Holds one weight's quantisation for reuse across the micro-batches of a step.
 
-    Validity key (all must match for a hit):
+    A hit needs the key of the stored quantisation to match the weight:
 
-    * the global generation bumped by :func:`invalidate_weight_caches` (and this object's
-      :meth:`invalidate`) -- the authoritative signal.  Megatron writes model weights through
-      ``param.data`` / multi-tensor copies from the fp32 main params and through NCCL
-      all-gathers into the shared parameter buffer; none of these bump ``param._version``
-      (verified for ``.data.copy_`` and writes through another view of the buffer), so a
-      version key alone would serve stale weights there.  The optimizer step must therefore
-      call :func:`invalidate_weight_caches`.
+    * not invalidated since (:meth:`invalidate`, called by the :class:`WeightCacheRegistry` after
+      every optimizer step, by :func:`invalidate_weight_caches`, and by BitNet layers after
+      ``load_state_dict``) -- the authoritative signal.  Megatron writes model weights through
+      ``param.data`` / multi-tensor copies from the fp32 main params and through all-gathers
+      into the shared parameter buffer; none of these bump ``param._version`` (verified for
+      ``.data.copy_`` and writes through another view of the buffer), so the key below alone
+      would serve stale weights there;
+    * the same weight object (a weak reference: a parameter replaced by another one misses even
+      if the allocator hands it the same address);
     * ``weight._version`` (if ``check_version``): catches in-place updates made through the
-      parameter itself (``torch.optim`` steps, ``param.add_`` / ``copy_`` under no_grad), so
-      plain PyTorch training stays correct without any hook.
-    * ``data_ptr``, shape, dtype, device, and the requested extras (dense dtype, backend).
+      parameter itself (``torch.optim`` steps, ``param.add_`` / ``copy_`` under no_grad);
+    * ``data_ptr`` (``param.data = ...`` swaps the storage), shape, dtype, device, and the
+      requested extras (dense dtype, backend).
 
     Note for tensor-parallel use with a cross-rank beta: a miss triggers a collective, so all
-    ranks must miss together; the generation counter and optimizer in-place updates are
-    rank-symmetric, which guarantees that.
+    ranks must miss together; invalidations (optimizer steps, loads, explicit calls) and
+    in-place updates are rank-symmetric, which guarantees that.
 
     Set ``BITNET_WEIGHT_CACHE=0`` to disable all caches (every call re-quantises).
+
+    Args:
+        enabled: False: never cache (every call re-quantises).
+        check_version: include ``weight._version`` in the key.
+        registry: the :class:`WeightCacheRegistry` that invalidates this cache (default: the
+            process's :data:`WEIGHT_CACHES`).
     """
 
-    def __init__(self, enabled: bool = True, check_version: bool = True):
+    def __init__(
+        self,
+        enabled: bool = True,
+        check_version: bool = True,
+        registry: Optional[WeightCacheRegistry] = None,
+    ):
         self.enabled = enabled
         self.check_version = check_version
+        self._weight: Optional[weakref.ref] = None
         self._key: Optional[Tuple] = None
         self._value: Optional[QuantizedWeight] = None
         self.hits = 0
         self.misses = 0
+        self._registry = WEIGHT_CACHES if registry is None else registry
+        self._registry.register(self)
 
     def invalidate(self) -> None:
         """Drop the cached quantisation of this cache only."""
+        self._weight = None
         self._key = None
         self._value = None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles start empty (a weak reference cannot be copied or pickled) and
+        # register with the process's registry (a registry holds a hook: not pickled).
+        state = dict(self.__dict__)
+        state.update(_weight=None, _key=None, _value=None, _registry=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._registry = WEIGHT_CACHES
+        self._registry.register(self)  # a copy (deepcopy of a layer, unpickling) is a new cache
 
     def _make_key(self, weight: torch.Tensor, extra: Tuple) -> Optional[Tuple]:
         if weight.is_inference():
             return None  # inference tensors have no version counter
         version = weight._version if self.check_version else None
         return (
-            _GENERATION[0],
             version,
             weight.data_ptr(),
             tuple(weight.shape),
@@ -467,13 +576,22 @@ class BitNetWeightCache:
         if not self.enabled or _cache_disabled_by_env():
             return compute()
         key = self._make_key(weight, extra_key)
-        if key is not None and key == self._key and self._value is not None:
+        if (
+            key is not None
+            and key == self._key
+            and self._value is not None
+            and self._weight is not None
+            and self._weight() is weight
+        ):
             self.hits += 1
             return self._value
         self.misses += 1
         value = compute()
         # Key taken before compute(): an update racing with compute() then forces a re-quantise.
-        self._key, self._value = key, (value if key is not None else None)
+        if key is None:
+            self.invalidate()
+        else:
+            self._weight, self._key, self._value = weakref.ref(weight), key, value
         return value
 
 

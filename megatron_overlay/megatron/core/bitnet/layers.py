@@ -40,11 +40,14 @@ Weight cache and the training loop
 Each layer quantises its weight once per optimizer step through a
 :class:`~megatron.core.bitnet.functional.BitNetWeightCache`; the cross-rank reductions of
 ``beta`` run only on cache misses.  Misses must happen on all ranks of the TP group together
-(they contain collectives), which holds because invalidation is global: the training loop
-must call :func:`megatron.core.bitnet.functional.invalidate_weight_caches` at the start of every
-train step (and after loading weights).  In-place updates through the parameter itself
-(``torch.optim``) are also detected through ``weight._version``; Megatron's optimizers write
-through ``.data`` / the parameter buffer, which only the explicit invalidation catches.
+(they contain collectives), which holds because every invalidation is rank-symmetric: the
+caches are dropped after every ``torch.optim`` step (a global step post-hook, so any loop that
+steps a Megatron optimizer refreshes them, see
+:class:`~megatron.core.bitnet.functional.WeightCacheRegistry`) and after ``load_state_dict``
+(a post-hook of each layer).  In-place updates through the parameter itself are also detected
+through ``weight._version``.  Code that writes the weights any other way (``param.data``, the
+parameter buffer, a weight refit) calls
+:func:`megatron.core.bitnet.functional.invalidate_weight_caches`.
 
 Optional input RMSNorm
 ----------------------
@@ -261,6 +264,11 @@ def _config_for_parent(config: ModelParallelConfig) -> ModelParallelConfig:
     return config
 
 
+def _invalidate_after_load(layer: torch.nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: the loaded weight needs a fresh quantisation."""
+    layer.bitnet_weight_cache.invalidate()
+
+
 class BitNetLinearMixin:
     """BitNet state and scale computation shared by the column- and row-parallel layers.
 
@@ -281,6 +289,7 @@ class BitNetLinearMixin:
         self.config = config
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
         self.bitnet_weight_cache = BitNetWeightCache()
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
         names, pattern = bitnet_weight_segments(self.bitnet_role, config, local_rows)
         self.bitnet_segment_names: Tuple[str, ...] = names
         self._bitnet_pattern = pattern

@@ -41,6 +41,11 @@ _ROLES = {
 }
 
 
+# Model arguments a checkpoint records and `--use-checkpoint-args` restores (a BitNet checkpoint
+# loaded without them would become a full-precision model of its latent weights).
+BITNET_MODEL_ARG_NAMES = ("use_bitnet", "bitnet_rms_norm", "bitnet_rms_norm_eps")
+
+
 class BitNetSpecError(ValueError):
     """A spec holds a module that BitNet training does not support."""
 
