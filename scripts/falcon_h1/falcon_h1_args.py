@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,17 +43,6 @@ MULTIPLIERS_0_5B = {
     "mlp_multipliers": [0.88388348, 0.5859375],
     "ssm_multipliers": [0.35355339, 0.25, 0.35355339, 0.5, 0.35355339],
 }
-SCALARS = [
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-]
-
-
 def common_flags(rope_theta: float, eps: float, chunk: int, conv: int) -> list[str]:
     return [
         "--normalization", "RMSNorm", "--norm-epsilon", repr(eps), "--swiglu",
@@ -61,12 +52,27 @@ def common_flags(rope_theta: float, eps: float, chunk: int, conv: int) -> list[s
     ]
 
 
+def mapping():
+    """The checkpoint converter's config mapping (imports Megatron's multiplier table: the
+    patched tree is taken from $MEGATRON, default build/Megatron-LM)."""
+    megatron = Path(os.environ.get("MEGATRON", ROOT / "build" / "Megatron-LM"))
+    if not (megatron / "megatron" / "core").is_dir():
+        sys.exit(f"error: {megatron} is not a patched Megatron tree (run `make apply-patches`)")
+    sys.path[:0] = [str(ROOT / "megatron_overlay" / "tools" / "checkpoint"), str(megatron)]
+    with warnings.catch_warnings():  # Megatron's import-time notices (no TE / apex, ...)
+        warnings.simplefilter("ignore")
+        import falcon_h1_mapping
+
+    return falcon_h1_mapping
+
+
 def multiplier_flags(m: dict) -> list[str]:
+    table = mapping()
     flags = []
-    for name in SCALARS:
+    for name in table.SCALAR_MULTIPLIERS:
         flags += ["--" + name.replace("_", "-"), repr(float(m[name]))]
-    flags += ["--mlp-multipliers", *(repr(float(v)) for v in m["mlp_multipliers"])]
-    flags += ["--ssm-multipliers", *(repr(float(v)) for v in m["ssm_multipliers"])]
+    for name in table.LIST_MULTIPLIERS:
+        flags += ["--" + name.replace("_", "-"), *(repr(float(v)) for v in m[name])]
     return flags
 
 
@@ -100,13 +106,11 @@ def from_preset(name: str) -> list[str]:
 def from_hf_config(path: Path) -> list[str]:
     """Flags from a release config.json, via the checkpoint converter's config mapping (one
     implementation: it validates the config and refuses what Megatron cannot express)."""
-    sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
-    from falcon_h1_mapping import ConversionError, megatron_model_flags, parse_hf_config
-
+    table = mapping()
     try:
-        settings = parse_hf_config(json.loads(path.read_text()))
-        flags = megatron_model_flags(settings, [settings.dims.num_layers])
-    except (ConversionError, KeyError, ValueError) as exc:
+        settings = table.parse_hf_config(json.loads(path.read_text()))
+        flags = table.megatron_model_flags(settings, [settings.dims.num_layers])
+    except (table.ConversionError, KeyError, ValueError) as exc:
         sys.exit(f"error: {path}: {exc}")
     return flags + ["--vocab-size", str(settings.dims.vocab)]
 

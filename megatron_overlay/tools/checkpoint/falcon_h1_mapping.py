@@ -2,8 +2,9 @@
 
 """Falcon-H1 checkpoint layouts: HF transformers <-> Megatron, as pure tensor functions.
 
-Nothing here imports Megatron; everything is a function of tensors and plain config values, so
-the layouts can be tested on their own and reused by other tools.
+Of Megatron, only the table of forward multipliers is imported; everything else is a function of
+tensors and plain config values, so the layouts can be tested on their own and reused by other
+tools.
 
 HF ``FalconH1ForCausalLM`` (transformers >= 4.53) names, per layer ``model.layers.{i}.``::
 
@@ -45,6 +46,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from megatron.core.transformer.forward_multipliers import FORWARD_MULTIPLIERS
+
 Tensor = torch.Tensor
 
 
@@ -56,17 +59,10 @@ class ConversionError(ValueError):
 # Configuration
 # --------------------------------------------------------------------------------------------
 
-# The fourteen Falcon-H1 multipliers in nine fields (same names in HF and Megatron).
-SCALAR_MULTIPLIERS = (
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-)
-LIST_MULTIPLIERS = {"mlp_multipliers": 2, "ssm_multipliers": 5}
+# The fourteen Falcon-H1 multipliers in nine fields (same names in HF and Megatron), from
+# Megatron's one table of them.
+SCALAR_MULTIPLIERS = tuple(m.name for m in FORWARD_MULTIPLIERS if m.count == 1)
+LIST_MULTIPLIERS = {m.name: m.count for m in FORWARD_MULTIPLIERS if m.count > 1}
 
 # HF keys that define the model; absent keys take transformers' FalconH1Config defaults.
 _HF_DEFAULTS = {

@@ -26,7 +26,7 @@ def build(dtype: torch.dtype, distributed_optimizer: bool, overlap: bool):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.bitnet_spec import to_bitnet_spec
+    from megatron.core.bitnet.spec import to_bitnet_spec
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 

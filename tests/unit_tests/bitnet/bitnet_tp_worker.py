@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from pathlib import Path
 from typing import Dict, List
@@ -97,13 +98,11 @@ def _sharded_shapes(layer) -> Dict[str, tuple]:
 
 
 def _column_case(case, rank, tp, single_group, helpers, L):
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-
     h = helpers
     role, gated = case["role"], case.get("gated", True)
     out = h.QKV_OUT if role == "linear_qkv" else (2 * h.FFN if gated else h.FFN)
     sp, gather = case.get("sp", False), case.get("gather_output", False)
-    cls = L.bitnet_class_for(ColumnParallelLinear, role)
+    cls = functools.partial(L.BitNetColumnParallelLinear, role=role)
     seg = h.segment_ids_full(role, out, gated)
     w = _randn(out, h.HIDDEN, seed=1) * torch.tensor([0.02, 0.1, 0.5])[seg][:, None]
     b = _randn(out, seed=2, scale=0.1)
@@ -181,14 +180,12 @@ def _assemble_column(results: List[dict], meta) -> dict:
 
 
 def _row_case(case, rank, tp, single_group, helpers, L):
-    from megatron.core.tensor_parallel.layers import RowParallelLinear
-
     h = helpers
     role = case["role"]
     in_size = h.FFN
     sp = case.get("sp", False)
     parallel_in = case.get("input_is_parallel", True)
-    cls = L.bitnet_class_for(RowParallelLinear, role)
+    cls = functools.partial(L.BitNetRowParallelLinear, role=role)
     seg = h.segment_ids_full(role, h.HIDDEN)
     w = _randn(h.HIDDEN, in_size, seed=11, scale=0.05)
     b = _randn(h.HIDDEN, seed=12, scale=0.1)

@@ -30,10 +30,6 @@ from bitnet_layer_helpers import (  # noqa: E402
 
 from megatron.core.bitnet import functional as F  # noqa: E402
 from megatron.core.bitnet import layers as L  # noqa: E402
-from megatron.core.tensor_parallel.layers import (  # noqa: E402
-    ColumnParallelLinear,
-    RowParallelLinear,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -48,18 +44,20 @@ def _rand(*shape, seed, scale=1.0):
 
 def _column(role, out, config=None, **kw):
     config = config or make_config()
-    cls = L.bitnet_class_for(ColumnParallelLinear, role)
     kw.setdefault("bias", True)
-    return cls(HIDDEN, out, config=config, init_method=init_normal, **kw)
+    return L.BitNetColumnParallelLinear(
+        HIDDEN, out, config=config, init_method=init_normal, role=role, **kw
+    )
 
 
 def _row(role, in_size, config=None, **kw):
     config = config or make_config()
-    cls = L.bitnet_class_for(RowParallelLinear, role)
     kw.setdefault("bias", True)
     kw.setdefault("input_is_parallel", True)
     kw.setdefault("skip_bias_add", False)
-    return cls(in_size, HIDDEN, config=config, init_method=init_normal, **kw)
+    return L.BitNetRowParallelLinear(
+        in_size, HIDDEN, config=config, init_method=init_normal, role=role, **kw
+    )
 
 
 def _set_weight(layer, w, bias=None):
@@ -346,49 +344,25 @@ def test_rms_norm_with_disable_grad_reduce_raises():
         _column("linear_fc1", 2 * FFN, make_config(bitnet_rms_norm=True), disable_grad_reduce=True)
 
 
-def test_class_factory_names_and_errors():
-    from megatron.core.transformer.forward_multipliers import with_forward_multipliers
-
-    col = L.bitnet_class_for(ColumnParallelLinear, "linear_qkv")
-    assert col is L.bitnet_class_for(ColumnParallelLinear, "linear_qkv")
-    assert issubclass(col, L.BitNetColumnParallelLinear) and col.bitnet_role == "linear_qkv"
-    assert getattr(L, col.__name__) is col and col.__module__ == L.__name__
-    assert L.bitnet_class_for(col, "linear_qkv") is col
-    row = L.bitnet_class_for(
-        with_forward_multipliers(RowParallelLinear, "linear_fc2"), "linear_fc2"
-    )
-    assert issubclass(row, L.BitNetRowParallelLinear) and row.multiplier_role == "linear_fc2"
-    assert getattr(L, row.__name__) is row
-    with pytest.raises(TypeError):
-        L.bitnet_class_for(col, "linear_proj")
-    with pytest.raises(TypeError):
-        L.bitnet_class_for(torch.nn.Linear, "linear_fc1")
-
-    class Custom(ColumnParallelLinear):
-        pass
-
-    with pytest.raises(TypeError):
-        L.bitnet_class_for(Custom, "linear_fc1")
+def test_role_is_a_constructor_parameter():
+    """Plain classes told their role by the spec: no classes generated per role."""
+    layer = _column("linear_qkv", QKV_OUT)
+    assert type(layer) is L.BitNetColumnParallelLinear and layer.bitnet_role == "linear_qkv"
+    assert layer.forward_multipliers is None  # multipliers only when the spec asks for them
+    assert _row("linear_fc2", FFN).bitnet_role == "linear_fc2"
+    with pytest.raises(ValueError, match="identifier"):
+        _column("linear qkv", QKV_OUT)
+    assert not [name for name in dir(L) if name.startswith("BitNetColumnParallelLinearFor")]
 
 
 def test_forward_multipliers_wrap_the_bitnet_matmul():
-    from megatron.core.transformer.forward_multipliers import (
-        ForwardMultiplierMixin,
-        with_forward_multipliers,
-    )
-
     gate_mult = 0.37
     config = make_config(mlp_multipliers=[gate_mult, 1.0])
-    cls = L.bitnet_class_for(
-        with_forward_multipliers(ColumnParallelLinear, "linear_fc1"), "linear_fc1"
-    )
-    assert cls.__mro__[1] is ForwardMultiplierMixin
-    assert cls.bitnet_role == "linear_fc1" and cls.multiplier_role == "linear_fc1"
-    layer = cls(HIDDEN, 2 * FFN, config=config, init_method=init_normal, bias=False)
-    plain = L.bitnet_class_for(ColumnParallelLinear, "linear_fc1")(
-        HIDDEN, 2 * FFN, config=config, init_method=init_normal, bias=False
-    )
-    assert layer.forward_multipliers_active and layer.bitnet_segment_names == ("gate", "up")
+    layer = _column("linear_fc1", 2 * FFN, config, bias=False, multipliers=True)
+    plain = _column("linear_fc1", 2 * FFN, config, bias=False)
+    assert layer.bitnet_role == "linear_fc1" and layer.forward_multipliers.role == "linear_fc1"
+    assert not layer.forward_multipliers.identity
+    assert layer.bitnet_segment_names == ("gate", "up")
     seg = segment_ids_full("linear_fc1", 2 * FFN)
     w = _segment_scaled_weight(seg, HIDDEN, seed=21)
     _set_weight(layer, w)

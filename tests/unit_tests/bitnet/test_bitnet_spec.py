@@ -1,5 +1,5 @@
 # Copyright (c) 2026, falcon-mcore authors. All rights reserved.
-"""--use-bitnet option checks and spec conversion (megatron/core/transformer/bitnet_spec.py)."""
+"""--use-bitnet option checks and spec conversion (megatron/core/bitnet/spec.py)."""
 
 import dataclasses
 import functools
@@ -14,7 +14,7 @@ from megatron.core.bitnet.layers import (
     BitNetRowParallelLinear,
 )  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.transformer.bitnet_spec import (  # noqa: E402
+from megatron.core.bitnet.spec import (  # noqa: E402
     BitNetSpecError,
     to_bitnet_spec,
     validate_bitnet_config,
@@ -109,3 +109,29 @@ def test_unknown_linear_is_an_error_naming_it():
     )
     with pytest.raises(BitNetSpecError, match="linear_qkv.*TELayerNormColumnParallelLinear"):
         to_bitnet_spec(bad, "layer")
+
+
+def test_falcon_h1_spec_keeps_roles_and_multipliers():
+    """Falcon-H1 projections become BitNet linears that keep their role and multipliers."""
+    from megatron.core.models.hybrid.falcon_h1_layer_specs import get_parallel_hybrid_layer_spec
+    from megatron.core.models.hybrid.hybrid_backend_specs import LocalSDPASpecProvider
+
+    layer = to_bitnet_spec(get_parallel_hybrid_layer_spec(LocalSDPASpecProvider()), "P")
+    mixer = layer.submodules.self_attention.submodules
+    attention, mamba = mixer.attention.submodules, mixer.mamba.submodules
+    mlp = layer.submodules.mlp.keywords["submodules"]
+    expected = {
+        "linear_qkv": (attention.linear_qkv, BitNetColumnParallelLinear),
+        "linear_proj": (attention.linear_proj, BitNetRowParallelLinear),
+        "mamba_in_proj": (mamba.in_proj, BitNetColumnParallelLinear),
+        "mamba_out_proj": (mamba.out_proj, BitNetRowParallelLinear),
+        "linear_fc1": (mlp.linear_fc1, BitNetColumnParallelLinear),
+        "linear_fc2": (mlp.linear_fc2, BitNetRowParallelLinear),
+    }
+    for role, (spec, cls) in expected.items():
+        assert isinstance(spec, ModuleSpec) and spec.module is cls, (role, spec)
+        assert spec.params == {"role": role, "multipliers": True}, (role, spec.params)
+    # A plain (upstream) projection converts without multipliers.
+    gpt = to_bitnet_spec(get_gpt_layer_local_spec())
+    qkv = gpt.submodules.self_attention.submodules.linear_qkv
+    assert qkv.params == {"role": "linear_qkv", "multipliers": False}

@@ -8,7 +8,7 @@ quantisation / product ops used by tensor-parallel layers, and the pure-torch re
 :mod:`.quant`.  The Triton kernels in
 :mod:`.triton_kernels` are imported lazily (this package imports without Triton).  The
 Megatron tensor-parallel layers live in :mod:`.layers` (``BitNetColumnParallelLinear``,
-``BitNetRowParallelLinear``, ``bitnet_class_for``); import that module explicitly (it is not
+``BitNetRowParallelLinear``); import that module explicitly (it is not
 imported here, so this package stays importable without Megatron's tensor-parallel stack).
 
 The weight scale ``beta`` is a scalar per weight or a vector with one value per output row

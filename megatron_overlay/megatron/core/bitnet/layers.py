@@ -74,7 +74,6 @@ rematerialisation, and the RMSNorm together with ``disable_grad_reduce``.
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -106,7 +105,6 @@ __all__ = [
     "BitNetLinearMixin",
     "BitNetColumnParallelLinear",
     "BitNetRowParallelLinear",
-    "bitnet_class_for",
     "bitnet_weight_segments",
 ]
 
@@ -272,14 +270,17 @@ def _invalidate_after_load(layer: torch.nn.Module, incompatible_keys) -> None:
 class BitNetLinearMixin:
     """BitNet state and scale computation shared by the column- and row-parallel layers.
 
-    Subclasses set :attr:`bitnet_role`; the layer must have ``config``, ``tp_group`` and
-    ``weight`` (or receive the weight in ``forward``).
+    The layer must have ``config``, ``tp_group`` and ``weight`` (or receive the weight in
+    ``forward``). Its ``bitnet_role`` (the constructor's ``role``: ``"linear_qkv"``,
+    ``"linear_fc1"``, ... or ``""``) decides the beta segments; with ``multipliers=True`` it
+    also applies that role's forward multipliers
+    (:class:`megatron.core.transformer.forward_multipliers.ForwardMultipliers`): the input
+    multiplier before the quantisation, the output multipliers after the BitNet product.
     """
 
-    #: Role deciding the beta segments (``"linear_qkv"``, ``"linear_fc1"``, ... or ``""``).
-    bitnet_role: str = ""
-
-    def _bitnet_setup(self, config: ModelParallelConfig, local_rows: int) -> None:
+    def _bitnet_setup(
+        self, config: ModelParallelConfig, local_rows: int, role: str, multipliers: bool
+    ) -> None:
         if getattr(self, "gtp_remat_size", 1) > 1:
             raise NotImplementedError(
                 f"{type(self).__name__}: generalized tensor-parallel rematerialisation is not "
@@ -290,11 +291,31 @@ class BitNetLinearMixin:
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
         self.bitnet_weight_cache = BitNetWeightCache()
         self.register_load_state_dict_post_hook(_invalidate_after_load)
-        names, pattern = bitnet_weight_segments(self.bitnet_role, config, local_rows)
+        if not isinstance(role, str) or (role and not role.isidentifier()):
+            raise ValueError(f"bitnet role must be an identifier string or '', got {role!r}")
+        self.bitnet_role = role
+        self.forward_multipliers = None
+        if multipliers:
+            from megatron.core.transformer.forward_multipliers import ForwardMultipliers
+
+            self.forward_multipliers = ForwardMultipliers(
+                config, role, local_rows, get_pg_size(self.tp_group)
+            )
+        names, pattern = bitnet_weight_segments(role, config, local_rows)
         self.bitnet_segment_names: Tuple[str, ...] = names
         self._bitnet_pattern = pattern
         self._bitnet_local_rows = local_rows
         self._bitnet_segment_ids: Dict[torch.device, torch.Tensor] = {}
+
+    def _scale_outputs(self, output, output_bias):
+        """``(output, bias)`` times the output multipliers (when the layer applies them)."""
+        multipliers = self.forward_multipliers
+        if multipliers is None:
+            return output, output_bias
+        return (
+            multipliers.scale_output(output, with_input=False),
+            multipliers.scale_output(output_bias, with_input=False),
+        )
 
     # -- scales --------------------------------------------------------------------------
 
@@ -427,6 +448,8 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
         disable_grad_reduce: bool = False,
         tp_group: Optional[dist.ProcessGroup] = None,
         name: Optional[str] = None,
+        role: str = "",
+        multipliers: bool = False,
     ):
         _check_supported(type(self).__name__, config, is_expert)
         use_rms_norm = bool(getattr(config, "bitnet_rms_norm", False))
@@ -454,7 +477,7 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
             tp_group=tp_group,
             name=name,
         )
-        self._bitnet_setup(config, self.output_size_per_partition)
+        self._bitnet_setup(config, self.output_size_per_partition, role, multipliers)
         self.rms_norm: Optional[BitNetInputRMSNorm] = None
         if use_rms_norm:
             self.rms_norm = BitNetInputRMSNorm(
@@ -507,6 +530,8 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
         bias = self.bias if not self.skip_bias_add else None
 
         x = input_
+        if self.forward_multipliers is not None:
+            x = self.forward_multipliers.scale_input(x)
         if self.rms_norm is not None:
             x = self.rms_norm(x)  # per token: fine on a sequence shard, before the TP region
         if self.sequence_parallel:
@@ -526,7 +551,7 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
         else:
             output = output_parallel
         output_bias = self.bias if self.skip_bias_add else None
-        return output, output_bias
+        return self._scale_outputs(output, output_bias)
 
     def extra_repr(self) -> str:
         return (
@@ -565,6 +590,8 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         tp_comm_buffer_name: Optional[str] = None,
         tp_group: Optional[dist.ProcessGroup] = None,
         name: Optional[str] = None,
+        role: str = "",
+        multipliers: bool = False,
     ):
         _check_supported(type(self).__name__, config, is_expert)
         super().__init__(
@@ -582,7 +609,7 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
             tp_group=tp_group,
             name=name,
         )
-        self._bitnet_setup(config, self.output_size)
+        self._bitnet_setup(config, self.output_size, role, multipliers)
         self.rms_norm: Optional[BitNetInputRMSNorm] = None
         if getattr(config, "bitnet_rms_norm", False):
             self.rms_norm = BitNetInputRMSNorm(
@@ -607,6 +634,8 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         Returns:
             ``(output, bias)`` as :meth:`RowParallelLinear.forward`.
         """
+        if self.forward_multipliers is not None:
+            input_ = self.forward_multipliers.scale_input(input_)
         if self.input_is_parallel:
             x = input_
         else:
@@ -636,7 +665,7 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         else:
             output = output_
             output_bias = self.bias
-        return output, output_bias
+        return self._scale_outputs(output, output_bias)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Weight sharded along axis 1; the input RMSNorm weight (if any) along axis 0."""
@@ -657,115 +686,3 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
             f"{super().extra_repr()}, bitnet_role={self.bitnet_role!r}, "
             f"segments={self.bitnet_segment_names}"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Classes for layer specs
-# --------------------------------------------------------------------------------------------
-
-_CLASSES: Dict[Tuple[type, str], type] = {}
-_BITNET_BASES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
-
-
-def _camel(role: str) -> str:
-    return "".join(part.capitalize() for part in role.split("_"))
-
-
-def _publish(name: str, bases: Tuple[type, ...], attrs: dict) -> type:
-    existing = getattr(sys.modules[__name__], name, None)
-    if existing is not None:
-        raise RuntimeError(f"BitNet class name {name} is already taken in {__name__}")
-    attrs = dict(attrs, __module__=__name__, __qualname__=name)
-    cls = type(name, bases, attrs)
-    setattr(sys.modules[__name__], name, cls)
-    return cls
-
-
-def _plain_bitnet_class(base_cls: type, role: str) -> type:
-    """BitNet class for plain ColumnParallelLinear / RowParallelLinear (or a BitNet class)."""
-    if issubclass(base_cls, _BITNET_BASES):
-        if base_cls.bitnet_role == role:
-            return base_cls
-        raise TypeError(
-            f"{base_cls.__name__} is already a BitNet linear with bitnet_role "
-            f"{base_cls.bitnet_role!r}; cannot re-role it to {role!r}"
-        )
-    if base_cls is ColumnParallelLinear:
-        bitnet_base = BitNetColumnParallelLinear
-    elif base_cls is RowParallelLinear:
-        bitnet_base = BitNetRowParallelLinear
-    else:
-        raise TypeError(
-            f"no BitNet version of {base_cls.__module__}.{base_cls.__qualname__}: BitNet "
-            "replaces Megatron's local ColumnParallelLinear / RowParallelLinear (optionally with "
-            "forward multipliers); use --transformer-impl local layer specs"
-        )
-    if role == "":
-        return bitnet_base
-    return _publish(
-        f"{bitnet_base.__name__}For{_camel(role)}",
-        (bitnet_base,),
-        {
-            "bitnet_role": role,
-            "__doc__": f"{bitnet_base.__name__} with bitnet_role '{role}'.",
-        },
-    )
-
-
-def bitnet_class_for(base_cls: type, role: str) -> type:
-    """BitNet replacement of a linear class used in a layer spec (cached per pair).
-
-    Args:
-        base_cls: :class:`ColumnParallelLinear`, :class:`RowParallelLinear`, a class made by
-            :func:`megatron.core.transformer.forward_multipliers.with_forward_multipliers`
-            around one of them, or an already-BitNet class with the same role.
-        role: the ``bitnet_role`` (``"linear_qkv"``, ``"linear_fc1"``, ``"linear_proj"``,
-            ``"linear_fc2"``, ``"mamba_in_proj"``, ... or ``""``); decides the beta segments.
-
-    Returns:
-        A subclass of :class:`BitNetColumnParallelLinear` / :class:`BitNetRowParallelLinear`
-        with ``bitnet_role = role``.  For a forward-multiplier class the result is
-        ``(ForwardMultiplierMixin, <BitNet class for role>)`` with the same
-        ``multiplier_role``: the multipliers wrap the BitNet forward (input multiplier before
-        the quantisation, output multipliers after the BitNet matmul).  Generated classes are
-        attributes of this module under stable names (e.g.
-        ``BitNetColumnParallelLinearForLinearFc1WithLinearFc1Multipliers``), so specs holding
-        them can be pickled and referenced by import path.
-    """
-    if not isinstance(role, str) or (role and not role.isidentifier()):
-        raise ValueError(f"bitnet role must be an identifier string or '', got {role!r}")
-    key = (base_cls, role)
-    cls = _CLASSES.get(key)
-    if cls is not None:
-        return cls
-    from megatron.core.transformer.forward_multipliers import ForwardMultiplierMixin
-
-    if issubclass(base_cls, ForwardMultiplierMixin):
-        linear_bases = [b for b in base_cls.__bases__ if b is not ForwardMultiplierMixin]
-        # Own (non-dunder) attributes other than the role would be lost by the rebuild.
-        extra = {k for k in vars(base_cls) if not (k.startswith("__") and k.endswith("__"))} - {
-            "multiplier_role"
-        }
-        if base_cls.__bases__[0] is not ForwardMultiplierMixin or len(linear_bases) != 1 or extra:
-            raise TypeError(
-                f"{base_cls.__qualname__} is not a class made by with_forward_multipliers "
-                "(ForwardMultiplierMixin followed by one linear class, nothing else)"
-            )
-        if issubclass(linear_bases[0], _BITNET_BASES):
-            raise TypeError(
-                f"{base_cls.__qualname__} already wraps a BitNet linear; pass the plain linear"
-            )
-        inner = bitnet_class_for(linear_bases[0], role)
-        mult_role = base_cls.multiplier_role
-        cls = _publish(
-            f"{inner.__name__}With{_camel(mult_role)}Multipliers",
-            (ForwardMultiplierMixin, inner),
-            {
-                "multiplier_role": mult_role,
-                "__doc__": f"{inner.__name__} applying the '{mult_role}' forward multipliers.",
-            },
-        )
-    else:
-        cls = _plain_bitnet_class(base_cls, role)
-    _CLASSES[key] = cls
-    return cls

@@ -1,18 +1,19 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
-"""Non-learnable forward multipliers (Falcon-H1's muP multipliers) applied by linear layers.
+"""Non-learnable forward multipliers (Falcon-H1's muP multipliers).
 
 Falcon-H1 scales the inputs and outputs of its projections by fixed numbers from the model
-config. Applying them *inside* the projection modules, rather than at each call site, means every
-code path that runs a projection (training, the memory-efficient and plain Mamba paths, prefill
-and decode) applies them, and that no fused norm + linear can scale an input before its norm (the
-input multiplier is applied to the normed activation the linear receives).
+config. :data:`FORWARD_MULTIPLIERS` is the one table of them: each entry is a
+``TransformerConfig`` field (its name is also the CLI flag, ``--<name with dashes>``, the HF
+``FalconH1Config`` attribute and a checkpoint argument) and the projection role(s) applying it.
 
-A projection learns its role from its class: ``with_forward_multipliers(ColumnParallelLinear,
-"mamba_in_proj")`` returns a subclass (cached, importable by name from this module) whose forward
-applies the multipliers of that role. The same works for Transformer Engine and BitNet linears.
-When every multiplier of a role is 1.0 the subclass performs no extra operation, so models that do
-not set the multipliers are bit-identical to the plain linear.
+The projections apply their role's multipliers themselves (:class:`ForwardMultipliers`, owned
+by :class:`ColumnParallelLinearWithMultipliers`, :class:`RowParallelLinearWithMultipliers`, the
+Transformer Engine and BitNet linears), so every code path that runs a projection (training, the
+memory-efficient and plain Mamba paths, prefill and decode) applies them, and no fused norm +
+linear can scale an input before its norm. Layer specs choose these classes and pass the role
+as a spec parameter: ``ModuleSpec(module=ColumnParallelLinearWithMultipliers,
+params={"role": "linear_qkv"})``.
 
 Roles:
 
@@ -25,15 +26,27 @@ Roles:
 * ``mamba_out_proj``: output x ``ssm_out_multiplier``.
 * ``linear_fc1``: gate half of the (gated) fc1 output x ``mlp_multipliers[0]``.
 * ``linear_fc2``: output x ``mlp_multipliers[1]``.
+
+Cost. A projection is linear, so its input and output multipliers combine into one scale per
+output channel, ``y = s * (x W^T)``, applied in one place: folded into the weight rows
+(``x (s W)^T``, a weight-sized elementwise pass instead of an activation-sized one: for training
+micro-batches the weight is the smaller operand) where the linear accepts a weight
+(``ColumnParallelLinear`` without gradient-accumulation fusion), otherwise one elementwise pass
+over the smaller of input and output (a scale that is the same for every channel may act on
+the input). With every multiplier at 1.0 a projection does no extra work and is bit-identical
+to the plain linear. The scales are plain tensors derived from the config, not buffers: nothing
+is saved in checkpoints and CUDA-graph capture, which restores module buffers in place after
+warm-up, never touches a tensor that autograd saved.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_size
 
@@ -46,38 +59,74 @@ ROLES = (
     "linear_fc2",
 )
 
-# Model arguments a checkpoint records and `--use-checkpoint-args` restores.
-MODEL_ARG_NAMES = (
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-    "ssm_multipliers",
-    "mlp_multipliers",
+
+@dataclass(frozen=True)
+class ForwardMultiplier:
+    """One entry of :data:`FORWARD_MULTIPLIERS`.
+
+    Attributes:
+        name: the ``TransformerConfig`` field, HF ``FalconH1Config`` attribute and checkpoint
+            argument (the CLI flag is ``--`` + name with dashes).
+        roles: for each value, the projection role applying it (``None``: the embedding or the
+            output layer applies it). A scalar multiplier has one value.
+        labels: names of the values of a list multiplier (its CLI metavar).
+    """
+
+    name: str
+    roles: Tuple[Optional[str], ...]
+    labels: Tuple[str, ...] = ()
+
+    @property
+    def count(self) -> int:
+        """Number of values (1 for a scalar)."""
+        return len(self.roles)
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag."""
+        return "--" + self.name.replace("_", "-")
+
+    def values(self, config) -> Tuple[float, ...]:
+        """The values in ``config`` (a list field left at None means all 1.0)."""
+        value = getattr(config, self.name)
+        if value is None:
+            return (1.0,) * self.count
+        if self.count == 1:
+            return (float(value),)
+        return tuple(float(v) for v in value)
+
+    def is_set(self, config) -> bool:
+        """True when some value differs from 1.0."""
+        return any(v != 1.0 for v in self.values(config))
+
+
+FORWARD_MULTIPLIERS: Tuple[ForwardMultiplier, ...] = (
+    ForwardMultiplier("embedding_multiplier", (None,)),
+    ForwardMultiplier("lm_head_multiplier", (None,)),
+    ForwardMultiplier("key_multiplier", ("linear_qkv",)),
+    ForwardMultiplier("attention_in_multiplier", ("linear_qkv",)),
+    ForwardMultiplier("attention_out_multiplier", ("linear_proj",)),
+    ForwardMultiplier("ssm_in_multiplier", ("mamba_in_proj",)),
+    ForwardMultiplier("ssm_out_multiplier", ("mamba_out_proj",)),
+    ForwardMultiplier("ssm_multipliers", ("mamba_in_proj",) * 5, ("Z", "X", "B", "C", "DT")),
+    ForwardMultiplier("mlp_multipliers", ("linear_fc1", "linear_fc2"), ("GATE", "DOWN")),
+)
+"""Falcon-H1's 9 multiplier fields (14 numbers), in HF's order."""
+
+MULTIPLIERS_BY_NAME: Dict[str, ForwardMultiplier] = {m.name: m for m in FORWARD_MULTIPLIERS}
+
+# Model arguments a checkpoint records and `--use-checkpoint-args` restores: the multipliers,
+# the Mamba options Falcon-H1 adds and the padded-vocabulary mask.
+MODEL_ARG_NAMES = tuple(m.name for m in FORWARD_MULTIPLIERS) + (
     "mamba_rms_norm",
     "mamba_chunk_size",
     "mamba_conv_kernel",
     "unpadded_vocab_size",
 )
 
-# Config fields that only projections apply (the embedding / lm-head multipliers are applied
-# by the embedding and the language model head).
-LAYER_MULTIPLIER_FIELDS = {
-    "attention_in_multiplier": "linear_qkv",
-    "key_multiplier": "linear_qkv",
-    "attention_out_multiplier": "linear_proj",
-    "ssm_in_multiplier": "mamba_in_proj",
-    "ssm_multipliers": "mamba_in_proj",
-    "ssm_out_multiplier": "mamba_out_proj",
-    "mlp_multipliers": "linear_fc1",
-}
 
-
-def _flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+def _value(config, name: str, index: int = 0) -> float:
+    return MULTIPLIERS_BY_NAME[name].values(config)[index]
 
 
 def validate_forward_multipliers(config: TransformerConfig) -> None:
@@ -85,82 +134,38 @@ def validate_forward_multipliers(config: TransformerConfig) -> None:
 
     Called from ``TransformerConfig.__post_init__``.
     """
-    for name, count in (("ssm_multipliers", 5), ("mlp_multipliers", 2)):
-        values = getattr(config, name, None)
-        if values is None:
-            continue
-        if isinstance(values, (int, float)) or len(values) != count:
-            raise ValueError(f"{_flag(name)} takes exactly {count} numbers, got {values!r}")
-        setattr(config, name, [float(v) for v in values])
-    for name in (
-        "embedding_multiplier",
-        "lm_head_multiplier",
-        "key_multiplier",
-        "attention_in_multiplier",
-        "attention_out_multiplier",
-        "ssm_in_multiplier",
-        "ssm_out_multiplier",
-    ):
-        value = getattr(config, name, 1.0)
-        if (
-            not isinstance(value, (int, float))
-            or value != value
-            or value in (float("inf"), -float("inf"))
-        ):
-            raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
-    if getattr(config, "key_multiplier", 1.0) != 1.0 and getattr(config, "qk_layernorm", False):
+    for mult in FORWARD_MULTIPLIERS:
+        value = getattr(config, mult.name)
+        if mult.count > 1:
+            if value is None:
+                continue
+            if isinstance(value, (int, float)) or len(value) != mult.count:
+                raise ValueError(f"{mult.flag} takes exactly {mult.count} numbers, got {value!r}")
+            value = [float(v) for v in value]
+            setattr(config, mult.name, value)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")):
+                what = "a finite number" if mult.count == 1 else "finite numbers"
+                raise ValueError(f"{mult.flag} must be {what}, got {value!r}")
+    if config.key_multiplier != 1.0 and config.qk_layernorm:
         raise ValueError(
             "--key-multiplier scales keys before RoPE; with --qk-layernorm the key norm would "
             "undo it. Use one or the other."
         )
-    if _mlp_multipliers(config)[0] != 1.0 and not config.gated_linear_unit:
+    if _value(config, "mlp_multipliers", 0) != 1.0 and not config.gated_linear_unit:
         raise ValueError("--mlp-multipliers GATE needs a gated MLP (--swiglu)")
-    if getattr(config, "mamba_chunk_size", 128) <= 0:
+    if config.mamba_chunk_size <= 0:
         raise ValueError(f"--mamba-chunk-size must be positive, got {config.mamba_chunk_size}")
-    if getattr(config, "mamba_conv_kernel", 4) < 1:
+    if config.mamba_conv_kernel < 1:
         raise ValueError(f"--mamba-conv-kernel must be >= 1, got {config.mamba_conv_kernel}")
 
 
-def _ssm_multipliers(config: TransformerConfig) -> tuple[float, float, float, float, float]:
-    values = getattr(config, "ssm_multipliers", None)
-    return tuple(values) if values is not None else (1.0,) * 5
+# --------------------------------------------------------------------------------------------
+# Per-role scales
 
 
-def _mlp_multipliers(config: TransformerConfig) -> tuple[float, float]:
-    values = getattr(config, "mlp_multipliers", None)
-    return tuple(values) if values is not None else (1.0, 1.0)
-
-
-def role_is_identity(config: TransformerConfig, role: str) -> bool:
-    """True when every multiplier of ``role`` is 1.0 for this config."""
-    input_mult, output_mult = _role_scalars(config, role)
-    if role == "linear_qkv":
-        return input_mult == 1.0 and getattr(config, "key_multiplier", 1.0) == 1.0
-    if role == "mamba_in_proj":
-        return input_mult == 1.0 and all(m == 1.0 for m in _ssm_multipliers(config))
-    if role == "linear_fc1":
-        return _mlp_multipliers(config)[0] == 1.0
-    return input_mult == 1.0 and output_mult == 1.0
-
-
-def _role_scalars(config: TransformerConfig, role: str) -> tuple[float, float]:
-    """(input multiplier, scalar output multiplier) of a role."""
-    if role == "linear_qkv":
-        return getattr(config, "attention_in_multiplier", 1.0), 1.0
-    if role == "linear_proj":
-        return 1.0, getattr(config, "attention_out_multiplier", 1.0)
-    if role == "mamba_in_proj":
-        return getattr(config, "ssm_in_multiplier", 1.0), 1.0
-    if role == "mamba_out_proj":
-        return 1.0, getattr(config, "ssm_out_multiplier", 1.0)
-    if role == "linear_fc1":
-        return 1.0, 1.0
-    if role == "linear_fc2":
-        return 1.0, _mlp_multipliers(config)[1]
-    raise ValueError(f"unknown forward-multiplier role {role!r}; expected one of {ROLES}")
-
-
-def fused_qkv_group_layout(config: TransformerConfig) -> tuple[tuple[str, int], ...]:
+def fused_qkv_group_layout(config: TransformerConfig) -> Tuple[Tuple[str, int], ...]:
     """``(name, rows)`` of the logical matrices in one query group of Megatron's fused QKV.
 
     Upstream ``SelfAttention`` lays the fused QKV output out per query group: the group's query
@@ -176,7 +181,7 @@ def fused_qkv_group_layout(config: TransformerConfig) -> tuple[tuple[str, int], 
             f"by --num-query-groups ({groups})"
         )
     query_rows = heads // groups * head_dim
-    gate = (("gate", query_rows),) if getattr(config, "attention_output_gate", False) else ()
+    gate = (("gate", query_rows),) if config.attention_output_gate else ()
     return (("q", query_rows),) + gate + (("k", head_dim), ("v", head_dim))
 
 
@@ -203,7 +208,9 @@ def qkv_output_multipliers(config: TransformerConfig, local_out: int, tp_size: i
     return group.repeat(local_out // group_width)
 
 
-def mamba_in_proj_output_multipliers(config: TransformerConfig, local_out: int, tp_size: int):
+def mamba_in_proj_output_multipliers(
+    config: TransformerConfig, local_out: int, tp_size: int
+) -> torch.Tensor:
     """Per-channel multipliers of one TP rank's Mamba in_proj output [z, x, B, C, dt]."""
     if config.mamba_num_groups % tp_size != 0:
         raise ValueError(
@@ -221,8 +228,8 @@ def mamba_in_proj_output_multipliers(config: TransformerConfig, local_out: int, 
         )
     d_inner = nheads * config.mamba_head_dim
     sizes = (d_inner, d_inner, groups_state, groups_state, nheads)
-    values = _ssm_multipliers(config)
-    return torch.cat([torch.full((n,), float(v)) for n, v in zip(sizes, values)])
+    values = MULTIPLIERS_BY_NAME["ssm_multipliers"].values(config)
+    return torch.cat([torch.full((n,), v) for n, v in zip(sizes, values)])
 
 
 def fc1_output_multipliers(config: TransformerConfig, local_out: int) -> torch.Tensor:
@@ -233,97 +240,195 @@ def fc1_output_multipliers(config: TransformerConfig, local_out: int) -> torch.T
             "--swiglu (gated_linear_unit)"
         )
     half = local_out // 2
-    gate = _mlp_multipliers(config)[0]
-    return torch.cat([torch.full((half,), float(gate)), torch.ones(local_out - half)])
+    gate = _value(config, "mlp_multipliers", 0)
+    return torch.cat([torch.full((half,), gate), torch.ones(local_out - half)])
 
 
-class ForwardMultiplierMixin:
-    """Mixin for a linear layer class: applies its role's multipliers in ``forward``.
-
-    Must precede the linear class in the MRO. The linear must store ``config`` and return
-    ``(output, bias)`` from ``forward`` (Megatron and Transformer Engine linears do).
-    """
-
-    multiplier_role: str = ""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        config = self.config
-        role = self.multiplier_role
-        self.forward_multipliers_active = not role_is_identity(config, role)
-        self._input_multiplier, self._output_multiplier = _role_scalars(config, role)
-        vector: Optional[torch.Tensor] = None
-        if self.forward_multipliers_active and role in (
-            "linear_qkv",
-            "mamba_in_proj",
-            "linear_fc1",
-        ):
-            local_out = self._local_output_size()
-            tp_size = get_pg_size(getattr(self, "tp_group", None))
-            if role == "linear_qkv":
-                vector = qkv_output_multipliers(config, local_out, tp_size)
-            elif role == "mamba_in_proj":
-                vector = mamba_in_proj_output_multipliers(config, local_out, tp_size)
-            else:
-                vector = fc1_output_multipliers(config, local_out)
-            device = self.weight.device if hasattr(self, "weight") else None
-            vector = vector.to(device=device, dtype=config.params_dtype)
-        # Derived from the config: not part of the state dict or checkpoints.
-        self.register_buffer("output_multiplier_vector", vector, persistent=False)
-
-    def _local_output_size(self) -> int:
-        for name in ("output_size_per_partition", "out_features"):
-            if hasattr(self, name):
-                return int(getattr(self, name))
-        return int(self.weight.shape[0])
-
-    def _scale_output(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if tensor is None:
-            return None
-        if self.output_multiplier_vector is not None:
-            tensor = tensor * self.output_multiplier_vector.to(tensor.dtype)
-        if self._output_multiplier != 1.0:
-            tensor = tensor * self._output_multiplier
-        return tensor
-
-    def forward(self, input_, *args, **kwargs):
-        """Run the linear with its role's input and output multipliers applied."""
-        if not self.forward_multipliers_active:
-            return super().forward(input_, *args, **kwargs)
-        if self._input_multiplier != 1.0:
-            input_ = input_ * self._input_multiplier
-        output, bias = super().forward(input_, *args, **kwargs)
-        return self._scale_output(output), self._scale_output(bias)
+def role_scalars(config: TransformerConfig, role: str) -> Tuple[float, float]:
+    """(input multiplier, scalar output multiplier) of a role."""
+    if role == "linear_qkv":
+        return config.attention_in_multiplier, 1.0
+    if role == "linear_proj":
+        return 1.0, config.attention_out_multiplier
+    if role == "mamba_in_proj":
+        return config.ssm_in_multiplier, 1.0
+    if role == "mamba_out_proj":
+        return 1.0, config.ssm_out_multiplier
+    if role == "linear_fc1":
+        return 1.0, 1.0
+    if role == "linear_fc2":
+        return 1.0, _value(config, "mlp_multipliers", 1)
+    raise ValueError(f"unknown forward-multiplier role {role!r}; expected one of {ROLES}")
 
 
-_CLASSES: dict[tuple[type, str], type] = {}
-
-
-def with_forward_multipliers(linear_cls: type, role: str) -> type:
-    """Subclass of ``linear_cls`` applying the multipliers of ``role`` (cached per pair).
-
-    The class is published as an attribute of this module under a stable name, so specs that
-    hold it can be pickled or referenced by import path.
-    """
+def role_is_identity(config: TransformerConfig, role: str) -> bool:
+    """True when every multiplier of ``role`` is 1.0 for this config."""
+    for mult in FORWARD_MULTIPLIERS:
+        for value, value_role in zip(mult.values(config), mult.roles):
+            if value_role == role and value != 1.0:
+                return False
     if role not in ROLES:
         raise ValueError(f"unknown forward-multiplier role {role!r}; expected one of {ROLES}")
-    key = (linear_cls, role)
-    if key not in _CLASSES:
-        camel = "".join(part.capitalize() for part in role.split("_"))
-        name = f"{linear_cls.__name__}With{camel}Multipliers"
-        cls = type(
-            name,
-            (ForwardMultiplierMixin, linear_cls),
-            {
-                "multiplier_role": role,
-                "__module__": __name__,
-                "__qualname__": name,
-                "__doc__": f"{linear_cls.__name__} applying the '{role}' forward multipliers.",
-            },
+    return True
+
+
+class ForwardMultipliers:
+    """The multipliers one projection applies, as scales of its input and output channels.
+
+    ``y = (x * input) W^T * output``, where ``input`` is a number and ``output`` one number per
+    output channel of this rank (the role's scalar output multiplier times its per-channel
+    multipliers). A linear map lets both act on the output (``combined``) or on the weight rows.
+    Derived from the config (nothing to save); vectors are kept in fp32, with a cached copy per
+    (device, dtype) they are used in.
+
+    Args:
+        config: model config.
+        role: one of :data:`ROLES`.
+        local_out: output channels of this rank.
+        tp_size: tensor-parallel size (the per-channel layouts are per rank).
+        device: where to keep the vectors.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, role: str, local_out: int, tp_size: int, device=None
+    ):
+        self.role = role
+        self.identity = role_is_identity(config, role)
+        input_mult, output_mult = role_scalars(config, role)
+        channels: Optional[torch.Tensor] = None
+        if not self.identity:
+            if role == "linear_qkv" and config.key_multiplier != 1.0:
+                channels = qkv_output_multipliers(config, local_out, tp_size)
+            elif role == "mamba_in_proj":
+                channels = mamba_in_proj_output_multipliers(config, local_out, tp_size)
+            elif role == "linear_fc1":
+                channels = fc1_output_multipliers(config, local_out)
+        #: Scale of the input (a number).
+        self.input = float(input_mult)
+        #: Scale of every output channel: a number, or None when ``output_vector`` is set.
+        self.output = float(output_mult)
+        self.output_vector: Optional[torch.Tensor] = None
+        self.combined = self.input * self.output
+        self.combined_vector: Optional[torch.Tensor] = None
+        if channels is not None:
+            channels = channels.double().to(device)
+            self.output_vector = (channels * self.output).float()
+            self.combined_vector = (channels * self.combined).float()
+        self._cast: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _as(self, vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (id(vector), like.device, like.dtype)
+        cached = self._cast.get(key)
+        if cached is None:
+            cached = vector.to(device=like.device, dtype=like.dtype)
+            self._cast[key] = cached
+        return cached
+
+    def scale_input(self, input_: torch.Tensor) -> torch.Tensor:
+        """``input_ * input`` (the tensor itself when the scale is 1)."""
+        return input_ if self.input == 1.0 else input_ * self.input
+
+    def scale_output(
+        self, output: Optional[torch.Tensor], with_input: bool = True
+    ) -> Optional[torch.Tensor]:
+        """``output`` (channels last) times the output scale, and the input scale unless
+        ``with_input`` is False (for a layer that scaled its input itself). None stays None."""
+        if output is None or self.identity:
+            return output
+        vector = self.combined_vector if with_input else self.output_vector
+        if vector is not None:
+            return output * self._as(vector, output)
+        scalar = self.combined if with_input else self.output
+        return output if scalar == 1.0 else output * scalar
+
+    def scale_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with input and output scales folded into its rows (``x (s W)^T``)."""
+        if self.combined_vector is None:
+            return weight * self.combined
+        return weight * self._as(self.combined_vector, weight).unsqueeze(1)
+
+    def __repr__(self) -> str:
+        if self.identity:
+            return f"ForwardMultipliers(role={self.role!r}, identity)"
+        out = "per-channel" if self.output_vector is not None else f"{self.output:g}"
+        return f"ForwardMultipliers(role={self.role!r}, input={self.input:g}, output={out})"
+
+
+def _tokens(input_: torch.Tensor) -> int:
+    return input_.numel() // max(input_.shape[-1], 1)
+
+
+class ColumnParallelLinearWithMultipliers(ColumnParallelLinear):
+    """``ColumnParallelLinear`` applying the forward multipliers of its ``role``.
+
+    Same constructor as the parent plus ``role`` (one of :data:`ROLES`). Where the input has more
+    tokens than the layer has input features (training micro-batches), the scale is folded into
+    the weight rows; otherwise (decode steps, a caller-supplied weight, gradient-accumulation
+    fusion, which needs the parameter itself, or a bias) it multiplies the output.
+    """
+
+    def __init__(self, *args, role: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.gather_output:
+            raise NotImplementedError(
+                f"{type(self).__name__}: forward multipliers of a gathered output "
+                "(gather_output=True) are not supported"
+            )
+        self.forward_multipliers = ForwardMultipliers(
+            self.config,
+            role,
+            self.output_size_per_partition,
+            get_pg_size(self.tp_group),
+            device=None if self.weight is None else self.weight.device,
         )
-        setattr(sys.modules[__name__], name, cls)
-        _CLASSES[key] = cls
-    return _CLASSES[key]
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ):
+        """Forward of the parent with the role's multipliers applied."""
+        fm = self.forward_multipliers
+        if fm.identity:
+            return super().forward(input_, weight, runtime_gather_output)
+        if runtime_gather_output:
+            raise NotImplementedError("forward multipliers of a gathered output")
+        if (
+            weight is None
+            and self.bias is None
+            and not self.gradient_accumulation_fusion
+            and _tokens(input_) > self.input_size
+        ):
+            return super().forward(input_, fm.scale_weight(self.weight), runtime_gather_output)
+        output, bias = super().forward(input_, weight, runtime_gather_output)
+        return fm.scale_output(output), fm.scale_output(bias)
+
+
+class RowParallelLinearWithMultipliers(RowParallelLinear):
+    """``RowParallelLinear`` applying the forward multipliers of its ``role``.
+
+    Same constructor as the parent plus ``role``. Row-parallel roles scale every channel alike,
+    so the scale acts on the smaller of the (local) input and the output.
+    """
+
+    def __init__(self, *args, role: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forward_multipliers = ForwardMultipliers(
+            self.config, role, self.output_size, get_pg_size(self.tp_group)
+        )
+        if self.forward_multipliers.output_vector is not None:
+            raise ValueError(f"row-parallel role {role!r} has per-channel multipliers")
+
+    def forward(self, input_: torch.Tensor):
+        """Forward of the parent with the role's multipliers applied."""
+        fm = self.forward_multipliers
+        if fm.identity:
+            return super().forward(input_)
+        if self.bias is None and input_.shape[-1] < self.output_size:
+            return super().forward(input_ * fm.combined)
+        output, bias = super().forward(input_)
+        return fm.scale_output(output), fm.scale_output(bias)
 
 
 def check_forward_multipliers_applied(
@@ -351,20 +456,18 @@ def check_forward_multipliers_applied(
     if config is None:
         config = getattr(models[0], "config", None) if models else None
     flagged = []
-    for field_name, role in LAYER_MULTIPLIER_FIELDS.items():
-        value = getattr(config, field_name, None)
-        is_set = value is not None and (
-            any(v != 1.0 for v in value) if isinstance(value, (list, tuple)) else value != 1.0
-        )
-        if is_set:
-            flagged.append((field_name, role))
+    for mult in FORWARD_MULTIPLIERS:
+        for value, role in zip(mult.values(config), mult.roles):
+            if role is not None and value != 1.0 and (mult, role) not in flagged:
+                flagged.append((mult, role))
     if not flagged:
         return
     present = torch.zeros(len(ROLES), dtype=torch.int32)
     for model in models:
         for module in model.modules():
-            if isinstance(module, ForwardMultiplierMixin):
-                present[ROLES.index(module.multiplier_role)] = 1
+            multipliers = getattr(module, "forward_multipliers", None)
+            if isinstance(multipliers, ForwardMultipliers):
+                present[ROLES.index(multipliers.role)] = 1
     if (
         group is not None
         and torch.distributed.is_available()
@@ -376,12 +479,12 @@ def check_forward_multipliers_applied(
         torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX, group=group)
         present = present.cpu()
     roles_present = {role for role, flag in zip(ROLES, present.tolist()) if flag}
-    for field_name, role in flagged:
+    for mult, role in flagged:
         if role not in roles_present:
             raise ValueError(
-                f"{_flag(field_name)} is set, but no layer of this model applies it: the layer "
-                "spec in use has no multiplier-aware projections (upstream's GPT and Transformer "
-                "Engine hybrid specs have none). Use a falcon-mcore hybrid spec "
-                "(e.g. --spec megatron.core.models.hybrid.falcon_h1_layer_specs "
-                "falcon_h1_stack_spec) or leave the multiplier at 1.0."
+                f"{mult.flag} is set, but no layer of this model applies it: the layer spec in "
+                "use has no multiplier-aware projections (upstream's GPT and Transformer Engine "
+                "hybrid specs have none). Use a Falcon-H1 hybrid spec (e.g. --spec "
+                "megatron.core.models.hybrid.falcon_h1_layer_specs falcon_h1_stack_spec) or "
+                "leave the multiplier at 1.0."
             )

@@ -5,14 +5,15 @@
 import pytest
 import torch
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.forward_multipliers import (
-    ForwardMultiplierMixin,
+    FORWARD_MULTIPLIERS,
+    ColumnParallelLinearWithMultipliers,
+    RowParallelLinearWithMultipliers,
     check_forward_multipliers_applied,
     mamba_in_proj_output_multipliers,
     qkv_output_multipliers,
     role_is_identity,
-    with_forward_multipliers,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
@@ -38,9 +39,15 @@ def _config(**kwargs):
     return TransformerConfig(**values)
 
 
-def _column(cls, config, out):
+def _column(cls, config, out, **kwargs):
     return cls(
-        16, out, config=config, init_method=torch.nn.init.normal_, bias=False, gather_output=False
+        16,
+        out,
+        config=config,
+        init_method=torch.nn.init.normal_,
+        bias=False,
+        gather_output=False,
+        **kwargs,
     )
 
 
@@ -50,11 +57,12 @@ def test_defaults_are_identity_and_bit_identical(single_rank):
         assert role_is_identity(config, role)
     torch.manual_seed(0)
     plain = _column(ColumnParallelLinear, config, 40)
-    scaled = _column(with_forward_multipliers(ColumnParallelLinear, "linear_fc1"), config, 40)
+    scaled = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1")
     scaled.load_state_dict(plain.state_dict())
-    assert not scaled.forward_multipliers_active
-    x = torch.randn(3, 2, 16)
-    assert torch.equal(plain(x)[0], scaled(x)[0])
+    assert scaled.forward_multipliers.identity
+    for tokens in (3, 40):  # activation-side and weight-side regimes
+        x = torch.randn(tokens, 2, 16)
+        assert torch.equal(plain(x)[0], scaled(x)[0])
     assert set(scaled.state_dict()) == set(plain.state_dict())  # no persistent extra state
 
 
@@ -146,36 +154,82 @@ def test_mamba_in_proj_segments():
         assert torch.all(segment == value)
 
 
-def test_scaled_linears_match_explicit_formula(single_rank):
-    config = _config(mlp_multipliers=[0.25, 3.0], ssm_in_multiplier=1.5, ssm_multipliers=[2, 3, 4, 5, 6])
+@pytest.mark.parametrize("tokens", [3, 40], ids=["scale-output", "scale-weight"])
+def test_scaled_linears_match_explicit_formula(single_rank, tokens):
+    """Both regimes (fewer tokens than input features: the output is scaled; more: the weight
+    rows are) compute HF's formula (x * in_mult) W^T * out_mult * per-channel multipliers."""
+    config = _config(
+        mlp_multipliers=[0.25, 3.0], ssm_in_multiplier=1.5, ssm_multipliers=[2, 3, 4, 5, 6]
+    )
     torch.manual_seed(0)
-    fc1 = _column(with_forward_multipliers(ColumnParallelLinear, "linear_fc1"), config, 40)
-    x = torch.randn(3, 2, 16)
+    fc1 = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1")
+    x = torch.randn(tokens, 2, 16)
     y, _ = fc1(x)
     ref = x @ fc1.weight.t()
-    assert torch.allclose(y[..., :20], ref[..., :20] * 0.25)
-    assert torch.equal(y[..., 20:], ref[..., 20:])
+    scale = ref.abs().max().item()
+    assert torch.allclose(y[..., :20], ref[..., :20] * 0.25, rtol=0, atol=1e-6 * scale)
+    assert torch.allclose(y[..., 20:], ref[..., 20:], rtol=0, atol=1e-6 * scale)
 
-    fc2 = with_forward_multipliers(RowParallelLinear, "linear_fc2")(
+    fc2 = RowParallelLinearWithMultipliers(
         20, 16, config=config, init_method=torch.nn.init.normal_, bias=False,
-        input_is_parallel=True, skip_bias_add=True,
-    )
-    h = torch.randn(3, 2, 20)
+        input_is_parallel=True, skip_bias_add=True, role="linear_fc2",
+    )  # fmt: skip
+    h = torch.randn(tokens, 2, 20)
     out, bias = fc2(h)
     assert bias is None
     assert torch.allclose(out, (h @ fc2.weight.t()) * 3.0)
 
-    in_proj = _column(with_forward_multipliers(ColumnParallelLinear, "mamba_in_proj"), config, 48)
+    in_proj = _column(ColumnParallelLinearWithMultipliers, config, 48, role="mamba_in_proj")
     y, _ = in_proj(x)
-    expected = (x * 1.5) @ in_proj.weight.t() * in_proj.output_multiplier_vector
-    assert torch.allclose(y, expected)
+    vector = mamba_in_proj_output_multipliers(config, 48, tp_size=1)
+    expected = (x * 1.5) @ in_proj.weight.t() * vector
+    # fp32: the scales combine in another order than the formula's; round-off relative to the
+    # output scale (entries that cancel to ~0 carry the absolute error of the large terms).
+    assert torch.allclose(y, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [3, 40], ids=["scale-output", "scale-weight"])
+def test_scaled_linear_gradients(single_rank, tokens):
+    """Input and weight gradients equal those of the explicit formula in both regimes."""
+    config = _config(ssm_in_multiplier=1.5, ssm_multipliers=[2, 3, 4, 5, 6])
+    torch.manual_seed(0)
+    in_proj = _column(ColumnParallelLinearWithMultipliers, config, 48, role="mamba_in_proj")
+    vector = mamba_in_proj_output_multipliers(config, 48, tp_size=1)
+    x = torch.randn(tokens, 2, 16, requires_grad=True)
+    grad = torch.randn(tokens, 2, 48)
+    in_proj(x)[0].backward(grad)
+    weight = in_proj.weight.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ((x_ref * 1.5) @ weight.t() * vector).backward(grad)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(in_proj.weight.grad, weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_multipliers_are_not_buffers(single_rank):
+    """Derived from the config: no buffers, so CUDA-graph capture's in-place restore of module
+    buffers after warm-up cannot touch a tensor autograd saved (--cuda-graph-impl local)."""
+    config = _config(mlp_multipliers=[0.25, 3.0], key_multiplier=0.5)
+    fc1 = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1")
+    qkv = _column(ColumnParallelLinearWithMultipliers, config, 48, role="linear_qkv")
+    assert list(fc1.buffers()) == [] and list(qkv.buffers()) == []
+
+
+def test_table_matches_the_config_fields():
+    """Every multiplier of the table is a TransformerConfig field whose CLI arity is its count."""
+    fields = TransformerConfig.__dataclass_fields__
+    for mult in FORWARD_MULTIPLIERS:
+        assert mult.name in fields, mult.name
+        nargs = fields[mult.name].metadata.get("argparse_meta", {}).get("nargs")
+        assert (nargs or 1) == mult.count, (mult.name, nargs)
+        assert mult.flag == "--" + mult.name.replace("_", "-")
+    assert sum(m.count for m in FORWARD_MULTIPLIERS) == 14
 
 
 def test_check_unites_the_chunks_of_a_rank(single_rank):
     """Virtual-pipeline chunks: a multiplier applied by any chunk of the rank is applied."""
     config = _config(key_multiplier=0.5, mlp_multipliers=[0.25, 1.0])
-    qkv = _column(with_forward_multipliers(ColumnParallelLinear, "linear_qkv"), config, 48)
-    fc1 = _column(with_forward_multipliers(ColumnParallelLinear, "linear_fc1"), config, 40)
+    qkv = _column(ColumnParallelLinearWithMultipliers, config, 48, role="linear_qkv")
+    fc1 = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1")
     check_forward_multipliers_applied([qkv, fc1], config)
     with pytest.raises(ValueError, match="--key-multiplier is set"):
         check_forward_multipliers_applied([fc1], config)
@@ -185,15 +239,9 @@ def test_check_unites_the_chunks_of_a_rank(single_rank):
     check_forward_multipliers_applied(plain, _config(lm_head_multiplier=0.5))  # not a layer one
 
 
-def test_classes_are_cached_and_importable():
-    a = with_forward_multipliers(ColumnParallelLinear, "linear_qkv")
-    assert a is with_forward_multipliers(ColumnParallelLinear, "linear_qkv")
-    assert issubclass(a, ForwardMultiplierMixin) and issubclass(a, ColumnParallelLinear)
-    import megatron.core.transformer.forward_multipliers as fm
-
-    assert getattr(fm, a.__name__) is a
+def test_unknown_role_is_refused(single_rank):
     with pytest.raises(ValueError, match="unknown forward-multiplier role"):
-        with_forward_multipliers(ColumnParallelLinear, "nope")
+        _column(ColumnParallelLinearWithMultipliers, _config(), 40, role="nope")
 
 
 @pytest.mark.parametrize(

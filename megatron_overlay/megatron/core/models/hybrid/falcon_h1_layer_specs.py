@@ -2,10 +2,10 @@
 
 """Falcon-H1 specs: the parallel hybrid layer (``P``) and hybrid stacks with muP multipliers.
 
-Every projection of these specs applies Falcon-H1's forward multipliers for its role (see
-``megatron.core.transformer.forward_multipliers``) and no input norm is fused into a
-projection, so input multipliers always act after the norm. With all multipliers at 1.0 the
-modules compute exactly what the plain local / TE modules compute.
+Every projection of these specs is a multiplier-aware linear (see
+``megatron.core.transformer.forward_multipliers``) told its role by a spec parameter, and no
+input norm is fused into a projection, so input multipliers always act after the norm. With
+all multipliers at 1.0 the modules compute exactly what the plain local / TE modules compute.
 
 Specs (``--spec megatron.core.models.hybrid.falcon_h1_layer_specs <name>``):
 
@@ -24,6 +24,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.hybrid.hybrid_backend_specs import (
     LocalSDPASpecProvider,
+    MultiplierLinears,
     get_attention_submodules_for_backend,
     get_dense_mlp_for_backend,
     get_hybrid_stack_spec_for_backend,
@@ -35,16 +36,26 @@ from megatron.core.models.hybrid.parallel_hybrid_layer import (
     ParallelHybridMixer,
     ParallelHybridMixerSubmodules,
 )
-from megatron.core.transformer.forward_multipliers import with_forward_multipliers
+from megatron.core.transformer.forward_multipliers import (
+    ColumnParallelLinearWithMultipliers,
+    RowParallelLinearWithMultipliers,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 
-def get_parallel_hybrid_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
+LOCAL_MULTIPLIER_LINEARS = MultiplierLinears(
+    column=ColumnParallelLinearWithMultipliers, row=RowParallelLinearWithMultipliers
+)
+"""Local (non-TE) projections applying the forward multipliers."""
+
+
+def get_parallel_hybrid_layer_spec(
+    backend: BackendSpecProvider, linears: MultiplierLinears = LOCAL_MULTIPLIER_LINEARS
+) -> ModuleSpec:
     """Spec of one ``P`` layer: norm -> (attention || Mamba-2) -> residual -> norm -> MLP."""
     norm = backend.layer_norm(rms_norm=True)
-    factory = with_forward_multipliers
     return ModuleSpec(
         module=ParallelHybridLayer,
         submodules=TransformerLayerSubmodules(
@@ -52,24 +63,26 @@ def get_parallel_hybrid_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
             self_attention=ModuleSpec(
                 module=ParallelHybridMixer,
                 submodules=ParallelHybridMixerSubmodules(
-                    attention=get_attention_submodules_for_backend(backend, factory),
-                    mamba=get_mamba_mixer_spec_for_backend(backend, factory),
+                    attention=get_attention_submodules_for_backend(backend, linears),
+                    mamba=get_mamba_mixer_spec_for_backend(backend, linears),
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=get_dense_mlp_for_backend(backend, factory),
+            mlp=get_dense_mlp_for_backend(backend, linears),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def get_falcon_h1_stack_spec(backend: BackendSpecProvider) -> ModuleSpec:
+def get_falcon_h1_stack_spec(
+    backend: BackendSpecProvider, linears: MultiplierLinears = LOCAL_MULTIPLIER_LINEARS
+) -> ModuleSpec:
     """Hybrid stack (``P``, ``M``, ``*``, ``-``) whose projections apply the multipliers."""
     return get_hybrid_stack_spec_for_backend(
         backend,
-        linear_factory=with_forward_multipliers,
-        parallel_hybrid_layer=get_parallel_hybrid_layer_spec(backend),
+        multiplier_linears=linears,
+        parallel_hybrid_layer=get_parallel_hybrid_layer_spec(backend, linears),
     )
 
 
@@ -86,7 +99,15 @@ def _te_stack_spec() -> ModuleSpec:
             "falcon_h1_te_stack_spec needs Transformer Engine; use falcon_h1_stack_spec "
             "(--transformer-impl local) without it"
         )
-    return get_falcon_h1_stack_spec(TESpecProvider())
+    from megatron.core.extensions.transformer_engine_multipliers import (
+        TEColumnParallelLinearWithMultipliers,
+        TERowParallelLinearWithMultipliers,
+    )
+
+    linears = MultiplierLinears(
+        column=TEColumnParallelLinearWithMultipliers, row=TERowParallelLinearWithMultipliers
+    )
+    return get_falcon_h1_stack_spec(TESpecProvider(), linears)
 
 
 def __getattr__(name: str):

@@ -16,8 +16,9 @@ silently becoming an identity layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional, Union
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
@@ -37,8 +38,21 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-# (linear class, role) -> linear class; see megatron.core.transformer.forward_multipliers.
-LinearFactory = Callable[[type, str], type]
+
+@dataclass(frozen=True)
+class MultiplierLinears:
+    """Projection classes that apply forward multipliers, with their role as a spec parameter.
+
+    See ``megatron.core.transformer.forward_multipliers``: the classes take a ``role`` keyword
+    (``linear_qkv``, ``mamba_in_proj``, ...), given to them through ``ModuleSpec.params``.
+    """
+
+    column: type
+    row: type
+
+    def spec(self, parallel: str, role: str) -> ModuleSpec:
+        """``ModuleSpec`` of the ``"column"`` or ``"row"`` projection playing ``role``."""
+        return ModuleSpec(module=getattr(self, parallel), params={"role": role})
 
 
 class LocalSDPASpecProvider(LocalSpecProvider):
@@ -56,47 +70,46 @@ class LocalSDPASpecProvider(LocalSpecProvider):
 
 
 class UnsupportedHybridLayer:
-    """Placeholder for a layer kind a hybrid spec does not provide; fails when built."""
+    """Placeholder for a layer kind a hybrid spec does not provide; fails when built.
 
-    symbol = "?"
+    Use as ``ModuleSpec(module=UnsupportedHybridLayer, params={"symbol": "E"})``.
+    """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, symbol: str, **kwargs):
         raise ValueError(
-            f"--hybrid-layer-pattern symbol '{self.symbol}' is not supported by this hybrid "
-            "stack spec (local/falcon-mcore specs provide M, *, - and P); use upstream's "
+            f"--hybrid-layer-pattern symbol '{symbol}' is not supported by this hybrid "
+            "stack spec (the local and Falcon-H1 specs provide M, *, - and P); use upstream's "
             "Transformer Engine spec for it."
         )
 
 
-def _unsupported(symbol: str) -> type:
-    return type(
-        f"UnsupportedHybridLayer_{ord(symbol)}", (UnsupportedHybridLayer,), {"symbol": symbol}
-    )
+def _unsupported(symbol: str) -> ModuleSpec:
+    return ModuleSpec(module=UnsupportedHybridLayer, params={"symbol": symbol})
 
 
-def _linears(
-    backend: BackendSpecProvider, linear_factory: Optional[LinearFactory]
-) -> tuple[Callable[[str], type], Callable[[str], type]]:
-    """Column / row linear class per role, with forward multipliers when a factory is given."""
+def _linears(backend: BackendSpecProvider, multiplier_linears: Optional[MultiplierLinears]):
+    """Column / row projection (class or spec) per role, with multipliers when classes are given."""
 
-    def column(role: str) -> type:
-        cls = backend.column_parallel_linear()
-        return linear_factory(cls, role) if linear_factory else cls
+    def column(role: str) -> Union[type, ModuleSpec]:
+        if multiplier_linears is not None:
+            return multiplier_linears.spec("column", role)
+        return backend.column_parallel_linear()
 
-    def row(role: str) -> type:
-        cls = backend.row_parallel_linear()
-        return linear_factory(cls, role) if linear_factory else cls
+    def row(role: str) -> Union[type, ModuleSpec]:
+        if multiplier_linears is not None:
+            return multiplier_linears.spec("row", role)
+        return backend.row_parallel_linear()
 
     return column, row
 
 
 def get_attention_submodules_for_backend(
     backend: BackendSpecProvider,
-    linear_factory: Optional[LinearFactory] = None,
+    multiplier_linears: Optional[MultiplierLinears] = None,
     fuse_input_norm: bool = False,
 ) -> ModuleSpec:
     """Causal self-attention spec (its input norm is fused into ``linear_qkv`` if asked)."""
-    column, row = _linears(backend, linear_factory)
+    column, row = _linears(backend, multiplier_linears)
     linear_qkv = (
         backend.column_parallel_layer_norm_linear() if fuse_input_norm else column("linear_qkv")
     )
@@ -113,11 +126,11 @@ def get_attention_submodules_for_backend(
 
 def get_mamba_mixer_spec_for_backend(
     backend: BackendSpecProvider,
-    linear_factory: Optional[LinearFactory] = None,
+    multiplier_linears: Optional[MultiplierLinears] = None,
     fuse_input_norm: bool = False,
 ) -> ModuleSpec:
     """Mamba-2 mixer spec (its input norm is fused into ``in_proj`` if asked)."""
-    column, row = _linears(backend, linear_factory)
+    column, row = _linears(backend, multiplier_linears)
     in_proj = (
         backend.column_parallel_layer_norm_linear() if fuse_input_norm else column("mamba_in_proj")
     )
@@ -129,11 +142,11 @@ def get_mamba_mixer_spec_for_backend(
 
 def get_dense_mlp_for_backend(
     backend: BackendSpecProvider,
-    linear_factory: Optional[LinearFactory] = None,
+    multiplier_linears: Optional[MultiplierLinears] = None,
     fuse_input_norm: bool = False,
 ):
     """Dense MLP builder (``MLP.as_mlp_submodule``)."""
-    column, row = _linears(backend, linear_factory)
+    column, row = _linears(backend, multiplier_linears)
     fc1 = backend.column_parallel_layer_norm_linear() if fuse_input_norm else column("linear_fc1")
     return partial(
         MLP.as_mlp_submodule,
@@ -143,19 +156,19 @@ def get_dense_mlp_for_backend(
 
 def get_hybrid_stack_spec_for_backend(
     backend: BackendSpecProvider,
-    linear_factory: Optional[LinearFactory] = None,
+    multiplier_linears: Optional[MultiplierLinears] = None,
     parallel_hybrid_layer: Optional[ModuleSpec] = None,
 ) -> ModuleSpec:
     """Hybrid stack spec for ``M``, ``*``, ``-`` (and ``P`` when a layer spec is given).
 
     Args:
         backend: which linears, norms and core attention to use.
-        linear_factory: wraps each projection class for its role (e.g. to apply forward
-            multipliers). With a factory, input norms are never fused into projections, so an
+        multiplier_linears: projection classes applying forward multipliers (their role is a
+            spec parameter). With them, input norms are never fused into projections, so an
             input multiplier always acts on the normed activation.
         parallel_hybrid_layer: spec of the ``P`` layer, if the stack should support it.
     """
-    fuse = backend.fuse_layernorm_and_linear() and linear_factory is None
+    fuse = backend.fuse_layernorm_and_linear() and multiplier_linears is None
     norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
         module=HybridStack,
@@ -164,7 +177,7 @@ def get_hybrid_stack_spec_for_backend(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
                     norm=IdentityOp if fuse else norm,
-                    mixer=get_mamba_mixer_spec_for_backend(backend, linear_factory, fuse),
+                    mixer=get_mamba_mixer_spec_for_backend(backend, multiplier_linears, fuse),
                     mamba_bda=get_bias_dropout_add,
                 ),
             ),
@@ -173,7 +186,7 @@ def get_hybrid_stack_spec_for_backend(
                 submodules=TransformerLayerSubmodules(
                     input_layernorm=IdentityOp if fuse else norm,
                     self_attention=get_attention_submodules_for_backend(
-                        backend, linear_factory, fuse
+                        backend, multiplier_linears, fuse
                     ),
                     self_attn_bda=get_bias_dropout_add,
                 ),
@@ -182,7 +195,7 @@ def get_hybrid_stack_spec_for_backend(
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
                     pre_mlp_layernorm=IdentityOp if fuse else norm,
-                    mlp=get_dense_mlp_for_backend(backend, linear_factory, fuse),
+                    mlp=get_dense_mlp_for_backend(backend, multiplier_linears, fuse),
                     mlp_bda=get_bias_dropout_add,
                 ),
             ),

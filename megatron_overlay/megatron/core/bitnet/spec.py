@@ -1,10 +1,13 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Turn a layer / stack spec into its BitNet b1.58 version (``--use-bitnet``).
 
 :func:`to_bitnet_spec` walks a spec (``ModuleSpec`` trees, submodule dataclasses and the
 ``functools.partial`` builders upstream uses for MLPs) and replaces every projection it knows
-with its BitNet class (``megatron.core.bitnet.layers``), keeping forward multipliers:
+with a ``ModuleSpec`` of the BitNet linear of the same parallel kind
+(``megatron.core.bitnet.layers``) whose ``role`` parameter selects the beta segments; a
+projection that applied forward multipliers (``ColumnParallelLinearWithMultipliers`` /
+``RowParallelLinearWithMultipliers``) keeps them (``multipliers=True``):
 
 =============================  ==================  ======================================
 submodule field                role                BitNet scale (beta) per
@@ -17,8 +20,9 @@ submodule field                role                BitNet scale (beta) per
 =============================  ==================  ======================================
 
 Embeddings, norms and the output layer are not part of layer specs and stay full precision.
-Anything else that holds a linear layer (Transformer Engine modules, MoE experts, MLA, GDN,
-multi-token prediction, ...) is an error naming the submodule: BitNet is never silently off.
+Anything else that holds a linear layer (Transformer Engine modules, MoE layers and experts,
+other linear classes) is an error naming the submodule: BitNet is never silently off. Modules
+are identified by type.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+
+import torch
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -86,49 +92,89 @@ def validate_bitnet_config(config) -> None:
         raise ValueError("--use-bitnet does not support: " + "; ".join(problems))
 
 
-def _linear_kind(value: Any):
-    """ColumnParallelLinear / RowParallelLinear subclass a spec value builds, else None."""
+def _te_module_types() -> tuple:
+    """Transformer Engine module base classes (empty without TE)."""
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError:  # TE absent (or broken): no TE module can be in a spec
+        return ()
+    return tuple(
+        getattr(te, name)
+        for name in ("Linear", "LayerNormLinear", "LayerNormMLP", "GroupedLinear")
+        if hasattr(te, name)
+    )
+
+
+def _moe_types() -> tuple:
+    from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return (MoELayer, SequentialMLP, TEGroupedMLP)
+
+
+def _module_class(value: Any):
     cls = value.module if isinstance(value, ModuleSpec) else value
-    if isinstance(cls, type):
-        for kind in (ColumnParallelLinear, RowParallelLinear):
-            if issubclass(cls, kind):
-                return kind
-    return None
+    return cls if isinstance(cls, type) else None
 
 
-def _looks_like_linear(value: Any) -> bool:
-    cls = value.module if isinstance(value, ModuleSpec) else value
-    name = getattr(cls, "__name__", "") if isinstance(cls, type) else ""
-    return "Linear" in name
+def _is_linear_class(cls) -> bool:
+    """A class that holds a linear projection BitNet must convert or refuse."""
+    if cls is None:
+        return False
+    linear_types = (ColumnParallelLinear, RowParallelLinear, torch.nn.Linear) + _te_module_types()
+    return issubclass(cls, linear_types)
 
 
-def _convert_linear(value: Any, field: str, path: str):
-    from megatron.core.bitnet.layers import bitnet_class_for
+def _convert_linear(value: Any, field: str, path: str) -> ModuleSpec:
+    from megatron.core.bitnet.layers import BitNetColumnParallelLinear, BitNetRowParallelLinear
+    from megatron.core.transformer.forward_multipliers import (
+        ColumnParallelLinearWithMultipliers,
+        RowParallelLinearWithMultipliers,
+    )
 
     role, expected = _ROLES[field]
-    kind = _linear_kind(value)
-    if kind is None:
-        cls = value.module if isinstance(value, ModuleSpec) else value
+    cls = _module_class(value)
+    params = dict(value.params) if isinstance(value, ModuleSpec) else {}
+    conversions = {
+        ColumnParallelLinear: (ColumnParallelLinear, BitNetColumnParallelLinear, False),
+        ColumnParallelLinearWithMultipliers: (
+            ColumnParallelLinear,
+            BitNetColumnParallelLinear,
+            True,
+        ),
+        RowParallelLinear: (RowParallelLinear, BitNetRowParallelLinear, False),
+        RowParallelLinearWithMultipliers: (RowParallelLinear, BitNetRowParallelLinear, True),
+        BitNetColumnParallelLinear: (ColumnParallelLinear, BitNetColumnParallelLinear, None),
+        BitNetRowParallelLinear: (RowParallelLinear, BitNetRowParallelLinear, None),
+    }
+    if cls not in conversions:
         raise BitNetSpecError(
             f"--use-bitnet: {path} is {getattr(cls, '__name__', cls)!r}, which has no BitNet "
-            "version (only local ColumnParallelLinear / RowParallelLinear projections do; "
-            "use --transformer-impl local and a local spec)"
+            "version (only local ColumnParallelLinear / RowParallelLinear projections, with or "
+            "without forward multipliers, do; use --transformer-impl local and a local spec)"
         )
+    kind, bitnet_cls, multipliers = conversions[cls]
     if kind is not expected:
         raise BitNetSpecError(
             f"--use-bitnet: {path} is a {kind.__name__}, expected {expected.__name__}"
         )
-    if isinstance(value, ModuleSpec):
-        return dataclasses.replace(value, module=bitnet_class_for(value.module, role))
-    return bitnet_class_for(value, role)
+    spec_role = params.get("role", role)
+    if spec_role != role:
+        raise BitNetSpecError(
+            f"--use-bitnet: {path} has role {spec_role!r}; the {field} slot needs {role!r}"
+        )
+    params["role"] = role
+    if multipliers is not None:
+        params["multipliers"] = multipliers
+    base = value if isinstance(value, ModuleSpec) else ModuleSpec(module=bitnet_cls)
+    return dataclasses.replace(base, module=bitnet_cls, params=params)
 
 
 def _walk(value: Any, path: str) -> Any:
     if isinstance(value, ModuleSpec):
-        cls = value.module
-        name = getattr(cls, "__name__", str(cls))
-        if isinstance(cls, type) and ("MoE" in name or "Expert" in name or "TE" == name[:2]):
-            raise BitNetSpecError(f"--use-bitnet: {path} ({name}) is not supported")
+        cls = _module_class(value)
+        if cls is not None and issubclass(cls, _moe_types() + _te_module_types()):
+            raise BitNetSpecError(f"--use-bitnet: {path} ({cls.__name__}) is not supported")
         if value.submodules is None:
             return value
         return dataclasses.replace(value, submodules=_walk(value.submodules, f"{path}.submodules"))
@@ -142,13 +188,9 @@ def _walk(value: Any, path: str) -> Any:
         for field in dataclasses.fields(value):
             child = getattr(value, field.name)
             child_path = f"{path}.{field.name}"
-            if (
-                field.name in _ROLES
-                and child is not None
-                and (_linear_kind(child) is not None or _looks_like_linear(child))
-            ):
+            if field.name in _ROLES and child is not None:
                 changes[field.name] = _convert_linear(child, field.name, child_path)
-            elif _looks_like_linear(child):
+            elif _is_linear_class(_module_class(child)):
                 raise BitNetSpecError(
                     f"--use-bitnet: {child_path} holds a linear layer BitNet does not convert"
                 )
@@ -157,7 +199,7 @@ def _walk(value: Any, path: str) -> Any:
         return dataclasses.replace(value, **changes)
     if isinstance(value, (list, tuple)):
         return type(value)(_walk(v, f"{path}[{i}]") for i, v in enumerate(value))
-    if _looks_like_linear(value) and _linear_kind(value) is None:
+    if _is_linear_class(_module_class(value)):
         raise BitNetSpecError(f"--use-bitnet: {path} holds a linear layer BitNet does not convert")
     return value
 
