@@ -132,3 +132,24 @@ def test_backward_uses_quantisation_of_its_forward():
     y_old.backward(dy)
     expected = dy @ (wq_old.t.float() * wq_old.beta)
     assert torch.allclose(x.grad, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["per-layer-graph", "full-iteration-graph"])
+def test_cuda_graph_capture(monkeypatch, reuse):
+    """While a CUDA graph is captured, a per-layer graph cache quantises on every call and keeps
+    nothing (an eager quantisation of the same step must not be frozen into the graph); a
+    whole-iteration graph cache reuses within the capture (one quantisation per replay)."""
+    w = _param()
+    cache = F.BitNetWeightCache(reuse_in_capture=reuse)
+    eager = F.get_quantized_weight(w, cache=cache, backend=BE)  # warm-up step, same weights
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    first = F.get_quantized_weight(w, cache=cache, backend=BE)
+    second = F.get_quantized_weight(w, cache=cache, backend=BE)
+    if reuse:
+        assert first is eager and second is eager and cache.misses == 1
+    else:
+        assert first is not eager and second is not first and cache.misses == 3
+        assert _same_quant(first, eager)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        assert F.get_quantized_weight(w, cache=cache, backend=BE) is not second  # kept nothing

@@ -486,6 +486,11 @@ def weight_cache_generation() -> int:
     return WEIGHT_CACHES.invalidations
 
 
+def _capturing() -> bool:
+    """True while the current CUDA stream records a CUDA graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _cache_disabled_by_env() -> bool:
     return os.environ.get("BITNET_WEIGHT_CACHE", "1") == "0"
 
@@ -515,11 +520,21 @@ class BitNetWeightCache:
 
     Set ``BITNET_WEIGHT_CACHE=0`` to disable all caches (every call re-quantises).
 
+    CUDA graphs: a replay runs none of this Python, so what a captured region contains must
+    stay right for every replay. A whole-iteration graph (``--cuda-graph-impl full_iteration``)
+    starts after the optimizer step invalidated the caches, so its first micro-batch captures
+    the quantisation and later micro-batches of the capture reuse it (``reuse_in_capture``):
+    every replay re-quantises exactly once. A per-layer graph (``--cuda-graph-impl local``) may
+    be captured while the cache holds an eager quantisation of the same step; reusing it would
+    freeze those weights into the graph, so such captures always quantise (and store nothing).
+
     Args:
         enabled: False: never cache (every call re-quantises).
         check_version: include ``weight._version`` in the key.
         registry: the :class:`WeightCacheRegistry` that invalidates this cache (default: the
             process's :data:`WEIGHT_CACHES`).
+        reuse_in_capture: during CUDA-graph capture, keep caching (True: whole-iteration
+            graphs) or quantise on every call (False).
     """
 
     def __init__(
@@ -527,9 +542,11 @@ class BitNetWeightCache:
         enabled: bool = True,
         check_version: bool = True,
         registry: Optional[WeightCacheRegistry] = None,
+        reuse_in_capture: bool = False,
     ):
         self.enabled = enabled
         self.check_version = check_version
+        self.reuse_in_capture = reuse_in_capture
         self._weight: Optional[weakref.ref] = None
         self._key: Optional[Tuple] = None
         self._value: Optional[QuantizedWeight] = None
@@ -574,6 +591,10 @@ class BitNetWeightCache:
     ) -> QuantizedWeight:
         """Return the cached quantisation of ``weight`` or ``compute()`` and store it."""
         if not self.enabled or _cache_disabled_by_env():
+            return compute()
+        if not self.reuse_in_capture and _capturing():
+            self.misses += 1
+            self.invalidate()
             return compute()
         key = self._make_key(weight, extra_key)
         if (

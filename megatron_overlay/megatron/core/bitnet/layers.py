@@ -289,7 +289,9 @@ class BitNetLinearMixin:
         # Restore the real config (the parent may have seen a copy, see _config_for_parent).
         self.config = config
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
-        self.bitnet_weight_cache = BitNetWeightCache()
+        self.bitnet_weight_cache = BitNetWeightCache(
+            reuse_in_capture=getattr(config, "cuda_graph_impl", "none") == "full_iteration"
+        )
         self.register_load_state_dict_post_hook(_invalidate_after_load)
         if not isinstance(role, str) or (role and not role.isidentifier()):
             raise ValueError(f"bitnet role must be an identifier string or '', got {role!r}")

@@ -79,12 +79,12 @@ def validate_bitnet_config(config) -> None:
     if getattr(config, "mtp_num_layers", None):
         problems.append("--mtp-num-layers (multi-token prediction)")
     graph_impl = getattr(config, "cuda_graph_impl", "none") or "none"
-    if graph_impl != "none" or getattr(config, "enable_cuda_graph", False):
-        # A replayed graph would keep using the ternary weights of the captured step: the
-        # per-step weight cache is refreshed by Python code that a replay skips.
+    if graph_impl not in ("none", "local", "full_iteration"):
+        # The weight quantisation must be inside what a graph replays (see BitNetWeightCache):
+        # Megatron's own per-layer and whole-iteration graphs are handled, TE's are not.
         problems.append(
-            f"--cuda-graph-impl {graph_impl if graph_impl != 'none' else 'local'} (CUDA graphs "
-            "would replay stale quantised weights)"
+            f"--cuda-graph-impl {graph_impl} (use local or full_iteration: their captures "
+            "include the per-step weight quantisation)"
         )
     if getattr(config, "external_cuda_graph", False):
         problems.append("external CUDA graphs (would replay stale quantised weights)")
