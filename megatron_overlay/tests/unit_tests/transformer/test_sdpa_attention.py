@@ -52,7 +52,7 @@ def test_causal_gqa():
 
 
 def test_plain_causal_takes_the_flash_eligible_call(monkeypatch):
-    """No materialised mask and no K/V copies: is_causal + enable_gqa (flash-eligible on GPU)."""
+    """On GPU: no materialised mask and no K/V copies (is_causal + enable_gqa, flash-eligible)."""
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
 
@@ -62,6 +62,7 @@ def test_plain_causal_takes_the_flash_eligible_call(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     q, k, v = _qkv(7, 7)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the GPU branch
     _module()(q, k, v, None)
     (q_shape, k_shape, kwargs), = calls
     assert kwargs.get("attn_mask") is None and kwargs["is_causal"] is True
