@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Turn a layer / stack spec into its BitNet b1.58 version (``--use-bitnet``).
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Non-learnable forward multipliers (Falcon-H1's muP multipliers) applied by linear layers.
 
