@@ -37,6 +37,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import upstream_lint  # noqa: E402  (a module of this directory)
+
 BRANCH = "falcon-mcore"
 STATE_FILE = "falcon-mcore-state.json"
 OVERLAY_TRAILER = "Falcon-Mcore-Overlay"
@@ -931,10 +934,78 @@ def compare_dirs(expected: Path, actual: Path, label: str, patches_only: bool = 
     return problems
 
 
+def series_changes(tree: Path, base: str, rev: str = "HEAD") -> dict[str, str | None]:
+    """{path: text at ``base``, or None for a new file} of the files ``base..rev`` adds or
+    changes (deleted files are left out: there is nothing to lint)."""
+    out = git(tree, "diff", "--name-status", "-z", "--no-renames", base, rev).stdout.decode()
+    fields = [f for f in out.split("\0") if f]
+    changes: dict[str, str | None] = {}
+    for status, rel in zip(fields[::2], fields[1::2]):
+        if status == "A":
+            changes[rel] = None
+        elif status == "M":
+            blob = git(tree, "cat-file", "blob", f"{base}:{rel}").stdout
+            try:
+                changes[rel] = blob.decode()
+            except UnicodeDecodeError:
+                continue  # binary: not linted
+    return changes
+
+
+def lint_venv(args: argparse.Namespace, project: Project) -> Path:
+    venv = Path(args.lint_venv) if args.lint_venv else project.root / ".venv-lint"
+    return venv if venv.is_absolute() else project.root / venv
+
+
+def run_upstream_lint(project: Project, tree: Path, base: str, venv: Path) -> list[str]:
+    """Findings of upstream's lint rules on the series in ``tree``, printed; returns them."""
+    changes = series_changes(tree, base)
+    changes = {
+        rel: pin
+        for rel, pin in changes.items()
+        if (tree / rel).is_file() and _is_text(tree / rel)
+    }
+    try:
+        findings, notes = upstream_lint.lint_files(
+            venv, tree, changes, project.root / "build" / "lint-cache.json"
+        )
+    except upstream_lint.LintError as exc:
+        raise PatchsetError(str(exc)) from exc
+    counts: dict[str, set[str]] = {}
+    for finding in findings:
+        counts.setdefault(finding.tool, set()).add(finding.path)
+        print(f"[lint] {finding}")
+    for rel in notes:
+        print(
+            f"[lint] note: {rel}: the pinned black/isort would also change upstream's own lines "
+            "(not counted; upstream CI checks whole files under megatron/core and tests/)"
+        )
+    per_tool = ", ".join(
+        f"{tool} {sum(f.tool == tool for f in findings)} in {len(paths)} files"
+        for tool, paths in sorted(counts.items())
+    )
+    print(
+        f"[lint] {len(findings)} findings on {len(changes)} files the series adds or changes"
+        + (f" ({per_tool})" if findings else "")
+    )
+    return [str(f) for f in findings]
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        path.read_text()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def cmd_check(project: Project, args: argparse.Namespace) -> None:
     problems = lint(project)
+    lint_problems: list[str] = []
     pin = project.pin
     ensure_commit_in_cache(pin.sha, pin)
+    if args.lint != "off":
+        check_lint_tools(lint_venv(args, project))
     with tempfile.TemporaryDirectory(prefix="falcon-mcore-check.") as tmp:
         tmp_path = Path(tmp)
         tree = scratch_tree(pin, tmp_path)
@@ -948,12 +1019,101 @@ def cmd_check(project: Project, args: argparse.Namespace) -> None:
             export_to(project, tree, pin.sha, out_patches, out_overlay)
             problems += compare_dirs(project.patches_dir, out_patches, "patches", patches_only=True)
             problems += compare_dirs(project.overlay_dir, out_overlay, "megatron_overlay")
+            if args.lint != "off":
+                lint_problems = run_upstream_lint(project, tree, pin.sha, lint_venv(args, project))
+    if lint_problems and args.lint == "strict":
+        problems.append(
+            f"{len(lint_problems)} findings of upstream's lint rules (listed above with [lint]); "
+            "`make format` fixes black/isort/header findings"
+        )
     if problems:
         raise PatchsetError("check-patches found problems:\n  " + "\n  ".join(problems))
+    lint_note = {
+        "off": "",
+        "report": f"; upstream lint: {len(lint_problems)} findings (LINT=report: not failing)",
+        "strict": "; upstream lint: no findings",
+    }[args.lint]
     print(
         f"[check] OK: {len(project.series())} patches, {len(project.overlay_files())} overlay "
-        f"files; zero-fuzz apply on {pin.sha[:12]} and byte-identical round trip"
+        f"files; zero-fuzz apply on {pin.sha[:12]} and byte-identical round trip{lint_note}"
     )
+
+
+def check_lint_tools(venv: Path) -> None:
+    for tool in upstream_lint.TOOLS:
+        try:
+            upstream_lint.tool_path(venv, tool)
+        except upstream_lint.LintError as exc:
+            raise PatchsetError(str(exc)) from exc
+
+
+def cmd_format(project: Project, args: argparse.Namespace) -> None:
+    """Format what the series adds or changes with upstream's black + isort (and headers).
+
+    New files are formatted whole; changed upstream files only in the formatter hunks that
+    touch the series' lines, so upstream's own lines stay as they are. Every commit of the build
+    tree is rewritten (each commit's files formatted as they are at that commit, so no patch
+    conflicts with a reformatted earlier one), then exported to patches/ and megatron_overlay/.
+    """
+    venv = lint_venv(args, project)
+    check_lint_tools(venv)
+    pin = project.pin
+    cmd_apply(project, argparse.Namespace(discard=False))  # refuses on unexported work
+    build = project.build
+    commits = git_out(build, "rev-list", "--reverse", f"{pin.sha}..HEAD").split()
+    done: dict[tuple[str, str], str] = {}  # (path, blob) -> formatted text
+    parent = pin.sha
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-format.") as tmp:
+        with with_worktree(build, Path(tmp) / "wt", pin.sha) as wt:
+            for commit in commits:
+                git(wt, "checkout", "-q", "-f", "--detach", commit)
+                changes = {
+                    rel: pin_text
+                    for rel, pin_text in series_changes(build, pin.sha, commit).items()
+                    if rel.endswith(".py") and _is_text(wt / rel)
+                }
+                blobs = {rel: git_out(build, "rev-parse", f"{commit}:{rel}") for rel in changes}
+                todo = {
+                    rel: (changes[rel], (wt / rel).read_text())
+                    for rel in changes
+                    if (rel, blobs[rel]) not in done
+                }
+                formatted, failures = upstream_lint.format_files(venv, wt, todo)
+                if failures:
+                    raise PatchsetError(
+                        "nothing was changed: the formatter cannot parse these files at "
+                        f"commit {commit[:12]}:\n  " + "\n  ".join(str(f) for f in failures)
+                    )
+                for rel, text in formatted.items():
+                    done[(rel, blobs[rel])] = text
+                for rel in changes:
+                    (wt / rel).write_text(done[(rel, blobs[rel])])
+                if changes:
+                    git(wt, "add", "--", *changes)
+                tree = git_out(wt, "write-tree")
+                fields = git_out(
+                    build, "show", "-s", "--format=%an%x00%ae%x00%ad%x00%cn%x00%ce%x00%cd",
+                    "--date=raw", commit,
+                ).split("\0")
+                env = dict(
+                    zip(
+                        [
+                            "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_AUTHOR_DATE",
+                            "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "GIT_COMMITTER_DATE",
+                        ],
+                        fields,
+                    )
+                )
+                message = git(build, "show", "-s", "--format=%B", commit).stdout
+                parent = git_out(
+                    build, "commit-tree", tree, "-p", parent, "-F", "-", input=message, env=env
+                )
+    if git_out(build, "rev-parse", f"{parent}^{{tree}}") == git_out(build, "rev-parse", "HEAD^{tree}"):
+        print("[format] nothing to format: the series already follows upstream's formatting")
+        return
+    git(build, "reset", "-q", "--hard", parent)
+    cmd_export(project, argparse.Namespace(force=False))
+    print("[format] formatted; review with `git diff` and commit patches/ and megatron_overlay/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1137,8 +1297,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard", action="store_true", help="set unexported commits aside first")
     p = sub.add_parser("export", help="write build-tree commits back to patches/ + overlay")
     p.add_argument("--force", action="store_true", help="overwrite patches/ changed since apply")
-    sub.add_parser("check", help="lint, zero-fuzz apply, round-trip identity")
+    p = sub.add_parser("check", help="lint, zero-fuzz apply, round-trip identity")
+    p.add_argument(
+        "--lint",
+        choices=["off", "report", "strict"],
+        default="off",
+        help="upstream's black/isort/pylint/ruff/header rules: off, report findings, or fail",
+    )
+    p.add_argument("--lint-venv", help="virtualenv with the lint tools (default: .venv-lint)")
     sub.add_parser("guard", help="fail if the build tree holds work that was not exported")
+    p = sub.add_parser("format", help="black + isort + headers on what the series adds/changes")
+    p.add_argument("--lint-venv", help="virtualenv with the lint tools (default: .venv-lint)")
     p = sub.add_parser("pr-branch", help="branch + format-patch of one feature for upstream")
     p.add_argument("--feature", required=True)
     p = sub.add_parser("rebase", help="re-apply the series on another upstream commit")
@@ -1152,6 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
         "apply": cmd_apply,
         "export": cmd_export,
         "check": cmd_check,
+        "format": cmd_format,
         "guard": cmd_guard,
         "pr-branch": cmd_pr_branch,
         "rebase": cmd_rebase,
