@@ -12,10 +12,12 @@ that holds the series, with the tree's own config, and judges:
 
 * files the series adds: every finding;
 * upstream files the series changes: only findings on lines the series added or changed (a
-  formatter "hunk", as in ``black --diff`` with 3 lines of context, counts when one of its
-  changed lines is such a line). Upstream's own lines are not the series' business; the pinned
-  black reformats some of them (upstream CI would ask a PR that touches such a file to format
-  the whole file: those files are listed as notes, not findings).
+  region the formatter would change counts when it touches such a line). Upstream's own lines
+  are not the series' business; the pinned black reformats some of them (upstream CI would ask
+  a PR that touches such a file to format the whole file: those files are listed as notes).
+
+Scope as upstream CI's (``megatron/core`` and ``tests/``) for pylint and ruff; black, headers
+and project strings on every file; isort on new files and on changed files in that scope.
 
 It also formats (``make format``): new files completely (header, black, isort), changed
 upstream files only in the hunks that touch the series' lines. Only the standard library is
@@ -124,9 +126,7 @@ def ours(hunk_or_line, lines: set[int] | None) -> bool:
     return bool(hunk_lines(hunk_or_line) & lines)
 
 
-def apply_hunks(
-    text: str, formatted: str, lines: set[int] | None, context: int = CONTEXT
-) -> str:
+def apply_hunks(text: str, formatted: str, lines: set[int] | None, context: int = CONTEXT) -> str:
     """``text`` with only those formatter hunks applied that touch ``lines``."""
     old, new = text.splitlines(keepends=True), formatted.splitlines(keepends=True)
     chosen = set()
@@ -206,12 +206,18 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def run_in_place(
-    venv: Path, tree: Path, texts: dict[str, str], tools: tuple[str, ...], fast: bool = False
+    venv: Path,
+    tree: Path,
+    texts: dict[str, str],
+    tools: tuple[str, ...],
+    fast: bool = False,
+    no_isort: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, str], list[Finding]]:
     """Write ``texts`` into ``tree``, run the formatters ``tools`` in place (in that order, as
     upstream's autoformat.sh does), return {path: formatted text} and the files a tool could not
     parse. The files are left formatted: callers write back what they want. ``fast`` skips
-    black's AST safety check (for checking only: the output is compared, never kept)."""
+    black's AST safety check (for checking only: the output is compared, never kept); isort
+    leaves the files in ``no_isort`` alone."""
     for rel, text in texts.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_text(text)
@@ -225,7 +231,10 @@ def run_in_place(
             cmd += ["--fast"] if fast else []
             cmd += paths
         elif tool == "isort":
-            cmd = [str(tool_path(venv, "isort")), "-q", *paths]
+            sortable = [p for p in paths if p not in no_isort]
+            if not sortable:
+                continue
+            cmd = [str(tool_path(venv, "isort")), "-q", *sortable]
         else:
             raise ValueError(tool)
         proc = _run(cmd, tree)
@@ -247,6 +256,7 @@ def formatter_findings(
     tree: Path,
     texts: dict[str, str],
     lines: dict[str, set[int] | None],
+    no_isort: frozenset[str] = frozenset(),
 ) -> tuple[list[Finding], set[str]]:
     """black and isort, each on the original text (as in CI), judged on the series' lines.
 
@@ -256,7 +266,9 @@ def formatter_findings(
     own: set[str] = set()
     try:
         for tool in ("black", "isort"):
-            formatted, failures = run_in_place(venv, tree, texts, (tool,), fast=True)
+            formatted, failures = run_in_place(
+                venv, tree, texts, (tool,), fast=True, no_isort=no_isort
+            )
             findings += failures
             failed = {f.path for f in failures}
             for rel, text in texts.items():
@@ -293,7 +305,9 @@ def pylint_findings(
         if match and match.group(1) in lines:
             rel, number = match.group(1), int(match.group(2))
             if ours(number, lines[rel]):
-                findings.append(Finding("pylint", rel, number, f"{match.group(3)} {match.group(4)}"))
+                findings.append(
+                    Finding("pylint", rel, number, f"{match.group(3)} {match.group(4)}")
+                )
     return findings
 
 
@@ -320,13 +334,22 @@ def ruff_findings(
 # --------------------------------------------------------------------------------------------
 # the tree-level entry points
 
-# pylint and ruff run where upstream's CI runs them (tools/autoformat.sh: changed files under
-# megatron/core and tests); black, isort, the header and the project strings on every file.
+# Upstream's CI (tools/autoformat.sh) lints changed files under megatron/core and tests/ only.
+# There: every tool. Elsewhere: black, the header and the project strings on every file the
+# series adds or changes, isort on new files only (upstream's own import blocks outside that
+# scope are often unsorted, and sorting them would rewrite upstream's lines), no pylint/ruff.
 UPSTREAM_CI_SCOPE = ("megatron/core/", "tests/")
 
 
 def in_upstream_ci_scope(rel: str) -> bool:
     return rel.startswith(UPSTREAM_CI_SCOPE)
+
+
+def isort_exempt(changes: dict[str, str | None]) -> frozenset[str]:
+    """Changed upstream files outside upstream's CI scope: isort leaves them alone."""
+    return frozenset(
+        rel for rel, pin in changes.items() if pin is not None and not in_upstream_ci_scope(rel)
+    )
 
 
 def _cache_key(salt: str, rel: str, pin_text: str | None, text: str) -> str:
@@ -377,7 +400,11 @@ def lint_files(
     py = [rel for rel in todo if rel.endswith(".py")]
     if py:
         formatted, own = formatter_findings(
-            venv, tree, {rel: texts[rel] for rel in py}, {rel: lines[rel] for rel in py}
+            venv,
+            tree,
+            {rel: texts[rel] for rel in py},
+            {rel: lines[rel] for rel in py},
+            isort_exempt({rel: changes[rel] for rel in py}),
         )
         unformatted |= own
         scoped = [rel for rel in py if in_upstream_ci_scope(rel)]
@@ -425,13 +452,21 @@ def format_files(
     hunks that touch the series' lines, repeated until nothing changes (a formatted hunk makes
     its lines the series' lines, which can join a neighbouring hunk).
     """
-    result = {rel: (fix_header(text) if pin is None else text) for rel, (pin, text) in files.items()}
+    result = {
+        rel: (fix_header(text) if pin is None else text) for rel, (pin, text) in files.items()
+    }
     failures: list[Finding] = []
     pending = dict(result)
     for _ in range(max_rounds):
         if not pending:
             break
-        formatted, failed = run_in_place(venv, tree, pending, ("black", "isort"))
+        formatted, failed = run_in_place(
+            venv,
+            tree,
+            pending,
+            ("black", "isort"),
+            no_isort=isort_exempt({rel: files[rel][0] for rel in pending}),
+        )
         failures += failed
         bad = {f.path for f in failed}
         changed = {}
@@ -442,7 +477,9 @@ def format_files(
             new = formatted[rel] if pin is None else _partial(pin, text, formatted[rel])
             if new is None:
                 failures.append(
-                    Finding("black", rel, 1, "cannot format the series' lines alone; format by hand")
+                    Finding(
+                        "black", rel, 1, "cannot format the series' lines alone; format by hand"
+                    )
                 )
                 continue
             if new != text:

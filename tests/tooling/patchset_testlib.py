@@ -286,7 +286,9 @@ def tool_env(home: Path, cache: Path) -> dict[str, str]:
     }
     home.mkdir(parents=True, exist_ok=True)
     if not (home / ".gitconfig").exists():
-        (home / ".gitconfig").write_text(f"[user]\n\tname = {RUNNER_NAME}\n\temail = {RUNNER_EMAIL}\n")
+        (home / ".gitconfig").write_text(
+            f"[user]\n\tname = {RUNNER_NAME}\n\temail = {RUNNER_EMAIL}\n"
+        )
     env.update(
         HOME=str(home),
         XDG_CACHE_HOME=str(home / ".cache"),

@@ -36,7 +36,9 @@ def test_make_targets(bare_proj):
     proc = make(p, "apply-patches")
     assert proc.returncode == 0, proc.stderr
     assert (p.build / "megatron/core/alpha/hook.py").is_file()
-    proc = make(p, "check-patches", "LINT=off")  # the lint tools: tests/tooling/test_upstream_lint.py
+    proc = make(
+        p, "check-patches", "LINT=off"
+    )  # the lint tools: tests/tooling/test_upstream_lint.py
     assert proc.returncode == 0 and "[check] OK" in proc.stdout, proc.stderr
 
     proc = make(p, "pr-branch")

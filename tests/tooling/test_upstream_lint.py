@@ -70,6 +70,13 @@ def test_header_check_and_fix():
     assert ul.fix_header(HEADER + "x = 1\n") == HEADER + "x = 1\n"
 
 
+def test_scope():
+    changes = {"megatron/core/a.py": "x", "megatron/training/b.py": "y", "tools/new.py": None}
+    assert ul.isort_exempt(changes) == {"megatron/training/b.py"}
+    assert ul.in_upstream_ci_scope("tests/unit_tests/t.py")
+    assert not ul.in_upstream_ci_scope("megatron/training/b.py")
+
+
 def test_project_strings():
     text = 'a = "see scripts/run.sh"\nb = "falcon-mcore"\nc = "tools/scripts/x"\nd = 1\n'
     found = ul.project_string_findings("m.py", text, None)
