@@ -48,9 +48,10 @@ $(LINT_VENV)/.falcon-mcore-lint: requirements/lint.txt | setup
 	@"$(LINT_VENV)/bin/python" -m pip install -q --disable-pip-version-check -r requirements/lint.txt
 	@cp requirements/lint.txt "$@"
 
-pr-branch: ## Branch + format-patch of one feature for upstream: make pr-branch FEATURE=<name>
-	@test -n "$(FEATURE)" || { echo "usage: make pr-branch FEATURE=<name> (see patches/features.toml)" >&2; exit 2; }
-	@$(PATCHSET) pr-branch --feature "$(FEATURE)"
+pr-branch: ## Branch + format-patch of one feature for upstream: make pr-branch FEATURE=<name> [BASE=<sha>] [VERIFY=1]
+	@test -n "$(FEATURE)" || { echo "usage: make pr-branch FEATURE=<name> [BASE=<upstream sha>] [VERIFY=1|tests] (see patches/features.toml)" >&2; exit 2; }
+	@$(PATCHSET) pr-branch --feature "$(FEATURE)" $(if $(BASE),--base "$(BASE)") \
+	    $(if $(VERIFY),--verify --python "$(VPY)" $(if $(filter tests,$(VERIFY)),--run-tests))
 
 rebase-upstream: ## Re-apply the series on another upstream commit: make rebase-upstream NEW=<sha>
 	@test -n "$(NEW)" || { echo "usage: make rebase-upstream NEW=<upstream commit sha>" >&2; exit 2; }
