@@ -905,6 +905,10 @@ def lint(project: Project) -> list[str]:
             problems.append(f"patches of feature {feature_name} are not contiguous in the series")
         if feature_name and (not seen or seen[-1] != feature_name):
             seen.append(feature_name)
+    for feature in features:
+        for pattern in feature.tests:
+            if not project_test_files(project, Feature(feature.name, tests=[pattern])):
+                problems.append(f"feature {feature.name}: tests glob '{pattern}' matches no file")
     unassigned = overlay_assignment(project)["unassigned"]
     for rel in unassigned:
         problems.append(f"megatron_overlay/{rel} belongs to no feature in patches/features.toml")
@@ -1243,14 +1247,15 @@ def referenced_names(text: str) -> set[str]:
 
 
 def python_imports(rel: str, text: str) -> set[str]:
-    """Modules a Python file imports (relative imports resolved) and dotted names it mentions."""
-    names = referenced_names(text)
+    """Modules a Python file imports (relative imports resolved; ``from a import b`` also gives
+    ``a.b``). Names in comments and strings do not count."""
     module = module_name(rel) or ""
     package = module if rel.endswith("__init__.py") else module.rpartition(".")[0]
     try:
         tree = ast.parse(text)
     except SyntaxError:
-        return names
+        return referenced_names(text)
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
@@ -1280,13 +1285,15 @@ class PrStep:
 
 def project_test_files(project: Project, feature: Feature) -> list[str]:
     """Project files (paths relative to the root) matched by the feature's ``tests`` globs."""
-    if not feature.tests:
-        return []
     found = set()
-    for path in project.root.rglob("*"):
-        rel = path.relative_to(project.root).as_posix()
-        if path.is_file() and "__pycache__" not in path.parts and not rel.startswith("build/"):
-            if any(_glob_match(rel, pattern) for pattern in feature.tests):
+    for pattern in feature.tests:
+        parts = pattern.split("/")
+        fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+        start = project.root.joinpath(*parts[: len(parts) if fixed is None else fixed])
+        candidates = [start] if start.is_file() else start.rglob("*") if start.is_dir() else []
+        for path in candidates:
+            rel = path.relative_to(project.root).as_posix()
+            if path.is_file() and "__pycache__" not in path.parts and _glob_match(rel, pattern):
                 found.add(rel)
     return sorted(found)
 
@@ -1320,8 +1327,9 @@ def pr_plan(project: Project, features: list[Feature]) -> tuple[list[PrStep], li
     for index, step in enumerate(steps):
         if step.patch:
             text = (project.patches_dir / step.patch).read_text(errors="replace")
+            # Added lines, without comments (a module named in a comment is not needed).
             added = "\n".join(
-                line[1:]
+                line[1:].split("#", 1)[0]
                 for line in text.splitlines()
                 if line.startswith("+") and not line.startswith("+++")
             )
@@ -1609,7 +1617,7 @@ def verify_pr_branch(
 ) -> None:
     """Every commit imports the Python modules it adds or changes; the tip passes upstream's
     lint rules (with the lint tools) and, with --run-tests, the feature's tests."""
-    python = args.python or sys.executable
+    python = os.path.abspath(args.python) if args.python else sys.executable
     build = project.build
     commits = git_out(build, "rev-list", "--reverse", f"{base}..{branch}").split()
     problems: list[str] = []
