@@ -1592,12 +1592,17 @@ for i, rel in enumerate(sys.argv[2:]):
     parts = rel[:-3].split("/")
     dirs = [os.path.join(root, *parts[:k]) for k in range(1, len(parts))]
     try:
-        if dirs and all(os.path.isfile(os.path.join(d, "__init__.py")) for d in dirs):
+        # A package module (the top directory may be a namespace package, as megatron/ is)
+        # by its dotted name; a script in a plain directory by path, with its directory at
+        # the end of sys.path (its siblings import; random.py there cannot shadow the stdlib).
+        if dirs and all(os.path.isfile(os.path.join(d, "__init__.py")) for d in dirs[1:]) and (
+            len(dirs) > 1 or os.path.isfile(os.path.join(dirs[0], "__init__.py"))
+        ):
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             importlib.import_module(name)
         else:
             path = os.path.join(root, rel)
-            sys.path.insert(0, os.path.dirname(path))
+            sys.path.append(os.path.dirname(path))
             spec = importlib.util.spec_from_file_location(f"_pr_verify_{i}", path)
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
     except BaseException as exc:

@@ -165,24 +165,28 @@ def test_pr_branch_overlay_follows_apply_ownership(proj):
     assert p.bgit("log", "--format=%s", f"{p.sha}..pr/delta") == "delta: add new files"
 
 
-def add_patch(p, files: dict[str, str], subject: str) -> None:
-    """Commit in the build tree, export, and add the new patch to feature beta."""
+def add_patch(p, files: dict, subject: str) -> None:
+    """Commit in the build tree (a value may be a function of the file's current text), export,
+    and append the new patch to feature beta."""
     p.ok("apply")
+    files = {
+        rel: text((p.build / rel).read_text()) if callable(text) else text
+        for rel, text in files.items()
+    }
     p.commit_in_build(files, subject)
     p.ok("export")
     slug = subject.replace(": ", "-").replace(" ", "-")
     features = p.root / "patches/features.toml"
-    features.write_text(
-        features.read_text().replace(
-            'patches = ["config-add-the-beta-flag"]',
-            f'patches = ["config-add-the-beta-flag", "{slug}"]',
-        )
-    )
+    text = features.read_text()
+    beta = text.index("[features.beta]")
+    start = text.index("patches = [", beta)
+    end = text.index("]", start)
+    features.write_text(text[:end] + f', "{slug}"' + text[end:])
 
 
 def test_new_files_go_with_the_first_patch_that_imports_them(proj):
-    """beta gains a second patch that imports a new module (which imports another new one);
-    both new modules move to that patch, the tests go with the feature's last patch."""
+    """beta gains a patch that imports a new module (which imports another new one) and a last
+    patch that names none: both modules go with the first, the rest with the last patch."""
     p = proj
     add_patch(
         p,
@@ -198,6 +202,16 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
             "def test_scale():\n    assert scale(2) == 4\n",
         },
         "utils: scale by beta",
+    )
+    # A last patch of beta that names no new module: unnamed files go with it.
+    add_patch(
+        p,
+        {
+            "megatron/core/config.py": lambda text: text.replace(
+                '"""Look a default up."""', '"""Look a default up (KeyError if unknown)."""'
+            )
+        },
+        "config: document get",
     )
     features = p.root / "patches/features.toml"
     features.write_text(
@@ -216,14 +230,19 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
         "layers: call the alpha hook",
         "config: add the beta flag",
         "utils: scale by beta",
+        "config: document get",
     ]
-    # beta.py: no patch names it, so it goes with beta's last patch.
-    assert commit_files(p, "pr/beta~1") == ["megatron/core/config.py"]
-    assert commit_files(p, "pr/beta") == [
-        "megatron/core/beta.py",
+    assert commit_files(p, "pr/beta~2") == ["megatron/core/config.py"]
+    # The patch that imports beta_ops gets it, and beta_consts, which beta_ops imports.
+    assert commit_files(p, "pr/beta~1") == [
         "megatron/core/beta_consts.py",
         "megatron/core/beta_ops.py",
         "megatron/core/utils.py",
+    ]
+    # beta.py (no patch names it), the unit test and the project test: the last patch.
+    assert commit_files(p, "pr/beta") == [
+        "megatron/core/beta.py",
+        "megatron/core/config.py",
         "tests-of-beta/case.yaml",
         "tests/unit_tests/test_beta_ops.py",
     ]
@@ -240,7 +259,7 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
         "--lint-venv",
         str(p.tmp / "no-lint-tools"),
     )
-    assert proc.stdout.count("[verify] ") >= 4 and "1 passed" in proc.stdout + proc.stderr
+    assert proc.stdout.count("[verify] ") >= 5 and "1 passed" in proc.stdout + proc.stderr
     assert "every commit imports its modules" in proc.stdout
 
 
