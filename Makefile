@@ -14,7 +14,11 @@ PYTEST_ARGS ?=
 LINT_VENV ?= .venv-lint
 # check-patches runs upstream's lint rules: report (print findings, do not fail), strict (fail on
 # findings) or off. TODO(lead): switch the default to strict in the commit after `make format`.
-LINT ?= report
+# (make has a built-in LINT = lint, and the environment may hold an unrelated LINT: only a
+# LINT given on the command line or in this file counts.)
+ifneq ($(filter default environment,$(origin LINT)),)
+LINT := report
+endif
 
 .PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream \
         dataset-helpers test test-tooling functional demo clean lint-venv format
