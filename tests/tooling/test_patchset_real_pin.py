@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from patchset_testlib import REPO_ROOT, SCRIPT, SCRIPT_MODULES, tool_env
 
-PATHS = ["patches", "megatron_overlay", "UPSTREAM", "scripts"]
+# tests/functional_tests: the project test files that features.toml maps into PR branches.
+PATHS = ["patches", "megatron_overlay", "UPSTREAM", "scripts", "tests/functional_tests"]
 
 
 def real_cache() -> Path:
