@@ -309,3 +309,28 @@ def test_project_strings_are_listed(proj):
     proc = p.ok("pr-branch", "--feature", "beta")
     assert "[pr-branch] project-only string: megatron/core/utils.py:8:" in proc.stdout
     assert "1 lines of upstream code name this project" in proc.stdout
+
+
+def test_pr_branch_on_another_base(proj):
+    """BASE=<upstream commit>: the branch starts there (3-way apply); conflicts are reported
+    by patch name and nothing is written."""
+    p = proj
+    (p.upstream / "megatron/core/newer.py").write_text('"""Upstream moved on."""\n')
+    p.git(p.upstream, "add", "-A")
+    p.git(p.upstream, "commit", "-q", "-m", "toy upstream: a newer commit")
+    newer = p.git(p.upstream, "rev-parse", "HEAD")
+    p.env["MEGATRON_LM_GIT"] = str(p.upstream)  # the cache fetches BASE from there
+    p.ok("pr-branch", "--feature", "alpha", "--base", newer)
+    assert p.bgit("rev-parse", "pr/alpha~1") == newer
+    assert "megatron/core/newer.py" in branch_files(p, "pr/alpha")
+
+    layers = p.upstream / "megatron/core/layers.py"
+    layers.write_text(
+        layers.read_text().replace("    return layers\n", "    return tuple(layers)\n")
+    )
+    p.git(p.upstream, "commit", "-q", "-am", "toy upstream: layers as a tuple")
+    conflicting = p.git(p.upstream, "rev-parse", "HEAD")
+    proc = p.fails("pr-branch", "--feature", "alpha", "--base", conflicting)
+    assert "0001-layers-call-the-alpha-hook.patch" in proc.stderr
+    assert f"do not apply on {conflicting[:12]}" in proc.stderr
+    assert p.bgit("rev-parse", "pr/alpha~1") == newer  # the earlier branch is untouched
