@@ -1603,8 +1603,17 @@ for i, rel in enumerate(sys.argv[2:]):
         else:
             path = os.path.join(root, rel)
             sys.path.append(os.path.dirname(path))
-            spec = importlib.util.spec_from_file_location(f"_pr_verify_{i}", path)
-            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            name = os.path.basename(path)[:-3]
+            loaded = sys.modules.get(name)
+            where = getattr(loaded, "__file__", None) or ""
+            if loaded is not None and os.path.abspath(where) == path:
+                continue  # already imported by a sibling script, as it would be when run
+            if loaded is not None:
+                name = f"_pr_verify_{i}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses and pickling look modules up there
+            spec.loader.exec_module(module)
     except BaseException as exc:
         failures.append([rel, "".join(traceback.format_exception_only(type(exc), exc)).strip()])
 print("PR-VERIFY " + json.dumps(failures))
