@@ -200,6 +200,11 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
             "megatron/core/beta_consts.py": "FACTOR = 2\n",
             "tests/unit_tests/test_beta_ops.py": "from megatron.core.beta_ops import scale\n\n\n"
             "def test_scale():\n    assert scale(2) == 4\n",
+            # A script in a plain directory (loaded by path) that imports a sibling module
+            # holding a dataclass (which needs its module registered in sys.modules).
+            "tools/beta_tool.py": "import beta_tool_lib\n\nSPEC = beta_tool_lib.Spec(2)\n",
+            "tools/beta_tool_lib.py": "import dataclasses\n\n\n@dataclasses.dataclass\n"
+            "class Spec:\n    factor: int\n",
         },
         "utils: scale by beta",
     )
@@ -217,7 +222,8 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
     features.write_text(
         features.read_text().replace(
             'overlay = ["megatron/core/beta.py"]',
-            'overlay = ["megatron/core/beta*.py", "tests/unit_tests/test_beta_ops.py"]\n'
+            'overlay = ["megatron/core/beta*.py", "tests/unit_tests/test_beta_ops.py", '
+            '"tools/beta_tool*.py"]\n'
             'tests = ["tests-of-beta/**"]',
         )
     )
@@ -245,6 +251,8 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
         "megatron/core/config.py",
         "tests-of-beta/case.yaml",
         "tests/unit_tests/test_beta_ops.py",
+        "tools/beta_tool.py",
+        "tools/beta_tool_lib.py",
     ]
 
     # --verify imports every changed module at every commit and runs the feature's tests.
