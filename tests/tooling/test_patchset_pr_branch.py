@@ -203,7 +203,8 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
             # A script in a plain directory (loaded by path) that imports a sibling module
             # holding a dataclass (which needs its module registered in sys.modules).
             "tools/beta_tool.py": "import beta_tool_lib\n\nSPEC = beta_tool_lib.Spec(2)\n",
-            "tools/beta_tool_lib.py": "import dataclasses\n\n\n@dataclasses.dataclass\n"
+            "tools/beta_tool_lib.py": "from __future__ import annotations\n\n"
+            "import dataclasses\n\n\n@dataclasses.dataclass\n"
             "class Spec:\n    factor: int\n",
         },
         "utils: scale by beta",
