@@ -16,11 +16,13 @@ import re
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
-from conftest import ROOT, megatron_path
 
 pytestmark = pytest.mark.megatron
 
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 # The examples the series adds to upstream's examples/ (READMEs and launchers).
 EXAMPLES = ROOT / "megatron_overlay" / "examples"
@@ -85,16 +87,26 @@ def launcher_flags(text: str) -> list[str]:
     return flags
 
 
-@pytest.fixture(scope="module")
-def parser_facts() -> dict:
-    tree = megatron_path()
-    env = dict(os.environ, PYTHONPATH=str(tree), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, "-c", DUMP], capture_output=True, text=True, env=env, cwd=tree, timeout=300
-    )
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("README-FLAGS ")]
-    assert line, proc.stderr[-3000:]
-    return json.loads(line[-1].split(" ", 1)[1])
+_FACTS: dict = {}
+
+
+@pytest.fixture
+def parser_facts(megatron_tree) -> dict:
+    """Options and config fields of the patched tree (computed once per session)."""
+    if not _FACTS:
+        env = dict(os.environ, PYTHONPATH=str(megatron_tree), CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run(
+            [sys.executable, "-c", DUMP],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=megatron_tree,
+            timeout=300,
+        )
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("README-FLAGS ")]
+        assert line, proc.stderr[-3000:]
+        _FACTS.update(json.loads(line[-1].split(" ", 1)[1]))
+    return _FACTS
 
 
 def test_readme_flags_exist(parser_facts):
