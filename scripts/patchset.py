@@ -23,6 +23,7 @@ Only the Python standard library is used (Python >= 3.11).
 from __future__ import annotations
 
 import argparse
+import ast
 import fnmatch
 import hashlib
 import json
@@ -36,6 +37,9 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import upstream_lint  # noqa: E402  (a module of this directory)
 
 BRANCH = "falcon-mcore"
 STATE_FILE = "falcon-mcore-state.json"
@@ -168,6 +172,9 @@ class Feature:
     overlay: list[str] = field(default_factory=list)  # glob patterns, relative to the tree
     replaces: list[str] = field(default_factory=list)  # upstream files an overlay file replaces
     depends: list[str] = field(default_factory=list)
+    # Project test files (globs relative to the project root, e.g. functional test cases under
+    # tests/functional_tests/) that a PR branch of the feature carries at the same path.
+    tests: list[str] = field(default_factory=list)
 
     def owns_overlay(self, path: str) -> bool:
         """True when ``path`` matches one of the feature's overlay patterns."""
@@ -240,7 +247,14 @@ class Project:
             raise PatchsetError(f"{path}: {exc}") from exc
         features = []
         for name, body in data.get("features", {}).items():
-            unknown = set(body) - {"description", "patches", "overlay", "replaces", "depends"}
+            unknown = set(body) - {
+                "description",
+                "patches",
+                "overlay",
+                "replaces",
+                "depends",
+                "tests",
+            }
             if unknown:
                 raise PatchsetError(f"{path}: feature {name}: unknown keys {sorted(unknown)}")
             features.append(Feature(name=name, **body))
@@ -891,6 +905,10 @@ def lint(project: Project) -> list[str]:
             problems.append(f"patches of feature {feature_name} are not contiguous in the series")
         if feature_name and (not seen or seen[-1] != feature_name):
             seen.append(feature_name)
+    for feature in features:
+        for pattern in feature.tests:
+            if not project_test_files(project, Feature(feature.name, tests=[pattern])):
+                problems.append(f"feature {feature.name}: tests glob '{pattern}' matches no file")
     unassigned = overlay_assignment(project)["unassigned"]
     for rel in unassigned:
         problems.append(f"megatron_overlay/{rel} belongs to no feature in patches/features.toml")
@@ -931,10 +949,76 @@ def compare_dirs(expected: Path, actual: Path, label: str, patches_only: bool = 
     return problems
 
 
+def series_changes(tree: Path, base: str, rev: str = "HEAD") -> dict[str, str | None]:
+    """{path: text at ``base``, or None for a new file} of the files ``base..rev`` adds or
+    changes (deleted files are left out: there is nothing to lint)."""
+    out = git(tree, "diff", "--name-status", "-z", "--no-renames", base, rev).stdout.decode()
+    fields = [f for f in out.split("\0") if f]
+    changes: dict[str, str | None] = {}
+    for status, rel in zip(fields[::2], fields[1::2]):
+        if status == "A":
+            changes[rel] = None
+        elif status == "M":
+            blob = git(tree, "cat-file", "blob", f"{base}:{rel}").stdout
+            try:
+                changes[rel] = blob.decode()
+            except UnicodeDecodeError:
+                continue  # binary: not linted
+    return changes
+
+
+def lint_venv(args: argparse.Namespace, project: Project) -> Path:
+    venv = Path(args.lint_venv) if args.lint_venv else project.root / ".venv-lint"
+    return venv if venv.is_absolute() else project.root / venv
+
+
+def run_upstream_lint(project: Project, tree: Path, base: str, venv: Path) -> list[str]:
+    """Findings of upstream's lint rules on the series in ``tree``, printed; returns them."""
+    changes = series_changes(tree, base)
+    changes = {
+        rel: pin for rel, pin in changes.items() if (tree / rel).is_file() and _is_text(tree / rel)
+    }
+    try:
+        findings, notes = upstream_lint.lint_files(
+            venv, tree, changes, project.root / "build" / "lint-cache.json"
+        )
+    except upstream_lint.LintError as exc:
+        raise PatchsetError(str(exc)) from exc
+    counts: dict[str, set[str]] = {}
+    for finding in findings:
+        counts.setdefault(finding.tool, set()).add(finding.path)
+        print(f"[lint] {finding}")
+    for rel in notes:
+        print(
+            f"[lint] note: {rel}: the pinned black/isort would also change upstream's own lines "
+            "(not counted; upstream CI checks whole files under megatron/core and tests/)"
+        )
+    per_tool = ", ".join(
+        f"{tool} {sum(f.tool == tool for f in findings)} in {len(paths)} files"
+        for tool, paths in sorted(counts.items())
+    )
+    print(
+        f"[lint] {len(findings)} findings on {len(changes)} files the series adds or changes"
+        + (f" ({per_tool})" if findings else "")
+    )
+    return [str(f) for f in findings]
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        path.read_text()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def cmd_check(project: Project, args: argparse.Namespace) -> None:
     problems = lint(project)
+    lint_problems: list[str] = []
     pin = project.pin
     ensure_commit_in_cache(pin.sha, pin)
+    if args.lint != "off":
+        check_lint_tools(lint_venv(args, project))
     with tempfile.TemporaryDirectory(prefix="falcon-mcore-check.") as tmp:
         tmp_path = Path(tmp)
         tree = scratch_tree(pin, tmp_path)
@@ -948,12 +1032,111 @@ def cmd_check(project: Project, args: argparse.Namespace) -> None:
             export_to(project, tree, pin.sha, out_patches, out_overlay)
             problems += compare_dirs(project.patches_dir, out_patches, "patches", patches_only=True)
             problems += compare_dirs(project.overlay_dir, out_overlay, "megatron_overlay")
+            if args.lint != "off":
+                lint_problems = run_upstream_lint(project, tree, pin.sha, lint_venv(args, project))
+    if lint_problems and args.lint == "strict":
+        problems.append(
+            f"{len(lint_problems)} findings of upstream's lint rules (listed above with [lint]); "
+            "`make format` fixes black/isort/header findings"
+        )
     if problems:
         raise PatchsetError("check-patches found problems:\n  " + "\n  ".join(problems))
+    lint_note = {
+        "off": "",
+        "report": f"; upstream lint: {len(lint_problems)} findings (LINT=report: not failing)",
+        "strict": "; upstream lint: no findings",
+    }[args.lint]
     print(
         f"[check] OK: {len(project.series())} patches, {len(project.overlay_files())} overlay "
-        f"files; zero-fuzz apply on {pin.sha[:12]} and byte-identical round trip"
+        f"files; zero-fuzz apply on {pin.sha[:12]} and byte-identical round trip{lint_note}"
     )
+
+
+def check_lint_tools(venv: Path) -> None:
+    for tool in upstream_lint.TOOLS:
+        try:
+            upstream_lint.tool_path(venv, tool)
+        except upstream_lint.LintError as exc:
+            raise PatchsetError(str(exc)) from exc
+
+
+def cmd_format(project: Project, args: argparse.Namespace) -> None:
+    """Format what the series adds or changes with upstream's black + isort (and headers).
+
+    New files are formatted whole; changed upstream files only in the formatter hunks that
+    touch the series' lines, so upstream's own lines stay as they are. Every commit of the build
+    tree is rewritten (each commit's files formatted as they are at that commit, so no patch
+    conflicts with a reformatted earlier one), then exported to patches/ and megatron_overlay/.
+    """
+    venv = lint_venv(args, project)
+    check_lint_tools(venv)
+    pin = project.pin
+    cmd_apply(project, argparse.Namespace(discard=False))  # refuses on unexported work
+    build = project.build
+    commits = git_out(build, "rev-list", "--reverse", f"{pin.sha}..HEAD").split()
+    done: dict[tuple[str, str], str] = {}  # (path, blob) -> formatted text
+    parent = pin.sha
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-format.") as tmp:
+        with with_worktree(build, Path(tmp) / "wt", pin.sha) as wt:
+            for commit in commits:
+                git(wt, "checkout", "-q", "-f", "--detach", commit)
+                changes = {
+                    rel: pin_text
+                    for rel, pin_text in series_changes(build, pin.sha, commit).items()
+                    if rel.endswith(".py") and _is_text(wt / rel)
+                }
+                blobs = {rel: git_out(build, "rev-parse", f"{commit}:{rel}") for rel in changes}
+                todo = {
+                    rel: (changes[rel], (wt / rel).read_text())
+                    for rel in changes
+                    if (rel, blobs[rel]) not in done
+                }
+                formatted, failures = upstream_lint.format_files(venv, wt, todo)
+                if failures:
+                    raise PatchsetError(
+                        "nothing was changed: the formatter cannot parse these files at "
+                        f"commit {commit[:12]}:\n  " + "\n  ".join(str(f) for f in failures)
+                    )
+                for rel, text in formatted.items():
+                    done[(rel, blobs[rel])] = text
+                for rel in changes:
+                    (wt / rel).write_text(done[(rel, blobs[rel])])
+                if changes:
+                    git(wt, "add", "--", *changes)
+                tree = git_out(wt, "write-tree")
+                fields = git_out(
+                    build,
+                    "show",
+                    "-s",
+                    "--format=%an%x00%ae%x00%ad%x00%cn%x00%ce%x00%cd",
+                    "--date=raw",
+                    commit,
+                ).split("\0")
+                env = dict(
+                    zip(
+                        [
+                            "GIT_AUTHOR_NAME",
+                            "GIT_AUTHOR_EMAIL",
+                            "GIT_AUTHOR_DATE",
+                            "GIT_COMMITTER_NAME",
+                            "GIT_COMMITTER_EMAIL",
+                            "GIT_COMMITTER_DATE",
+                        ],
+                        fields,
+                    )
+                )
+                message = git(build, "show", "-s", "--format=%B", commit).stdout
+                parent = git_out(
+                    build, "commit-tree", tree, "-p", parent, "-F", "-", input=message, env=env
+                )
+    if git_out(build, "rev-parse", f"{parent}^{{tree}}") == git_out(
+        build, "rev-parse", "HEAD^{tree}"
+    ):
+        print("[format] nothing to format: the series already follows upstream's formatting")
+        return
+    git(build, "reset", "-q", "--hard", parent)
+    cmd_export(project, argparse.Namespace(force=False))
+    print("[format] formatted; review with `git diff` and commit patches/ and megatron_overlay/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1013,28 +1196,313 @@ def with_worktree(repo: Path, where: Path, rev: str):
     return _Worktree()
 
 
+def runner_identity(project: Project) -> tuple[str, str]:
+    """Name and email of the person running the tool, from their own git configuration."""
+
+    def config(key: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE")}
+        proc = subprocess.run(
+            ["git", "-C", str(project.root), "config", "--get", key],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        return proc.stdout.strip()
+
+    name = os.environ.get("GIT_AUTHOR_NAME") or config("user.name")
+    email = os.environ.get("GIT_AUTHOR_EMAIL") or config("user.email")
+    if not name or not email or (name, email) == TOOL_IDENTITY:
+        raise PatchsetError(
+            "a PR branch is authored and signed off (DCO) by you, but git has no identity of "
+            "yours (git config keys user.name and user.email"
+            + (f"; found only {name or email}" if name or email else "")
+            + "). Set them, e.g.\n  git config --global user.name 'Your Name'\n"
+            "  git config --global user.email you@example.com"
+        )
+    return name, email
+
+
+_DOTTED_RE = re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+_FROM_IMPORT_RE = re.compile(r"^\s*from\s+([\w.]+)\s+import\s+\(?([\w\s,]+)", re.M)
+
+
+def module_name(rel: str) -> str | None:
+    """Dotted module of a ``.py`` path (``a/b/__init__.py`` -> ``a.b``), else None."""
+    if not rel.endswith(".py"):
+        return None
+    parts = rel[:-3].split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) if parts else None
+
+
+def referenced_names(text: str) -> set[str]:
+    """Dotted names a text mentions, with ``from a import b`` also giving ``a.b``."""
+    names = set(_DOTTED_RE.findall(text))
+    for base, imported in _FROM_IMPORT_RE.findall(text):
+        for name in re.split(r"[\s,]+", imported):
+            if name and name != "as":
+                names.add(f"{base}.{name}")
+    return names
+
+
+def python_imports(rel: str, text: str) -> set[str]:
+    """Modules a Python file imports (relative imports resolved; ``from a import b`` also gives
+    ``a.b``). Names in comments and strings do not count."""
+    module = module_name(rel) or ""
+    package = module if rel.endswith("__init__.py") else module.rpartition(".")[0]
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return referenced_names(text)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".") if package else []
+                parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(parts + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def mentions(names: set[str], module: str) -> bool:
+    return any(n == module or n.startswith(module + ".") for n in names)
+
+
+@dataclass
+class PrStep:
+    """One commit of a PR branch: a patch (with the new files it needs) or a feature's files."""
+
+    feature: Feature
+    patch: str | None  # patches/ file name; None for a feature without patches
+    files: list[str] = field(default_factory=list)  # paths in the tree
+
+
+def project_test_files(project: Project, feature: Feature) -> list[str]:
+    """Project files (paths relative to the root) matched by the feature's ``tests`` globs."""
+    found = set()
+    for pattern in feature.tests:
+        parts = pattern.split("/")
+        fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+        start = project.root.joinpath(*parts[: len(parts) if fixed is None else fixed])
+        candidates = [start] if start.is_file() else start.rglob("*") if start.is_dir() else []
+        for path in candidates:
+            rel = path.relative_to(project.root).as_posix()
+            if path.is_file() and "__pycache__" not in path.parts and _glob_match(rel, pattern):
+                found.add(rel)
+    return sorted(found)
+
+
+def pr_plan(project: Project, features: list[Feature]) -> tuple[list[PrStep], list[str]]:
+    """The commits of a PR branch and warnings.
+
+    Every new file goes with the first patch of its feature whose added lines import or name
+    its module; a file that no patch names goes with the feature's last patch (tests, tools,
+    modules only other new files import). A file that another new file imports is moved to
+    that file's commit or earlier, so every commit of the branch can import what it touches.
+    Features without patches get one commit of their own.
+    """
+    series = _SubsetProject(project, features).series()
+    by_slug = {patch_slug(n): n for n in series}
+    owned = overlay_assignment(project)
+    steps: list[PrStep] = []
+    feature_steps: dict[str, list[int]] = {}
+    for feature in features:
+        names = [by_slug[s] for s in feature.patches if s in by_slug]
+        for name in names or [None]:
+            feature_steps.setdefault(feature.name, []).append(len(steps))
+            steps.append(PrStep(feature, name))
+    ordered = [st.patch for st in steps if st.patch]
+    if ordered != series:
+        raise PatchsetError(
+            "patches/features.toml lists features in another order than patches/series; a PR "
+            "branch applies them in series order: reorder the features"
+        )
+    patch_names: dict[int, set[str]] = {}
+    for index, step in enumerate(steps):
+        if step.patch:
+            text = (project.patches_dir / step.patch).read_text(errors="replace")
+            # Added lines, without comments (a module named in a comment is not needed).
+            added = "\n".join(
+                line[1:].split("#", 1)[0]
+                for line in text.splitlines()
+                if line.startswith("+") and not line.startswith("+++")
+            )
+            patch_names[index] = referenced_names(added)
+    place: dict[str, int] = {}
+    sources: dict[str, Path] = {}
+    for feature in features:
+        indices = feature_steps[feature.name]
+        for rel in owned.get(feature.name, []):
+            sources[rel] = project.overlay_dir / rel
+            module = module_name(rel)
+            hits = [
+                i
+                for i in indices
+                if i in patch_names and module and mentions(patch_names[i], module)
+            ]
+            place[rel] = min(hits) if hits else max(indices)
+        for rel in project_test_files(project, feature):
+            sources[rel] = project.root / rel
+            place[rel] = max(indices)
+    modules = {module_name(rel): rel for rel in place if module_name(rel)}
+    deps: dict[str, set[str]] = {}
+    for rel, src in sources.items():
+        needed = set()
+        if rel.endswith(".py"):
+            names = python_imports(rel, src.read_text(errors="replace"))
+            needed = {dep for mod, dep in modules.items() if dep != rel and mentions(names, mod)}
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            init = "/".join(parts[:i]) + "/__init__.py"
+            if init in place and init != rel:
+                needed.add(init)
+        deps[rel] = needed
+    warnings = []
+    changed = True
+    while changed:
+        changed = False
+        for rel in sorted(place):
+            for dep in sorted(deps[rel]):
+                if place[dep] > place[rel]:
+                    place[dep] = place[rel]
+                    changed = True
+    for rel, index in sorted(place.items()):
+        step = steps[index]
+        step.files.append(rel)
+        owner = next((f.name for f in features if rel in owned.get(f.name, [])), None)
+        if owner and owner != step.feature.name:
+            warnings.append(
+                f"{rel} (feature {owner}) is needed by a commit of feature {step.feature.name}; "
+                "it is committed there (move it to that feature in patches/features.toml)"
+            )
+    for step in steps:
+        step.files.sort()
+    return steps, warnings
+
+
+def pr_message(message: str, identity: tuple[str, str], files: list[str]) -> str:
+    """A commit message for upstream: no project trailers, the runner's sign-off (DCO) last."""
+    lines = message.rstrip("\n").split("\n")
+    # Trailers: the last paragraph when it is all "Key: value" lines.
+    cut = len(lines)
+    while cut > 0 and re.match(r"^[A-Za-z0-9-]+: ", lines[cut - 1]):
+        cut -= 1
+    has_trailers = cut < len(lines) and (cut == 0 or not lines[cut - 1].strip())
+    body, trailers = (lines[:cut], lines[cut:]) if has_trailers else (lines, [])
+    while body and not body[-1].strip():
+        body.pop()
+    tool = f"{TOOL_IDENTITY[0]} <{TOOL_IDENTITY[1]}>"
+    trailers = [
+        t
+        for t in trailers
+        if not t.startswith(("Upstream-Status:", f"{OVERLAY_TRAILER}:"))
+        and t != f"Signed-off-by: {tool}"
+    ]
+    mine = f"Signed-off-by: {identity[0]} <{identity[1]}>"
+    if mine in trailers:
+        trailers.remove(mine)
+    trailers.append(mine)
+    out = body
+    if files:
+        out += ["", "New files:"] + [f"  {rel}" for rel in files]
+    return "\n".join(out + [""] + trailers) + "\n"
+
+
+def apply_one_patch(project: Project, tree: Path, name: str, base: str, *, three_way: bool) -> str:
+    """``git am`` one series patch without its Upstream-Status; '' or git's error on conflict."""
+    data = (project.patches_dir / name).read_bytes()
+    data = re.sub(rb"(?m)^Upstream-Status: .*\n", b"", data)
+    am = ["am", "-q", "--committer-date-is-author-date", "--keep-cr"]
+    am.append("--3way" if three_way else "--no-3way")
+    proc = git(tree, *am, input=data, check=False)
+    if proc.returncode == 0:
+        return ""
+    git(tree, "am", "--abort", check=False)
+    return (proc.stdout + proc.stderr).decode(errors="replace").strip() or "git am failed"
+
+
+def resolve_base(project: Project, base: str | None) -> str:
+    """The upstream commit a PR branch starts from: BASE (full sha or a ref in the cache)."""
+    pin = project.pin
+    ensure_commit_in_cache(pin.sha, pin)
+    if not base:
+        return pin.sha
+    if not re.fullmatch(r"[0-9a-f]{40}", base):
+        proc = git(cache_dir(), "rev-parse", "--verify", "-q", f"{base}^{{commit}}", check=False)
+        if proc.returncode != 0:
+            raise PatchsetError(f"BASE={base}: give a full 40-hex upstream commit id")
+        base = proc.stdout.decode().strip()
+    ensure_commit_in_cache(base, pin, what="upstream commit BASE")
+    return base
+
+
 def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
+    identity = runner_identity(project)
     pin = project.pin
     features = feature_closure(project, args.feature)
-    ensure_commit_in_cache(pin.sha, pin)
+    base = resolve_base(project, args.base)
     build = project.build
     init_checkout(build, pin.sha)
-    subset = _SubsetProject(project, features)
+    if not has_commit(build, base):
+        git(build, "fetch", "-q", "--no-tags", str(cache_dir()), f"refs/falcon-mcore/pins/{base}")
+    steps, warnings = pr_plan(project, features)
+    on_pin = base == pin.sha
     out_dir = project.root / "build" / "pr" / args.feature
     branch = f"pr/{args.feature}"
+    conflicts = []
     with tempfile.TemporaryDirectory(prefix="falcon-mcore-pr.") as tmp:
-        with with_worktree(build, Path(tmp) / "wt", pin.sha) as wt:
-            git(wt, "checkout", "-q", "--detach", pin.sha)
-            apply_series(subset, wt, pin.sha, strip_status=True)
-            date = git_out(wt, "show", "-s", "--format=%cI", pin.sha)
-            # Overlay files belong to the features that own them in apply (first match wins),
-            # so a broad glob of one feature cannot pull in another feature's files.
-            owned = overlay_assignment(project)
-            for feature in features:
-                _commit_pr_overlay(subset, wt, feature, owned[feature.name], pin.sha, date)
+        with with_worktree(build, Path(tmp) / "wt", base) as wt:
+            upstream_files = set(ls_tree(wt, base))
+            clash = sorted(
+                rel
+                for st in steps
+                for rel in st.files
+                if rel in upstream_files and rel not in {p for f in features for p in f.replaces}
+            )
+            if clash:
+                raise PatchsetError(
+                    f"new files of the PR branch exist upstream at {base[:12]}: " + ", ".join(clash)
+                )
+            base_date = git_out(wt, "show", "-s", "--format=%cI", base)
+            for step in steps:
+                if step.patch:
+                    error = apply_one_patch(project, wt, step.patch, base, three_way=not on_pin)
+                    if error:
+                        conflicts.append((step.patch, error))
+                        continue
+                for rel in step.files:
+                    src = (
+                        project.overlay_dir / rel
+                        if (project.overlay_dir / rel).is_file()
+                        else project.root / rel
+                    )
+                    dst = wt / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dst)
+                    os.chmod(dst, 0o755 if os.access(src, os.X_OK) else 0o644)
+                if step.files:
+                    git(wt, "add", "-f", "--", *step.files)
+                _commit_pr_step(wt, step, identity, base_date)
+            if conflicts:
+                detail = "\n".join(
+                    f"  {name}:\n    " + "\n    ".join(msg.splitlines()[:6])
+                    for name, msg in conflicts
+                )
+                raise PatchsetError(
+                    f"{len(conflicts)} patch(es) of {args.feature} do not apply on {base[:12]} "
+                    f"(3-way merge failed); nothing was written:\n{detail}\n"
+                    f"See `make rebase-upstream NEW={base}` for a report of the whole series."
+                )
             head = git_out(wt, "rev-parse", "HEAD")
             git(build, "branch", "-f", branch, head)
-            rendered = render_patches(wt, pin.sha, head)
+            rendered = render_patches(wt, base, head)
+            strings = pr_project_strings(wt, base, head)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -1042,31 +1510,223 @@ def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
         (out_dir / name).write_bytes(data)
     deps = [f.name for f in features if f.name != args.feature]
     print(
-        f"[pr-branch] branch {branch} in {build} ({len(rendered)} commits on {pin.sha[:12]})"
+        f"[pr-branch] branch {branch} in {build} ({len(rendered)} commits on {base[:12]}, "
+        f"authored and signed off by {identity[0]} <{identity[1]}>)"
         + (f", stacked on: {', '.join(deps)}" if deps else "")
         + f"\n[pr-branch] patches: {out_dir}"
     )
+    for warning in warnings:
+        print(f"[pr-branch] warning: {warning}")
+    for finding in strings:
+        print(f"[pr-branch] project-only string: {finding}")
+    if strings:
+        print(
+            f"[pr-branch] {len(strings)} lines of upstream code name this project or its "
+            "directories (listed above): reword them before opening the PR"
+        )
+    if args.verify:
+        verify_pr_branch(project, args, features, steps, branch, base, strings)
 
 
-def _commit_pr_overlay(
-    project: Project, tree: Path, feature: Feature, files: list[str], base: str, date: str
-) -> None:
-    """Overlay commit for a PR: a DCO sign-off, no falcon-mcore trailers."""
-    if not files:
+def pr_project_strings(tree: Path, base: str, head: str) -> list[str]:
+    """Lines that ``base..head`` adds and that name the project (falcon-mcore, scripts/, ...)."""
+    found = []
+    for rel, pin_text in series_changes(tree, base, head).items():
+        blob = git(tree, "cat-file", "blob", f"{head}:{rel}").stdout
+        try:
+            text = blob.decode()
+        except UnicodeDecodeError:
+            continue
+        lines = upstream_lint.series_lines(pin_text, text)
+        found += [str(f) for f in upstream_lint.project_string_findings(rel, text, lines)]
+    return found
+
+
+def _commit_pr_step(tree: Path, step: PrStep, identity: tuple[str, str], base_date: str) -> None:
+    """Commit (a feature's files) or amend (a patch plus its files) as the runner."""
+    name, email = identity
+    env = {"GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+    if step.patch:
+        author, author_email, date = git_out(
+            tree, "show", "-s", "--format=%an%x00%ae%x00%aI", "HEAD"
+        ).split("\0")
+        if (author, author_email) == TOOL_IDENTITY:  # the project's bot: the runner is the author
+            author, author_email = name, email
+        message = pr_message(
+            git(tree, "show", "-s", "--format=%B", "HEAD").stdout.decode(), identity, step.files
+        )
+        env.update(GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date)
+        git(
+            tree,
+            "commit",
+            "-q",
+            "--amend",
+            "--no-verify",
+            "--allow-empty",
+            f"--author={author} <{author_email}>",
+            "-F",
+            "-",
+            input=message.encode(),
+            env=env,
+        )
         return
-    for rel in files:
-        dst = tree / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(project.overlay_dir / rel, dst)
-    git(tree, "add", "-f", "--", *files)
-    if not staged_changes(tree):
+    if not step.files or not staged_changes(tree):
         return
-    name, email = TOOL_IDENTITY
-    body = feature.description.strip() or f"New files of the {feature.name} feature."
-    message = f"{feature.name}: add new files\n\n{body}\n\nSigned-off-by: {name} <{email}>\n"
-    git(
-        tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=commit_env(date)
+    body = step.feature.description.strip() or f"New files of the {step.feature.name} feature."
+    message = pr_message(f"{step.feature.name}: add new files\n\n{body}\n", identity, step.files)
+    env.update(
+        GIT_AUTHOR_NAME=name,
+        GIT_AUTHOR_EMAIL=email,
+        GIT_AUTHOR_DATE=base_date,
+        GIT_COMMITTER_DATE=base_date,
     )
+    git(tree, "commit", "-q", "--no-verify", "-F", "-", input=message.encode(), env=env)
+
+
+_VERIFY_SCRIPT = r"""
+import importlib, importlib.util, json, os, sys, traceback
+root = sys.argv[1]
+sys.path.insert(0, root)
+failures = []
+for i, rel in enumerate(sys.argv[2:]):
+    parts = rel[:-3].split("/")
+    dirs = [os.path.join(root, *parts[:k]) for k in range(1, len(parts))]
+    try:
+        # A package module (the top directory may be a namespace package, as megatron/ is)
+        # by its dotted name; a script in a plain directory by path, with its directory at
+        # the end of sys.path (its siblings import; random.py there cannot shadow the stdlib).
+        if dirs and all(os.path.isfile(os.path.join(d, "__init__.py")) for d in dirs[1:]) and (
+            len(dirs) > 1 or os.path.isfile(os.path.join(dirs[0], "__init__.py"))
+        ):
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            importlib.import_module(name)
+        else:
+            path = os.path.join(root, rel)
+            sys.path.append(os.path.dirname(path))
+            name = os.path.basename(path)[:-3]
+            loaded = sys.modules.get(name)
+            where = getattr(loaded, "__file__", None) or ""
+            if loaded is not None and os.path.abspath(where) == path:
+                continue  # already imported by a sibling script, as it would be when run
+            if loaded is not None:
+                name = f"_pr_verify_{i}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses and pickling look modules up there
+            spec.loader.exec_module(module)
+    except BaseException as exc:
+        failures.append([rel, "".join(traceback.format_exception_only(type(exc), exc)).strip()])
+print("PR-VERIFY " + json.dumps(failures))
+"""
+
+
+def verify_pr_branch(
+    project: Project,
+    args: argparse.Namespace,
+    features: list[Feature],
+    steps: list[PrStep],
+    branch: str,
+    base: str,
+    strings: list[str],
+) -> None:
+    """Every commit imports the Python modules it adds or changes; the tip passes upstream's
+    lint rules (with the lint tools) and, with --run-tests, the feature's tests."""
+    python = os.path.abspath(args.python) if args.python else sys.executable
+    build = project.build
+    commits = git_out(build, "rev-list", "--reverse", f"{base}..{branch}").split()
+    problems: list[str] = []
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONDONTWRITEBYTECODE="1")
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-verify.") as tmp:
+        with with_worktree(build, Path(tmp) / "wt", base) as wt:
+            for commit in commits:
+                git(wt, "checkout", "-q", "-f", "--detach", commit)
+                subject = git_out(wt, "show", "-s", "--format=%s", commit)
+                changed = (
+                    git(
+                        wt,
+                        "diff-tree",
+                        "-r",
+                        "-z",
+                        "--no-commit-id",
+                        "--name-only",
+                        "--diff-filter=AM",
+                        commit,
+                    )
+                    .stdout.decode()
+                    .split("\0")
+                )
+                modules = sorted(rel for rel in changed if rel.endswith(".py"))
+                if not modules:
+                    print(f"[verify] {commit[:12]} {subject}: no Python files")
+                    continue
+                proc = subprocess.run(
+                    [python, "-c", _VERIFY_SCRIPT, str(wt), *modules],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=wt,
+                )
+                marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("PR-VERIFY ")]
+                failures = (
+                    json.loads(marker[-1][10:]) if marker else [["(python)", proc.stderr[-800:]]]
+                )
+                status = "OK" if not failures else f"{len(failures)} failed"
+                print(f"[verify] {commit[:12]} {subject}: import {len(modules)} modules: {status}")
+                for rel, error in failures:
+                    problems.append(
+                        f"{commit[:12]} ({subject}): import {rel}: {error.splitlines()[-1]}"
+                    )
+            venv = lint_venv(args, project)
+            if all((venv / "bin" / tool).exists() for tool in upstream_lint.TOOLS):
+                git(wt, "checkout", "-q", "-f", "--detach", commits[-1])
+                changes = {
+                    rel: pin for rel, pin in series_changes(wt, base).items() if _is_text(wt / rel)
+                }
+                findings, _notes = upstream_lint.lint_files(venv, wt, changes)
+                findings = [f for f in findings if f.tool != "project-strings"]
+                for finding in findings:
+                    print(f"[verify] lint: {finding}")
+                print(f"[verify] upstream lint at the tip: {len(findings)} findings")
+                problems += [f"lint: {f}" for f in findings]
+            else:
+                print(f"[verify] upstream lint skipped: no lint tools in {venv} (make lint-venv)")
+            if args.run_tests:
+                tests = sorted(
+                    rel
+                    for st in steps
+                    if st.feature.name == args.feature
+                    for rel in st.files
+                    if rel.startswith("tests/")
+                    and Path(rel).name.startswith("test_")
+                    and rel.endswith(".py")
+                )
+                if not tests:
+                    problems.append(f"feature {args.feature} has no test files in its PR branch")
+                else:
+                    print(f"[verify] pytest at the tip: {' '.join(tests)}", flush=True)
+                    proc = subprocess.run(
+                        [
+                            python,
+                            "-m",
+                            "pytest",
+                            "-q",
+                            "-p",
+                            "no:cacheprovider",
+                            "-m",
+                            "not gpu",
+                            *tests,
+                        ],
+                        cwd=wt,
+                        env=dict(env, PYTHONPATH=str(wt)),
+                    )
+                    if proc.returncode != 0:
+                        problems.append(
+                            f"the feature's tests fail at the tip (pytest exit {proc.returncode})"
+                        )
+    problems += [f"project-only string: {s}" for s in strings]
+    if problems:
+        raise PatchsetError(f"{branch} does not pass verification:\n  " + "\n  ".join(problems))
+    print(f"[verify] {branch}: every commit imports its modules; upstream checks pass")
 
 
 def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
@@ -1137,10 +1797,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard", action="store_true", help="set unexported commits aside first")
     p = sub.add_parser("export", help="write build-tree commits back to patches/ + overlay")
     p.add_argument("--force", action="store_true", help="overwrite patches/ changed since apply")
-    sub.add_parser("check", help="lint, zero-fuzz apply, round-trip identity")
+    p = sub.add_parser("check", help="lint, zero-fuzz apply, round-trip identity")
+    p.add_argument(
+        "--lint",
+        choices=["off", "report", "strict"],
+        default="off",
+        help="upstream's black/isort/pylint/ruff/header rules: off, report findings, or fail",
+    )
+    p.add_argument("--lint-venv", help="virtualenv with the lint tools (default: .venv-lint)")
     sub.add_parser("guard", help="fail if the build tree holds work that was not exported")
+    p = sub.add_parser("format", help="black + isort + headers on what the series adds/changes")
+    p.add_argument("--lint-venv", help="virtualenv with the lint tools (default: .venv-lint)")
     p = sub.add_parser("pr-branch", help="branch + format-patch of one feature for upstream")
     p.add_argument("--feature", required=True)
+    p.add_argument("--base", help="upstream commit to start from (default: the pin)")
+    p.add_argument("--verify", action="store_true", help="check every commit of the branch")
+    p.add_argument("--run-tests", action="store_true", help="with --verify: pytest at the tip")
+    p.add_argument("--python", help="interpreter for --verify (default: this one)")
+    p.add_argument("--lint-venv", help="virtualenv with the lint tools (default: .venv-lint)")
     p = sub.add_parser("rebase", help="re-apply the series on another upstream commit")
     p.add_argument("--new", required=True)
     args = parser.parse_args(argv)
@@ -1152,6 +1826,7 @@ def main(argv: list[str] | None = None) -> int:
         "apply": cmd_apply,
         "export": cmd_export,
         "check": cmd_check,
+        "format": cmd_format,
         "guard": cmd_guard,
         "pr-branch": cmd_pr_branch,
         "rebase": cmd_rebase,

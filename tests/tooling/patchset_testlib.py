@@ -15,10 +15,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "patchset.py"
+# Modules that patchset.py imports from its own directory (copied next to it).
+SCRIPT_MODULES = [REPO_ROOT / "scripts" / "upstream_lint.py"]
+LINT_VENV = REPO_ROOT / ".venv-lint"
 
 DEV_NAME = "Test Dev"
 DEV_EMAIL = "dev@example.com"
 DEV_DATE = "2024-03-04T05:06:07+00:00"
+# The person who runs `pr-branch` (their ~/.gitconfig in the tool's private HOME).
+RUNNER_NAME = "Pat Runner"
+RUNNER_EMAIL = "pat@example.com"
 
 # Upstream files of the toy "Megatron-LM". Long enough that hunks have real context.
 UPSTREAM_FILES = {
@@ -247,6 +253,8 @@ def build_templates(base: Path) -> Templates:
     write_files(project / "megatron_overlay", OVERLAY_FILES, EXECUTABLE_OVERLAY)
     (project / "scripts").mkdir()
     shutil.copy2(SCRIPT, project / "scripts" / "patchset.py")
+    for module in SCRIPT_MODULES:
+        shutil.copy2(module, project / "scripts" / module.name)
 
     # A cache filled by the tool itself (test_upstream checks this path in detail).
     cache = base / "cache"
@@ -277,6 +285,10 @@ def tool_env(home: Path, cache: Path) -> dict[str, str]:
         if not k.startswith("GIT_") and k not in ("MEGATRON_LM_GIT", "FALCON_MCORE_CACHE")
     }
     home.mkdir(parents=True, exist_ok=True)
+    if not (home / ".gitconfig").exists():
+        (home / ".gitconfig").write_text(
+            f"[user]\n\tname = {RUNNER_NAME}\n\temail = {RUNNER_EMAIL}\n"
+        )
     env.update(
         HOME=str(home),
         XDG_CACHE_HOME=str(home / ".cache"),

@@ -36,7 +36,16 @@ def test_make_targets(bare_proj):
     proc = make(p, "apply-patches")
     assert proc.returncode == 0, proc.stderr
     assert (p.build / "megatron/core/alpha/hook.py").is_file()
-    proc = make(p, "check-patches")
+    # make's built-in LINT (= lint) and a LINT in the environment are not the switch.
+    (p.root / "requirements").mkdir()
+    shutil.copy2(REPO_ROOT / "requirements/lint.txt", p.root / "requirements/lint.txt")
+    for env in ({}, {"LINT": "splint"}):
+        dry = make(p, "-n", "check-patches", env=env)
+        assert '--lint "report"' in dry.stdout, dry.stdout + dry.stderr
+    assert '--lint "strict"' in make(p, "-n", "check-patches", "LINT=strict").stdout
+    proc = make(
+        p, "check-patches", "LINT=off"
+    )  # the lint tools: tests/tooling/test_upstream_lint.py
     assert proc.returncode == 0 and "[check] OK" in proc.stdout, proc.stderr
 
     proc = make(p, "pr-branch")

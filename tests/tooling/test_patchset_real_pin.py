@@ -19,9 +19,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from patchset_testlib import REPO_ROOT, SCRIPT, tool_env
+from patchset_testlib import REPO_ROOT, SCRIPT, SCRIPT_MODULES, tool_env
 
-PATHS = ["patches", "megatron_overlay", "UPSTREAM", "scripts"]
+# tests/functional_tests: the project test files that features.toml maps into PR branches.
+PATHS = ["patches", "megatron_overlay", "UPSTREAM", "scripts", "tests/functional_tests"]
 
 
 def real_cache() -> Path:
@@ -90,6 +91,8 @@ def test_real_pin_check(tmp_path):
         tar.extractall(root, filter="tar")
     # The tool under test is this checkout's patchset.py, as in every other tooling test.
     shutil.copy2(SCRIPT, root / "scripts" / "patchset.py")
+    for module in SCRIPT_MODULES:
+        shutil.copy2(module, root / "scripts" / module.name)
 
     # A private cache that reads the real one's objects and never writes to it.
     private = tmp_path / "cache"

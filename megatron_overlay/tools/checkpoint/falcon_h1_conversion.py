@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Convert Falcon-H1 checkpoints between HF transformers and Megatron, at any TP / PP, exactly.
 

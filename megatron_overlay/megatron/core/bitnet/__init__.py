@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet b1.58 (ternary weights, int8 activations) training core for Megatron.
 
 Public API (see :mod:`.functional`): :func:`bitnet_linear`, :class:`BitNetWeightCache`,

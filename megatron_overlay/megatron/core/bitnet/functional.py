@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet b1.58 linear: backend dispatch, weight cache and the STE autograd function.
 
 Layers of this module, bottom up:

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet b1.58 tensor-parallel linear layers for Megatron Core.
 
 :class:`BitNetColumnParallelLinear` and :class:`BitNetRowParallelLinear` are drop-in

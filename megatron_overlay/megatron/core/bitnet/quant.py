@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Pure PyTorch reference implementation of BitNet b1.58 quantisation.
 
 This module is the numerical definition that every other backend (the Triton kernels in

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Triton kernels for BitNet b1.58 training (written for this project; Hopper/H100 tuned).
 
 Kernels (each reproduces the definitions of :mod:`megatron.core.bitnet.quant` exactly):

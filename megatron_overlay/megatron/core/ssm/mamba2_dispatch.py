@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Mamba-2 ops for ``MambaMixer``: the CUDA kernels where they can run, PyTorch elsewhere.
 

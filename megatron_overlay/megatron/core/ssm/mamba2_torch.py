@@ -1,4 +1,4 @@
-# Copyright (c) 2025, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Pure-PyTorch implementations of the Mamba-2 operations used by ``MambaMixer``.
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """The FLOPs estimate counts a parallel hybrid ('P') layer as attention + Mamba + MLP."""
 

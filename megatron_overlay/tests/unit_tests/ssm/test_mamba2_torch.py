@@ -1,4 +1,4 @@
-# Copyright (c) 2025, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """CPU tests of the pure-PyTorch Mamba-2 ops (megatron/core/ssm/mamba2_torch.py).
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Falcon-H1 specs: the parallel hybrid layer (``P``) and hybrid stacks with muP multipliers.
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Parallel hybrid layer (symbol ``P``): attention and Mamba-2 side by side, as in Falcon-H1.
 
