@@ -392,6 +392,7 @@ def main() -> int:
     timing_plan(args.iters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.megatron = args.megatron.resolve()
+    sys.path.insert(0, str(args.megatron))  # the converter's mapping reads Megatron's table
 
     from provenance import provenance
 
