@@ -87,7 +87,7 @@ CASES = {  # name: (shape, sequence length, micro-batch size)
     "1.5b-deep_s4096_b1": ("1.5b-deep", 4096, 1),
 }
 
-LOCAL = ["--transformer-impl", "local", "--no-rope-fusion"]
+LOCAL = ["--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm"]
 TE = ["--transformer-impl", "transformer_engine"]
 FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
 LAYER_GRAPH = ["--cuda-graph-impl", "local"]

@@ -148,9 +148,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _carried_matches(root: Path) -> bool:
+    """True if ``.carry/provenance.json`` exists and the files here are the ones it records."""
+    try:
+        record = json.loads((root / CARRY_FILE).read_text())
+        return tree_fingerprint(root, record["files"]) == record["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def code_state(root: Path = ROOT) -> dict:
-    """commit / dirty / describe / dirty_paths / provenance_source (+ warning if any)."""
-    if (root / ".git").exists():
+    """commit / dirty / describe / dirty_paths / provenance_source (+ warning if any).
+
+    A carry record whose files match this tree wins over ``.git``: the GPU machine's copy may
+    hold a ``.git`` that is not the one the copied files were committed in."""
+    if (root / ".git").exists() and not _carried_matches(root):
         try:
             state = _git_state(root)
         except (OSError, subprocess.CalledProcessError) as exc:
