@@ -485,6 +485,7 @@ def _write_legacy(reader, dims, args, tp, counts, padded, dtype, out: Path, prog
 def _single_rank_megatron():
     """A one-process gloo group with Megatron's model-parallel state at TP = PP = 1."""
     import torch.distributed as dist
+
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -800,10 +801,11 @@ class TorchDistReader:
     """Reads global tensors of a ``torch_dist`` checkpoint one layer at a time (PyTorch DCP)."""
 
     def __init__(self, ckpt_dir: Path):
-        from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from megatron.core import dist_checkpointing
 
         self.ckpt_dir = ckpt_dir
         try:

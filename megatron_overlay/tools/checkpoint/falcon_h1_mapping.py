@@ -651,11 +651,7 @@ def hf_shapes(dims: FalconH1Dims) -> Dict[str, Tuple[int, ...]]:
         "mamba.norm.weight": (d.d_ssm,),
         "mamba.out_proj.weight": (h, d.d_ssm),
     }
-    out = {
-        HF_EMBED: (d.vocab, h),
-        HF_FINAL_NORM: (h,),
-        HF_LM_HEAD: (d.vocab, h),
-    }
+    out = {HF_EMBED: (d.vocab, h), HF_FINAL_NORM: (h,), HF_LM_HEAD: (d.vocab, h)}
     for i in range(d.num_layers):
         for key in hf_layer_keys(d):
             out[f"model.layers.{i}.{key}"] = layer[key]

@@ -577,14 +577,7 @@ class BitNetWeightCache:
         if weight.is_inference():
             return None  # inference tensors have no version counter
         version = weight._version if self.check_version else None
-        return (
-            version,
-            weight.data_ptr(),
-            tuple(weight.shape),
-            weight.dtype,
-            weight.device,
-            extra,
-        )
+        return (version, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, extra)
 
     def get(
         self, weight: torch.Tensor, compute: Callable[[], QuantizedWeight], extra_key: Tuple = ()

@@ -21,8 +21,8 @@ from megatron.core.ssm import mamba2_torch
 
 try:
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as _kernel_rmsnorm_fn
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _kernel_chunk_scan
     from mamba_ssm.ops.triton.ssd_combined import (
-        mamba_chunk_scan_combined as _kernel_chunk_scan,
         mamba_split_conv1d_scan_combined as _kernel_split_scan,
     )
 

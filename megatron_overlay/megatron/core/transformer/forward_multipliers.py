@@ -50,14 +50,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_size
 
-ROLES = (
-    "linear_qkv",
-    "linear_proj",
-    "mamba_in_proj",
-    "mamba_out_proj",
-    "linear_fc1",
-    "linear_fc2",
-)
+ROLES = ("linear_qkv", "linear_proj", "mamba_in_proj", "mamba_out_proj", "linear_fc1", "linear_fc2")
 
 
 @dataclass(frozen=True)

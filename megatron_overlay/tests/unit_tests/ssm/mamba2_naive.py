@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Naive references for the Mamba-2 operations, written from the equations, for tests.
 
@@ -258,9 +258,9 @@ def naive_split_conv1d_scan(
     )
     y = y.reshape(batch, seqlen, dim)
     if rmsnorm_weight is not None:
-        y = naive_rmsnorm(
-            y, rmsnorm_weight, z, rmsnorm_eps, dim // ngroups, norm_before_gate
-        ).to(y.dtype)
+        y = naive_rmsnorm(y, rmsnorm_weight, z, rmsnorm_eps, dim // ngroups, norm_before_gate).to(
+            y.dtype
+        )
     if d_nonssm > 0:
         y = torch.cat([silu(zx0[..., :d_nonssm]) * zx0[..., d_nonssm:], y], dim=-1)
     if outproj_weight is not None:

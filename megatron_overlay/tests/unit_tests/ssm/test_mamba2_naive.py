@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore contributors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """The naive Mamba-2 references (tests/unit_tests/ssm/mamba2_naive.py) and our pure-PyTorch ops
 against them, float64 on CPU.
@@ -428,8 +428,7 @@ def test_split_path_values_and_gradients(variant):
     names = ["zxbcdt", "conv_w", "conv_b", "dt_bias", "A", "D_hp" if full else "D_h"]
     names += ["norm_w", "out_w", "out_b", "init"] if full else []
 
-    def ours(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w=None, out_w=None, out_b=None,
-             init=None):  # fmt: skip
+    def ours(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w=None, out_w=None, out_b=None,init=None):  # fmt: skip
         res = m2.mamba_split_conv1d_scan_combined(
             zxbcdt, conv_w, conv_b, dt_bias, A, D, 4, initial_states=init, seq_idx=seq_idx,
             return_final_states=full, activation="silu", rmsnorm_weight=norm_w,
@@ -438,8 +437,7 @@ def test_split_path_values_and_gradients(variant):
         )  # fmt: skip
         return res
 
-    def ref(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w=None, out_w=None, out_b=None,
-            init=None):  # fmt: skip
+    def ref(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w=None, out_w=None, out_b=None,init=None):  # fmt: skip
         out, final = naive_split_conv1d_scan(
             zxbcdt, conv_w, conv_b, dt_bias, A, D, p, g, initial_states=init, seq_idx=seq_idx,
             rmsnorm_weight=norm_w, rmsnorm_eps=1e-5, norm_before_gate=False,

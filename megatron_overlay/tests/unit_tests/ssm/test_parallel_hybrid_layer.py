@@ -112,7 +112,13 @@ def test_every_block_runs_once_and_outputs_sum(single_rank):
     positions = torch.arange(10).expand(2, -1)
     with torch.no_grad():
         model(tokens, positions, attention_mask=None)
-    assert calls == {"input_layernorm": 1, "pre_mlp_layernorm": 1, "mlp": 1, "attention": 1, "mamba": 1}
+    assert calls == {
+        "input_layernorm": 1,
+        "pre_mlp_layernorm": 1,
+        "mlp": 1,
+        "attention": 1,
+        "mamba": 1,
+    }
 
     u = torch.randn(10, 2, 32)
     rope = model.rotary_pos_emb(10)

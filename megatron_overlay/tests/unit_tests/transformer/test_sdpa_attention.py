@@ -64,7 +64,7 @@ def test_plain_causal_takes_the_flash_eligible_call(monkeypatch):
     q, k, v = _qkv(7, 7)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the GPU branch
     _module()(q, k, v, None)
-    (q_shape, k_shape, kwargs), = calls
+    ((q_shape, k_shape, kwargs),) = calls
     assert kwargs.get("attn_mask") is None and kwargs["is_causal"] is True
     assert kwargs["enable_gqa"] is True and k_shape[1] == 2 and q_shape[1] == 4
 

@@ -44,7 +44,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-
 LOCAL_MULTIPLIER_LINEARS = MultiplierLinears(
     column=ColumnParallelLinearWithMultipliers, row=RowParallelLinearWithMultipliers
 )

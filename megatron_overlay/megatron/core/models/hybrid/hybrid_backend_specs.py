@@ -33,10 +33,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.sdpa_attention import SDPADotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import LayerNormBuilder, WrappedTorchNorm
-from megatron.core.transformer.transformer_layer import (
-    TransformerLayer,
-    TransformerLayerSubmodules,
-)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 
 @dataclass(frozen=True)
@@ -149,8 +146,7 @@ def get_dense_mlp_for_backend(
     column, row = _linears(backend, multiplier_linears)
     fc1 = backend.column_parallel_layer_norm_linear() if fuse_input_norm else column("linear_fc1")
     return partial(
-        MLP.as_mlp_submodule,
-        submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=row("linear_fc2")),
+        MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=row("linear_fc2"))
     )
 
 
