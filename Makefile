@@ -12,12 +12,12 @@ PATCHSET := $(PYTHON) scripts/patchset.py
 PYTEST_ARGS ?=
 # Upstream's lint tools (requirements/lint.txt) live in a virtualenv of their own.
 LINT_VENV ?= .venv-lint
-# check-patches runs upstream's lint rules: report (print findings, do not fail), strict (fail on
-# findings) or off. TODO(lead): switch the default to strict in the commit after `make format`.
+# check-patches runs upstream's lint rules: strict (fail on findings; the default, as in CI),
+# report (print findings, do not fail) or off.
 # (make has a built-in LINT = lint, and the environment may hold an unrelated LINT: only a
 # LINT given on the command line or in this file counts.)
 ifneq ($(filter default environment,$(origin LINT)),)
-LINT := report
+LINT := strict
 endif
 
 .PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream \

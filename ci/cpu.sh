@@ -9,6 +9,6 @@ start=$SECONDS
 make setup
 make upstream
 make apply-patches
-make check-patches          # LINT=report (Makefile default) lists upstream-lint findings; strict fails
+make check-patches          # LINT=strict (Makefile default): upstream-lint findings fail the job
 make test                  # the README's test command
 echo "[ci] CPU job passed in $((SECONDS - start)) s"

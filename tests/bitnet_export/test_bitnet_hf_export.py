@@ -603,7 +603,7 @@ def test_dense_falcon_h1_converter_refuses_bitnet(
         assert fc.main(["megatron-to-hf", "--load-dir", str(ckpt), "--save-dir", str(out)]) == 2
         err = capsys.readouterr().err
         assert "is a BitNet checkpoint (trained with --use-bitnet)" in err, err
-        assert "scripts/export_bitnet_hf.sh" in err and not out.exists()
+        assert "tools/checkpoint/bitnet_hf_export.py" in err and not out.exists()
 
     exported = tmp_path / "bitnet_hf"
     assert _export(tool, checkpoints("falcon_rms"), exported) == 0

@@ -1,7 +1,8 @@
 """What the Falcon-H1 converter refuses to read, and how it says so.
 
 * BitNet checkpoints (``--use-bitnet``) are not dense Falcon-H1 models: megatron-to-hf refuses
-  them and points to ``scripts/export_bitnet_hf.sh``; hf-to-megatron
+  them and points to the BitNet exporter (``tools/checkpoint/bitnet_hf_export.py``, which
+  ``scripts/export_bitnet_hf.sh`` runs); hf-to-megatron
   refuses quantized HF exports (a BitNet export named as such). Converting the latent weights
   would silently give a model that computes something else.
 * Corrupt inputs name the file: a truncated / corrupt safetensors shard, a shard the index lists
@@ -101,13 +102,13 @@ def test_megatron_to_hf_refuses_bitnet_checkpoints(tool, megatron_ckpts, tmp_pat
     assert _run(tool, "megatron-to-hf", "--load-dir", ckpt, "--save-dir", out) == 2
     err = _error(capsys)
     assert "is a BitNet checkpoint (trained with --use-bitnet)" in err, err
-    assert "scripts/export_bitnet_hf.sh" in err
+    assert "tools/checkpoint/bitnet_hf_export.py" in err
     _assert_nothing_written(tmp_path, out, err)
 
 
 def test_hf_to_megatron_refuses_quantized_exports(tool, hf_sharded, tmp_path, capsys):
     for method, message in (
-        ("bitnet", "this is a BitNet export (scripts/export_bitnet_hf.sh"),
+        ("bitnet", "this is a BitNet export (tools/checkpoint/bitnet_hf_export.py"),
         ("gptq", "quant_method 'gptq'"),
     ):
         src = tmp_path / f"hf_{method}"

@@ -694,7 +694,8 @@ def export(opts: argparse.Namespace) -> None:
         raise ConversionError(
             f"{ckpt_dir} is not a BitNet checkpoint (its args have use_bitnet="
             f"{getattr(args, 'use_bitnet', None)!r}); this tool exports --use-bitnet runs only "
-            "(scripts/convert_falcon_h1.sh megatron-to-hf converts full-precision Falcon-H1)"
+            "(tools/checkpoint/falcon_h1_conversion.py megatron-to-hf converts full-precision "
+            "Falcon-H1)"
         )
     detected = detect_model(args)
     model = detected if opts.model == "auto" else opts.model

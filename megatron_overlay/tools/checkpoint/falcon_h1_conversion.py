@@ -46,7 +46,7 @@ Guarantees and limits:
   shard, a Megatron checkpoint file) is an error that names it.
 * BitNet checkpoints (``--use-bitnet``) are refused: their forward pass quantises weights and
   activations, so as a dense FalconH1 their latent weights would compute another model; export
-  them with ``scripts/export_bitnet_hf.sh``. Quantized HF checkpoints are refused too.
+  them with ``tools/checkpoint/bitnet_hf_export.py``. Quantized HF checkpoints are refused too.
 * Memory: safetensors are read lazily, one layer at a time. Peak host memory when writing is
   about one pipeline stage of the model (legacy ``torch``: all TP shards of a stage are held
   until that stage's files are written) or the whole model (``torch_dist``: Megatron's saver
@@ -901,7 +901,7 @@ def refuse_bitnet_checkpoint(args, ckpt_dir: Path) -> None:
         raise ConversionError(
             f"{ckpt_dir} is a BitNet checkpoint (trained with --use-bitnet): as a dense "
             "FalconH1ForCausalLM its full-precision latent weights would compute a different "
-            "model. Export it with scripts/export_bitnet_hf.sh --load-dir DIR --save-dir OUT "
+            "model. Export it with tools/checkpoint/bitnet_hf_export.py --load-dir DIR --save-dir OUT "
             "(transformers' bitnet format; --format dense writes the ternary weights beta*T)"
         )
 

@@ -224,7 +224,8 @@ def parse_hf_config(config: Mapping, allow_unknown_keys: bool = False) -> HFSett
         hint = ""
         if method == "bitnet":
             hint = (
-                ": this is a BitNet export (scripts/export_bitnet_hf.sh writes it from a Megatron "
+                ": this is a BitNet export (tools/checkpoint/bitnet_hf_export.py writes it from a "
+                "Megatron "
                 "--use-bitnet checkpoint; load that checkpoint to train on)"
             )
         raise ConversionError(

@@ -135,13 +135,13 @@ def _impl_choice(var: str, default: str, allowed: Tuple[str, ...]) -> str:
     return val
 
 
-# Defaults measured on one H100 (torch 2.11, triton 3.6; scripts/bench_bitnet.py --breakdown):
+# Defaults measured on one H100 (torch 2.11, triton 3.6, Llama-3-8B-shaped linears):
 # our Triton mixed-input backward GEMMs ran 1.25-1.4x slower than cuBLAS bf16, while the int8
 # forward GEMM ran about 1.65x faster than cuBLAS bf16.  So the backward uses cuBLAS on a bf16
 # operand.  For the input gradient that operand is beta*T, dequantised from the cached int8 T
 # into a temporary just before the GEMM (an elementwise pass reading 1 and writing 2
 # bytes/parameter: 0.12 ms next to the 2.7 ms dgrad GEMM of a 4096->28672 weight at 8192
-# tokens, results/h100/bitnet/bench_bitnet.md) and freed right after, so the cache holds only
+# tokens) and freed right after, so the cache holds only
 # T: 1 byte/parameter.  ``cublas_cached`` instead keeps the bf16 beta*T in the cache for
 # the whole step (3 bytes/parameter; saves the pass when a step has many micro-batches).
 
@@ -667,6 +667,7 @@ class BitNetLinearFunction(torch.autograd.Function):
         gradient_accumulation_fusion: bool,
         backend: str,
     ) -> torch.Tensor:
+        """``y = x_q W_q^T (+ bias)``; saves the int8 activations for backward."""
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(
                 f"input features {x.shape[-1]} != weight in_features {weight.shape[1]}"
@@ -692,6 +693,7 @@ class BitNetLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        """Straight-through gradients: ``dX = dY W_q``, ``dW = dY^T x_q``, ``db = sum dY``."""
         q, gamma, s, t, beta, dense, weight = ctx.saved_tensors
         backend = ctx.backend
         n = t.shape[0]

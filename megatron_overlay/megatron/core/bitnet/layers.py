@@ -5,7 +5,7 @@
 replacements of :class:`~megatron.core.tensor_parallel.layers.ColumnParallelLinear` /
 :class:`~megatron.core.tensor_parallel.layers.RowParallelLinear` (same constructor, same
 ``(output, bias)`` forward) that compute ``y = x_q W_q^T (+ b)`` with ternary weights and int8
-per-token activations (DESIGN.md section 4) and identity straight-through gradients to the
+per-token activations (BitNet b1.58) and identity straight-through gradients to the
 full-precision weight and input (:func:`megatron.core.bitnet.functional.bitnet_linear`).
 
 Tensor-parallel invariance
@@ -208,6 +208,7 @@ class BitNetInputRMSNorm(torch.nn.Module):
         return self.weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
+        """Sizes, epsilon and partitioning in the module printout."""
         return (
             f"local_size={self.local_size}, full_size={self.full_size}, eps={self.eps}, "
             f"partitioned={self.partitioned}"
@@ -556,6 +557,7 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
         return self._scale_outputs(output, output_bias)
 
     def extra_repr(self) -> str:
+        """The parent's printout plus the BitNet role and its beta segments."""
         return (
             f"{super().extra_repr()}, bitnet_role={self.bitnet_role!r}, "
             f"segments={self.bitnet_segment_names}"
@@ -684,6 +686,7 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         )
 
     def extra_repr(self) -> str:
+        """The parent's printout plus the BitNet role and its beta segments."""
         return (
             f"{super().extra_repr()}, bitnet_role={self.bitnet_role!r}, "
             f"segments={self.bitnet_segment_names}"

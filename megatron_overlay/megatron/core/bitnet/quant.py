@@ -5,7 +5,7 @@ This module is the numerical definition that every other backend (the Triton ker
 ``triton_kernels.py``) must reproduce bit for bit.  It runs on any device (CPU and CUDA) and
 never synchronises with the host (no ``.item()``, no data-dependent Python control flow).
 
-Definitions (DESIGN.md section 4), all scale arithmetic in IEEE fp32 unless stated:
+Definitions (BitNet b1.58), all scale arithmetic in IEEE fp32 unless stated:
 
 Weight (per tensor, or per logical tensor when shards are reduced by the caller)::
 

@@ -2,11 +2,11 @@
 
 """Transformer Engine linears applying Falcon-H1's forward multipliers.
 
-The TE counterparts of ``ColumnParallelLinearWithMultipliers`` / ``RowParallelLinearWithMultipliers``
-(``megatron.core.transformer.forward_multipliers``): same constructor as the TE wrapper plus
-``role``. TE owns the weight and its GEMM, so the scale multiplies the output (column) or the
-smaller of input and output (row: one scale for every channel). Importing this module needs
-Transformer Engine.
+The TE counterparts of ``ColumnParallelLinearWithMultipliers`` /
+``RowParallelLinearWithMultipliers`` (``megatron.core.transformer.forward_multipliers``): same
+constructor as the TE wrapper plus ``role``. TE owns the weight and its GEMM, so the scale
+multiplies the output (column) or the smaller of input and output (row: one scale for every
+channel). Importing this module needs Transformer Engine.
 """
 
 from __future__ import annotations

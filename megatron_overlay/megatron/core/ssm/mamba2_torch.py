@@ -22,7 +22,8 @@ Signatures, argument names, tensor layouts and return conventions follow the ori
 functions can be swapped in at the mixer's import site. All arithmetic is done in float32
 (float64 when the main input is float64, which the unit tests use for tight comparisons) and
 results are cast back to the input dtype (autocast is disabled around the matmuls, so an
-enclosing ``torch.autocast`` region does not lower their precision). Nothing here reads tensor values on the host
+enclosing ``torch.autocast`` region does not lower their precision). Nothing here reads tensor
+values on the host
 (no ``.item()``, no data-dependent Python control flow), so the functions are free of host
 synchronisation.
 
@@ -669,6 +670,7 @@ class RMSNormGated(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """Width, epsilon, group size and gate order in the module printout."""
         return (
             f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, "
             f"norm_before_gate={self.norm_before_gate}"

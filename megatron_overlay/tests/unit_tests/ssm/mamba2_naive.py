@@ -2,9 +2,9 @@
 
 """Naive references for the Mamba-2 operations, written from the equations, for tests.
 
-Used by the CPU unit tests of ``megatron/core/ssm/mamba2_torch.py`` and by
-``scripts/gpu/check_mamba2_torch.py``, which compares both our ops and the ``mamba_ssm`` /
-``causal_conv1d`` kernels against these before calling either wrong. The scan is a plain loop
+Used by the CPU unit tests of ``megatron/core/ssm/mamba2_torch.py`` and by GPU checks that
+compare both those ops and the ``mamba_ssm`` / ``causal_conv1d`` kernels against these before
+calling either wrong. The scan is a plain loop
 over time, the convolution a sum over each output's window of inputs, in the dtype of the inputs
 (the callers pass float64), with no chunking, no log-space tricks and no code shared with the
 ops under test; autograd through them gives the reference gradients (tests check those against

@@ -18,18 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-_OVERLAY = Path(__file__).resolve().parents[3] / "megatron_overlay"
-if _OVERLAY.is_dir() and str(_OVERLAY) not in sys.path:
-    sys.path.insert(0, str(_OVERLAY))
-try:  # a patched Megatron tree (or this repo's overlay) on sys.path
-    from megatron.core.ssm import mamba2_torch as m2
-except ImportError:  # an unpatched Megatron shadows the overlay: load the file directly
-    _spec = importlib.util.spec_from_file_location(
-        "mamba2_torch", _OVERLAY / "megatron" / "core" / "ssm" / "mamba2_torch.py"
-    )
-    m2 = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(m2)
-
+from megatron.core.ssm import mamba2_torch as m2
 from tests.unit_tests.ssm.mamba2_naive import naive_conv, naive_rmsnorm, naive_scan
 
 F64 = torch.float64
