@@ -12,7 +12,8 @@
 # Speed defaults (results/README.md: on one H200 the TE spec with a whole-iteration CUDA graph
 # ran the 0.5B step 2.56x faster than HF transformers, eager 0.93x):
 #   IMPL=auto|transformer_engine|local   auto: Transformer Engine when it imports, else local
-#   CUDA_GRAPHS=full_iteration|local|none   default full_iteration on GPUs (none without CUDA)
+#   CUDA_GRAPHS=full_iteration|none   default full_iteration on GPUs (none without CUDA); per-layer
+#   graphs (--cuda-graph-impl local) are refused for P layers (they trained wrongly)
 # The local spec uses torch norms (--no-persist-layer-norm) and, without TE, unfused RoPE;
 # without apex, gradient-accumulation fusion is off.
 set -euo pipefail
@@ -49,9 +50,8 @@ graphs=${CUDA_GRAPHS:-full_iteration}
     || graphs=${CUDA_GRAPHS:-none}
 case $graphs in
     none) ;;
-    local) speed+=(--cuda-graph-impl local) ;;
     full_iteration) speed+=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad) ;;
-    *) echo "CUDA_GRAPHS must be full_iteration, local or none, got '$graphs'" >&2; exit 2 ;;
+    *) echo "CUDA_GRAPHS must be full_iteration or none, got '$graphs'" >&2; exit 2 ;;
 esac
 training=(
     "${speed[@]}" --bf16 --use-distributed-optimizer
