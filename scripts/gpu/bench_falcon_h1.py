@@ -49,20 +49,10 @@ sys.path.insert(0, str(ROOT / "scripts" / "lib"))
 sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
 sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
 
+from falcon_h1_args import MULTIPLIERS_0_5B  # noqa: E402
 from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
 from gpu_trace import gpu_busy_fraction, kernel_names, load_trace, top_kernels  # noqa: E402
 
-MULTIPLIERS_0_5B = dict(
-    embedding_multiplier=5.656854249492381,
-    lm_head_multiplier=0.0390625,
-    key_multiplier=0.390625,
-    attention_in_multiplier=1.0,
-    attention_out_multiplier=0.9375,
-    ssm_in_multiplier=1.25,
-    ssm_out_multiplier=0.23570226,
-    mlp_multipliers=[0.88388348, 0.5859375],
-    ssm_multipliers=[0.35355339, 0.25, 0.35355339, 0.5, 0.35355339],
-)
 
 
 def _hf_config(layers, hidden, heads, kv, head_dim, m_heads, m_dim, d_state, groups, ffn,
