@@ -22,11 +22,7 @@ class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
     def __init__(self, *args, role: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.forward_multipliers = ForwardMultipliers(
-            self.config,
-            role,
-            self.out_features,
-            self.tp_size,
-            tp_rank=get_pg_rank(self._tp_group),
+            self.config, role, self.out_features, self.tp_size, tp_rank=get_pg_rank(self._tp_group)
         )
 
     def forward(self, x):

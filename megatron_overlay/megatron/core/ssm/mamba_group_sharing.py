@@ -71,7 +71,9 @@ class _GatherGroupSlices(torch.autograd.Function):
             tokens, segments, ctx.count, width
         ).permute(2, 0, 1, 3)
         out = grad.new_empty((tokens, segments, width))
-        dist.reduce_scatter_tensor(out, full.view(ctx.tp * tokens, segments, width), group=ctx.group)
+        dist.reduce_scatter_tensor(
+            out, full.view(ctx.tp * tokens, segments, width), group=ctx.group
+        )
         return out, None, None, None
 
 
@@ -187,9 +189,7 @@ class MambaGroupSharing:
         """Make the gated RMSNorm ``norm`` (group size = this rank's channels) reduce its sums
         of squares over the ranks sharing a group (nothing to do unless groups are shared)."""
         if self.shared:
-            norm.share_group_across_ranks(
-                self.group_sum, self.d_inner_local * self.ranks_per_group
-            )
+            norm.share_group_across_ranks(self.group_sum, self.d_inner_local * self.ranks_per_group)
 
     def context_parallel(self, **kwargs) -> MambaContextParallel:
         """``MambaContextParallel`` for this rank, fed the group's gathered conv1d weights."""

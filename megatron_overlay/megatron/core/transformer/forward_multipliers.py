@@ -230,9 +230,7 @@ def mamba_in_proj_output_multipliers(
     """
     from megatron.core.ssm.mamba_group_sharing import check_mamba_group_sharing
 
-    problem = check_mamba_group_sharing(
-        config.mamba_num_groups, config.mamba_state_dim, tp_size
-    )
+    problem = check_mamba_group_sharing(config.mamba_num_groups, config.mamba_state_dim, tp_size)
     if problem is not None:
         raise ValueError(problem)
     groups_state = config.mamba_num_groups * config.mamba_state_dim // tp_size
