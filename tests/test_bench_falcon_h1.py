@@ -45,6 +45,22 @@ def test_gpu_busy_fraction_counts_overlaps_once():
     assert top[0]["name"] == "gemm" and top[0]["us_per_step"] == 20
 
 
+def test_gpu_track_copies_of_the_step_annotations_are_not_steps():
+    """torch puts each ProfilerStep# on the GPU track too; counting those doubled the steps and
+    halved every per-step figure (the first H200 results had this defect)."""
+    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    data = _trace()
+    data["traceEvents"] += [
+        {"ph": "X", "name": "ProfilerStep#7", "ts": 5, "dur": 100, "cat": "gpu_user_annotation"},
+        {"ph": "X", "name": "ProfilerStep#8", "ts": 105, "dur": 120, "cat": "gpu_user_annotation"},
+    ]
+    busy = trace.gpu_busy_fraction(data)
+    assert busy["steps"] == 2 and busy["window_us"] == 200
+    top = trace.top_kernels(data)
+    assert top[0]["name"] == "gemm" and top[0]["us_per_step"] == 20
+    assert top[0]["calls_per_step"] == 1
+
+
 def _bench():
     sys.path.insert(0, str(ROOT / "scripts" / "lib"))
     sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
