@@ -34,6 +34,7 @@ host-bound step times differ between machine instances.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -87,13 +88,20 @@ CASES = {  # name: (shape, sequence length, micro-batch size)
 LOCAL = ["--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm"]
 TE = ["--transformer-impl", "transformer_engine"]
 FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
+# Upstream's CUDA graph of the optimizer step; a captured step needs the tensor-valued gradient
+# clipping of Transformer Engine's multi-tensor ops (without TE, clipping reads the norm on the
+# host), so these runs need TE installed even with the local spec.
+OPT_GRAPH = ["--optimizer-cuda-graph"]
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
     "ours_local_graph": (LOCAL + FULL_GRAPH, False),
+    "ours_local_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH, True),
     "ours_te": (TE, True),
     "ours_te_graph": (TE + FULL_GRAPH, True),
+    "ours_te_graph_opt": (TE + FULL_GRAPH + OPT_GRAPH, True),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
+    "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),
 }
 HF = {"hf": {}, "hf_compile": {"compile": True}, "hf_liger": {"liger": True}}
 SYSTEMS = list(HF) + list(OURS)
@@ -218,7 +226,7 @@ def hf_worker(spec: dict) -> dict:
 # runs
 
 
-def run_hf(name: str, case: str, iters: int, out_dir: Path) -> dict:
+def run_hf(name: str, case: str, iters: int, out_dir: Path, keep: bool = False) -> dict:
     shape, seq, mbs = CASES[case]
     trace = out_dir / f"trace_{case}_{name}.json"
     spec = dict(HF[name], shape=shape, seq=seq, mbs=mbs, iters=iters, trace=str(trace))
@@ -234,6 +242,8 @@ def run_hf(name: str, case: str, iters: int, out_dir: Path) -> dict:
         return {"error": "\n".join(text.splitlines()[-15:])}
     result = json.loads(match.group(1))
     result.update(trace_summary(trace))
+    if keep:
+        result["trace"] = keep_trace(trace, out_dir, case, name)
     trace.unlink()
     return result
 
@@ -262,7 +272,20 @@ def megatron_flags(case: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_ours(name: str, case: str, iters: int, megatron: Path, out_dir: Path) -> dict:
+def keep_trace(trace: Path, out_dir: Path, case: str, name: str) -> str:
+    """Gzip a profiler trace to ``out_dir/traces/trace_<case>_<name>.json.gz``; its path."""
+    target = out_dir / "traces" / f"trace_{case}_{name}.json.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    raw = trace.read_bytes()
+    target.write_bytes(raw if trace.suffix == ".gz" else gzip.compress(raw, 6))
+    return str(target.relative_to(out_dir))
+
+
+def run_ours(
+    name: str, case: str, iters: int, megatron: Path, out_dir: Path, stacks: bool = False
+) -> dict:
+    """One Megatron run; ``stacks``: the profiled steps also record Python call stacks (more
+    host time in those two steps: their GPU-busy figure is then a lower bound)."""
     extra, _ = OURS[name]
     first, last, prof_start = timing_plan(iters)
     work = out_dir / f"work_{case}_{name}"
@@ -280,6 +303,8 @@ def run_ours(name: str, case: str, iters: int, megatron: Path, out_dir: Path) ->
         "--profile-step-start", str(prof_start - 1), "--profile-step-end", str(prof_start + 1),
         *extra,
     ]  # fmt: skip
+    if stacks:
+        args += ["--pytorch-profiler-collect-callstack", "--pytorch-profiler-collect-shapes"]
     env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
     log = out_dir / f"{case}_{name}.log"
     with open(log, "w") as fh:
@@ -314,6 +339,9 @@ def run_ours(name: str, case: str, iters: int, megatron: Path, out_dir: Path) ->
     traces = sorted((work / "torch_profile").glob("rank-0.json*"))
     if traces:
         result.update(trace_summary(traces[0]))
+        if stacks:
+            result["trace"] = keep_trace(traces[0], out_dir, case, name)
+            result["trace_has_stacks"] = True
     return result
 
 
@@ -394,6 +422,12 @@ def main() -> int:
         help="start no new run after this many seconds (0: no limit); results so far are kept",
     )
     parser.add_argument(
+        "--keep-traces",
+        default="",
+        help="comma-separated systems whose profiler traces (with Python call stacks for ours) "
+        "are kept as OUT_DIR/traces/*.json.gz",
+    )
+    parser.add_argument(
         "--resume",
         type=Path,
         help="a JSON of an earlier call at the same clean commit: its successful runs are kept",
@@ -443,12 +477,13 @@ def main() -> int:
             if args.deadline_s and t0 - started > args.deadline_s:
                 entry["systems"][name] = {"error": "not run: --deadline-s reached"}
                 continue
+            keep = name in args.keep_traces.split(",")
             if name in HF:
-                r = run_hf(name, case, args.iters, args.out_dir)
+                r = run_hf(name, case, args.iters, args.out_dir, keep)
             elif OURS[name][1] and not have_te:
                 r = {"error": "Transformer Engine not importable here"}
             else:
-                r = run_ours(name, case, args.iters, args.megatron, args.out_dir)
+                r = run_ours(name, case, args.iters, args.megatron, args.out_dir, stacks=keep)
             r["wall_s"] = round(time.time() - t0, 1)
             r["call"] = report["date_utc"]  # ratios only between runs of one call
             if "error" not in r:

@@ -17,6 +17,9 @@ any one multiplier that is not applied (with the 0.5B release multipliers attent
 dropping it could not be seen). Writes a JSON report (provenance, tolerances, per-case results,
 summary with pass/fail counts) to --out; exit status 0 only if every check passed.
 
+With --transformer-impl transformer_engine the Megatron model uses the TE Falcon-H1 spec (TE
+linears fold the multipliers into their weights for these 600-token inputs).
+
 Run from a repo checkout with the patched tree at build/Megatron-LM (or --megatron PATH):
     python scripts/gpu/check_falcon_h1_hf_parity.py --out falcon_h1_hf_parity.json
 On CPU (this script's logic, no kernels; tiny shape, seq 21):
@@ -124,6 +127,12 @@ def main() -> int:
         help="abort with a traceback after N s (the GPU job's default step limit is 300 s)",
     )
     parser.add_argument(
+        "--transformer-impl",
+        choices=("local", "transformer_engine"),
+        default="local",
+        help="Megatron's Falcon-H1 spec: local modules or Transformer Engine (needs TE, CUDA)",
+    )
+    parser.add_argument(
         "--cases",
         default="",
         help="comma-separated case names, e.g. g1_norm0_memeff,g2_norm1_plain (default: all 8)",
@@ -199,7 +208,7 @@ def main() -> int:
 
     def build_megatron(shape, multipliers, mem_eff, hf):
         config = megatron_config(shape, multipliers, use_mamba_mem_eff_path=mem_eff)
-        mg = build_megatron_model(shape, config)
+        mg = build_megatron_model(shape, config, transformer_impl=args.transformer_impl)
         load_hf_weights(mg, hf.state_dict(), shape)  # strict: lists missing/unexpected keys
         return mg.to(device)
 
@@ -334,6 +343,7 @@ def main() -> int:
         "check": "falcon_h1_hf_parity",
         **provenance(sys.argv),
         "run_device": str(device),
+        "transformer_impl": args.transformer_impl,
         "cpu_smoke": args.cpu_smoke,
         "multipliers": MULTIPLIERS,
         "tolerances": {

@@ -160,14 +160,19 @@ def megatron_config(shape: TinyShape, multipliers: dict = MULTIPLIERS, **overrid
     return TransformerConfig(**values)
 
 
-def build_megatron_model(shape: TinyShape, config, pattern: str | None = None):
-    """Megatron ``HybridModel`` with the Falcon-H1 local spec and pattern ``P`` x layers."""
-    from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
+def build_megatron_model(
+    shape: TinyShape, config, pattern: str | None = None, transformer_impl: str = "local"
+):
+    """Megatron ``HybridModel`` with the Falcon-H1 spec of ``transformer_impl`` (local or
+    transformer_engine) and pattern ``P`` x layers."""
+    from megatron.core.models.hybrid.falcon_h1_layer_specs import (
+        get_falcon_h1_stack_spec_for_impl,
+    )
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     return HybridModel(
         config=config,
-        hybrid_stack_spec=falcon_h1_stack_spec,
+        hybrid_stack_spec=get_falcon_h1_stack_spec_for_impl(transformer_impl),
         vocab_size=shape.vocab,
         max_sequence_length=256,
         hybrid_layer_pattern=pattern or "P" * shape.layers,

@@ -4,16 +4,45 @@
 
 The TE counterparts of ``ColumnParallelLinearWithMultipliers`` /
 ``RowParallelLinearWithMultipliers`` (``megatron.core.transformer.forward_multipliers``): same
-constructor as the TE wrapper plus ``role``. TE owns the weight and its GEMM, so the scale
-multiplies the output (column) or the smaller of input and output (row: one scale for every
-channel). Importing this module needs Transformer Engine.
+constructor as the TE wrapper plus ``role``.
+
+Where it is cheaper (more tokens than the larger side of the weight: training micro-batches),
+the scale is folded into the weight rows TE's GEMM reads (``x (s W)^T``): one weight-sized
+elementwise pass forward and one backward instead of activation-sized ones, and no broadcast
+kernel over the activations. TE then returns the gradient of the scaled weight and autograd
+scales it back onto the parameter. Folding needs TE to differentiate the weight it is given,
+so it is not used with TE's fused weight-gradient accumulation (``gradient_accumulation_fusion``
+writes into the parameter's ``main_grad``), delayed weight gradients, FP8/FP4 weights or a
+bias; then the scale multiplies the output (column) or the smaller of input and output (row).
+Importing this module needs Transformer Engine.
 """
 
 from __future__ import annotations
 
+from typing import List
+
+import torch
+
 from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 from megatron.core.transformer.forward_multipliers import ForwardMultipliers
 from megatron.core.utils import get_pg_rank
+
+
+def _can_fold(linear, fm: ForwardMultipliers, x: torch.Tensor, largest_side: int) -> bool:
+    """True when ``linear`` (a TE linear) should fold ``fm`` into its weight for input ``x``."""
+    config = linear.config
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return (
+        not fm.identity
+        and tokens > largest_side
+        and not linear.fuse_wgrad_accumulation
+        and not linear.use_bias
+        and not config.delay_wgrad_compute
+        and config.fp8 is None
+        and config.fp4 is None
+        and len(linear.weight_names) == 1
+        and type(linear.weight) is torch.nn.Parameter  # not a TE quantized tensor
+    )
 
 
 class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
@@ -24,11 +53,27 @@ class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
         self.forward_multipliers = ForwardMultipliers(
             self.config, role, self.out_features, self.tp_size, tp_rank=get_pg_rank(self._tp_group)
         )
+        self._fold_into_weight = False
+
+    def _get_weight_tensors(self) -> List[torch.Tensor]:
+        """TE's weights, with the multipliers folded into the rows while a folding forward runs."""
+        weights = super()._get_weight_tensors()
+        if self._fold_into_weight:
+            return [self.forward_multipliers.scale_weight(weights[0])]
+        return weights
 
     def forward(self, x):
-        """Forward of the parent with the role's multipliers applied to the output."""
-        output, bias = super().forward(x)
+        """Forward of the parent with the role's multipliers applied."""
         fm = self.forward_multipliers
+        if fm.identity:
+            return super().forward(x)
+        if _can_fold(self, fm, x, self.in_features):
+            self._fold_into_weight = True
+            try:
+                return super().forward(x)
+            finally:
+                self._fold_into_weight = False
+        output, bias = super().forward(x)
         return fm.scale_output(output), fm.scale_output(bias)
 
 
@@ -42,12 +87,26 @@ class TERowParallelLinearWithMultipliers(TERowParallelLinear):
         )
         if self.forward_multipliers.output_vector is not None:
             raise ValueError(f"row-parallel role {role!r} has per-channel multipliers")
+        self._fold_into_weight = False
+
+    def _get_weight_tensors(self) -> List[torch.Tensor]:
+        """TE's weights, scaled while a folding forward runs."""
+        weights = super()._get_weight_tensors()
+        if self._fold_into_weight:
+            return [self.forward_multipliers.scale_weight(weights[0])]
+        return weights
 
     def forward(self, x):
-        """Forward of the parent with the role's multipliers applied (on the smaller side)."""
+        """Forward of the parent with the role's multipliers applied."""
         fm = self.forward_multipliers
         if fm.identity:
             return super().forward(x)
+        if _can_fold(self, fm, x, max(self.in_features, self.out_features)):
+            self._fold_into_weight = True
+            try:
+                return super().forward(x)
+            finally:
+                self._fold_into_weight = False
         if not self.use_bias and x.shape[-1] < self.out_features:
             return super().forward(x * fm.combined)
         output, bias = super().forward(x)
