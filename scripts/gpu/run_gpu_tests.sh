@@ -5,6 +5,7 @@
 # run_gpu_tests.sh DIR mamba parity ...
 #   mamba     pure-PyTorch Mamba-2 ops and mamba_ssm / causal_conv1d kernels vs a naive reference
 #   parity    Megatron Falcon-H1 vs HF FalconH1ForCausalLM (fp32 + bf16, kernels)
+#   parity_te the same with Megatron's Transformer Engine Falcon-H1 spec (needs TE=1)
 #   bitnet    BitNet kernel correctness
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
@@ -57,6 +58,8 @@ for step in $steps; do
         mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py --out "$results/mamba2_torch_vs_kernels.json" ;;
         parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" \
                     --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )) ;;  # traceback before the kill
+        parity_te) run parity_te "$results/falcon_h1_hf_parity_te.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --transformer-impl transformer_engine \
+                    --out "$results/falcon_h1_hf_parity_te.json" --timeout $(( ${STEP_TIMEOUT_parity_te:-${STEP_TIMEOUT:-300}} - 10 )) ;;
         bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
         bench) run bench "$results/bench_bitnet.json" python3 scripts/bench_bitnet.py --out-dir "$results" ;;
         gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
