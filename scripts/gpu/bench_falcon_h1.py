@@ -92,6 +92,9 @@ FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss
 # clipping of Transformer Engine's multi-tensor ops (without TE, clipping reads the norm on the
 # host), so these runs need TE installed even with the local spec.
 OPT_GRAPH = ["--optimizer-cuda-graph"]
+# Upstream's fused (torch.compile'd) vocabulary-parallel cross entropy: fewer passes over the
+# fp32 logits (tokens x vocabulary). Its TE variant is disabled upstream.
+CE_FUSION = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"]
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
     "ours_local_graph": (LOCAL + FULL_GRAPH, False),
@@ -99,6 +102,7 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_te": (TE, True),
     "ours_te_graph": (TE + FULL_GRAPH, True),
     "ours_te_graph_opt": (TE + FULL_GRAPH + OPT_GRAPH, True),
+    "ours_te_graph_opt_ce": (TE + FULL_GRAPH + OPT_GRAPH + CE_FUSION, True),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
     "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),
