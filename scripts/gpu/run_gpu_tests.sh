@@ -6,6 +6,7 @@
 #   mamba     pure-PyTorch Mamba-2 ops and mamba_ssm / causal_conv1d kernels vs a naive reference
 #   parity    Megatron Falcon-H1 vs HF FalconH1ForCausalLM (fp32 + bf16, kernels)
 #   parity_te the same with Megatron's Transformer Engine Falcon-H1 spec (needs TE=1)
+#             (PARITY_ARGS: extra arguments of both parity steps, e.g. "--cases g1_norm0_memeff")
 #   bitnet    BitNet kernel correctness
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
@@ -56,9 +57,9 @@ run() {  # name, report (JSON the step writes, or -), command...
 for step in $steps; do
     case $step in
         mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py --out "$results/mamba2_torch_vs_kernels.json" ;;
-        parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --out "$results/falcon_h1_hf_parity.json" \
+        parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" ${PARITY_ARGS:-} --out "$results/falcon_h1_hf_parity.json" \
                     --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )) ;;  # traceback before the kill
-        parity_te) run parity_te "$results/falcon_h1_hf_parity_te.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --transformer-impl transformer_engine \
+        parity_te) run parity_te "$results/falcon_h1_hf_parity_te.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --transformer-impl transformer_engine ${PARITY_ARGS:-} \
                     --out "$results/falcon_h1_hf_parity_te.json" --timeout $(( ${STEP_TIMEOUT_parity_te:-${STEP_TIMEOUT:-300}} - 10 )) ;;
         bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
         bench) run bench "$results/bench_bitnet.json" python3 scripts/bench_bitnet.py --out-dir "$results" ;;
