@@ -108,6 +108,23 @@ def test_stale_carry_marks_results_dirty(repo, tmp_path, capsys):
     assert "WARNING: provenance" in capsys.readouterr().err
 
 
+def test_stale_git_never_names_the_commit_of_changed_files(repo, tmp_path, capsys):
+    """The GPU machine's copy can hold an older .git than its files: with the files changed
+    after prepare_carry.sh, the old .git HEAD was reported as the measured commit."""
+    old_git = tmp_path / "old.git"
+    shutil.copytree(repo / ".git", old_git)
+    (repo / "code.py").write_text("x = 5\n")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "newer")
+    record = _write_carry(repo)
+    copy = _copy_without_git(repo, tmp_path / "copy")
+    shutil.copytree(old_git, copy / ".git")
+    (copy / "code.py").write_text("x = 6\n")  # changed on the machine, after the record
+    state = prov.code_state(copy)
+    assert state["commit"] == record["commit"] != _git(copy, "rev-parse", "HEAD")
+    assert state["dirty"] is True and "differ" in state["provenance_warning"]
+    assert "WARNING: provenance" in capsys.readouterr().err
+
+
 def test_dirty_tree_recorded_in_carry(repo, tmp_path):
     (repo / "code.py").write_text("x = 4\n")
     record = _write_carry(repo)

@@ -157,12 +157,28 @@ def _carried_matches(root: Path) -> bool:
         return False
 
 
+def _git_is_stale(root: Path) -> bool:
+    """True if a carry record names a commit this ``.git`` does not hold: the ``.git`` is an
+    older copy than the files (the GPU machine keeps one between calls), so it cannot say
+    which commit the files came from."""
+    try:
+        commit = json.loads((root / CARRY_FILE).read_text())["commit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    probe = subprocess.run(
+        ["git", "-C", str(root), "cat-file", "-e", f"{commit}^{{commit}}"],
+        capture_output=True,
+    )
+    return probe.returncode != 0
+
+
 def code_state(root: Path = ROOT) -> dict:
     """commit / dirty / describe / dirty_paths / provenance_source (+ warning if any).
 
-    A carry record whose files match this tree wins over ``.git``: the GPU machine's copy may
-    hold a ``.git`` that is not the one the copied files were committed in."""
-    if (root / ".git").exists() and not _carried_matches(root):
+    A carry record wins over ``.git`` when its files match this tree, or when the ``.git`` does
+    not hold the recorded commit (the GPU machine's copy may hold an older ``.git`` than the
+    files); a tree changed since the record was written is then marked dirty."""
+    if (root / ".git").exists() and not _carried_matches(root) and not _git_is_stale(root):
         try:
             state = _git_state(root)
         except (OSError, subprocess.CalledProcessError) as exc:
