@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Per-output-row weight scales (beta as a vector ``[N]``).
 
 Megatron fuses matrices that BitNet quantises separately (``linear_qkv`` = q, k, v per query

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet's quantised weights are refreshed wherever the weights change, not only in
 Megatron's ``train_step``.
 
@@ -30,11 +30,16 @@ import torch
 
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
-import bitnet_optimizer_loop as loop  # noqa: E402
-from bitnet_layer_helpers import HIDDEN, QKV_OUT, init_normal, make_config  # noqa: E402
-from cpu_ranks import forkserver_env  # noqa: E402
-
 from megatron.core.bitnet import functional as F  # noqa: E402
+from tests.unit_tests.bitnet import bitnet_optimizer_loop as loop  # noqa: E402
+from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
+    HIDDEN,
+    QKV_OUT,
+    init_normal,
+    make_config,
+)
+from tests.unit_tests.bitnet.gloo_ranks import forkserver_env  # noqa: E402
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: E402,F401 (fixture)
 
 CASES = {
     "bf16_mixed_precision": (torch.bfloat16, False, False),
@@ -46,9 +51,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_own_loop_uses_fresh_quantisation_after_every_step(
-    single_rank_model_parallel, monkeypatch, case
-):
+def test_own_loop_uses_fresh_quantisation_after_every_step(single_rank, monkeypatch, case):
     dtype, distributed, overlap = CASES[case]
     ddp, optimizer = loop.build(dtype, distributed_optimizer=distributed, overlap=overlap)
     records = loop.run(ddp, optimizer, steps=3)
@@ -72,9 +75,13 @@ def test_data_parallel_overlapped_all_gather(tmp_path):
 
     import megatron.core
 
-    roots = [str(Path(megatron.core.__file__).parents[2]), str(Path(__file__).parent)]
+    roots = [str(Path(megatron.core.__file__).parents[2])]  # holds megatron/ and tests/
     roots += os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    preload = ["torch.distributed", "megatron.core.optimizer", "bitnet_optimizer_loop"]
+    preload = [
+        "torch.distributed",
+        "megatron.core.optimizer",
+        "tests.unit_tests.bitnet.bitnet_optimizer_loop",
+    ]
     with forkserver_env(preload, roots):
         mp.start_processes(
             loop.worker,
@@ -104,7 +111,7 @@ def _x():
     return torch.randn(3, 2, HIDDEN, generator=torch.Generator().manual_seed(5))
 
 
-def test_load_state_dict_drops_the_cached_quantisation(single_rank_model_parallel):
+def test_load_state_dict_drops_the_cached_quantisation(single_rank):
     layer = _layer()
     layer(_x())
     assert layer.bitnet_weight_cache._value is not None

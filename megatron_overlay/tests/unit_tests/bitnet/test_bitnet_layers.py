@@ -1,10 +1,11 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet tensor-parallel layers at TP=1 (single gloo rank, CPU, torch backend).
 
-Against the explicit float64 formula of DESIGN.md section 4: forward, identity-STE gradients,
-per-segment betas (q / k / v of linear_qkv, gate / up of a gated linear_fc1), bias /
-skip_bias_add, 3D inputs, gradient-accumulation fusion into main_grad, the input RMSNorm (vs
-HF's LlamaRMSNorm), the weight cache, unsupported options, and forward-multiplier composition.
+Against the explicit float64 formula (``bitnet_layer_helpers.ref_linear``): forward,
+identity-STE gradients, per-segment betas (q / k / v of linear_qkv, gate / up of a gated
+linear_fc1), bias / skip_bias_add, 3D inputs, gradient-accumulation fusion into main_grad, the
+input RMSNorm (vs HF's LlamaRMSNorm), the weight cache, unsupported options, and
+forward-multiplier composition.
 """
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
-from bitnet_layer_helpers import (  # noqa: E402
+from megatron.core.bitnet import functional as F  # noqa: E402
+from megatron.core.bitnet import layers as L  # noqa: E402
+from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
     FFN,
     GROUPS,
     HEAD_DIM,
@@ -27,13 +30,11 @@ from bitnet_layer_helpers import (  # noqa: E402
     ref_linear,
     segment_ids_full,
 )
-
-from megatron.core.bitnet import functional as F  # noqa: E402
-from megatron.core.bitnet import layers as L  # noqa: E402
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: E402,F401 (fixture)
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch, single_rank_model_parallel):
+def _torch_backend(monkeypatch, single_rank):
     monkeypatch.setenv("BITNET_BACKEND", "torch")
 
 
@@ -387,7 +388,7 @@ def test_triton_backend_matches_torch_backend(kind, monkeypatch):
     if not (tk.interpret_mode() or torch.cuda.is_available()):
         pytest.skip("no CUDA device and triton was imported without TRITON_INTERPRET=1")
     if torch.cuda.is_available() and not tk.interpret_mode():
-        pytest.skip("CPU layers: the GPU run covers the kernels in scripts/gpu")
+        pytest.skip("CPU layers: on a GPU the kernel tests cover the Triton backend")
     monkeypatch.setenv("BITNET_TRITON_AUTOTUNE", "0")
     outs = {}
     for backend in ("torch", "triton"):

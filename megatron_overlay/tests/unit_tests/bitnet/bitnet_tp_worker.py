@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Worker of ``test_bitnet_layers_tp.py``: BitNet layers on a 2-rank CPU gloo world (TP=2).
 
 Every rank builds the same FULL weight / input / output gradient, keeps its Megatron shard and
@@ -260,12 +260,12 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str, names: List
     # that at the CPU in these worker processes.
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.set_num_threads(1)
-    import bitnet_layer_helpers as helpers
     import torch.distributed as dist
 
     from megatron.core import parallel_state
     from megatron.core.bitnet import layers as L
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from tests.unit_tests.bitnet import bitnet_layer_helpers as helpers
 
     dist.init_process_group(
         "gloo",

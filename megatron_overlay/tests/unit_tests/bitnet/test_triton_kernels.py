@@ -1,8 +1,8 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Triton kernels vs the torch reference.
 
 Runs on CUDA when available (compiled kernels), otherwise in Triton's CPU interpreter
-(``TRITON_INTERPRET=1``, set by conftest.py before the kernels are imported).  Quantised
+(``TRITON_INTERPRET=1`` in the environment the run starts with).  Quantised
 values and the forward product must be bit-identical to :mod:`megatron.core.bitnet.quant`.
 """
 
