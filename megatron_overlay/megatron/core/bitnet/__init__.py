@@ -14,22 +14,30 @@ imported here, so this package stays importable without Megatron's tensor-parall
 The weight scale ``beta`` is a scalar per weight or a vector with one value per output row
 (weights fusing several logical matrices: q/k/v, gate/up); see :mod:`.quant`.
 
-Environment knobs (all optional):
+Settings are TransformerConfig fields (command-line flags), read by the BitNet layers, which
+pass them to the ops of :mod:`.functional` as arguments:
 
-* ``BITNET_BACKEND`` = ``auto`` (default: Triton on CUDA tensors, torch otherwise) | ``torch``
-  | ``triton``.
-* ``BITNET_DGRAD`` = ``cublas`` (default: cuBLAS on a ``beta*T`` temporary dequantised from
-  the cached int8 T per backward) | ``cublas_cached`` (the bf16 ``beta*T`` kept in the weight
-  cache for the whole step: 2 more bytes per parameter) | ``triton`` (int8 T converted inside
-  our GEMM; slower on H100).  ``BITNET_WGRAD`` = ``cublas`` (default) | ``triton`` (x_q
-  dequantised inside our GEMM instead of into a bf16 temporary; slower on H100).
-* ``BITNET_WEIGHT_CACHE=0``: disable all weight caches.
-* ``BITNET_TRITON_AUTOTUNE=0``: use fixed GEMM configs instead of autotuning.
+* ``bitnet_backend`` (``--bitnet-backend``) = ``auto`` (default: Triton on CUDA tensors, torch
+  otherwise) | ``torch`` | ``triton``.
+* ``bitnet_dgrad`` (``--bitnet-dgrad``) = ``cublas`` (default: cuBLAS on a ``beta*T``
+  temporary dequantised from the cached int8 T per backward) | ``cublas_cached`` (the bf16
+  ``beta*T`` kept in the weight cache for the whole step: 2 more bytes per parameter) |
+  ``triton`` (int8 T converted inside our GEMM; slower on H100).
+* ``bitnet_wgrad`` (``--bitnet-wgrad``) = ``cublas`` (default) | ``triton`` (x_q dequantised
+  inside our GEMM instead of into a bf16 temporary; slower on H100).
+* ``bitnet_weight_cache`` (``--no-bitnet-weight-cache`` turns it off): quantise each weight
+  once per optimizer step (default) or on every call.
+
+One developer override stays in the environment: ``BITNET_TRITON_AUTOTUNE=0`` uses fixed GEMM
+configs instead of autotuning (short kernel tests and smoke benchmarks).
 """
 
 from . import quant
 from .functional import (
+    BACKENDS,
+    DGRAD_IMPLS,
     WEIGHT_CACHES,
+    WGRAD_IMPLS,
     BitNetLinearFunction,
     BitNetWeightCache,
     QuantizedActivation,
@@ -57,6 +65,9 @@ from .functional import (
 
 __all__ = [
     "quant",
+    "BACKENDS",
+    "DGRAD_IMPLS",
+    "WGRAD_IMPLS",
     "BitNetLinearFunction",
     "BitNetWeightCache",
     "QuantizedActivation",

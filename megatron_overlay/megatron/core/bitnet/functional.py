@@ -4,9 +4,12 @@
 Layers of this module, bottom up:
 
 1. Backend selection (:func:`resolve_backend`): ``"triton"`` for CUDA tensors when Triton is
-   importable, ``"torch"`` (:mod:`.quant`, exact reference) otherwise.  ``BITNET_BACKEND`` in
-   the environment (``auto`` | ``torch`` | ``triton``) or the ``backend=`` argument forces one.
-   ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (tests).
+   importable, ``"torch"`` (:mod:`.quant`, exact reference) otherwise.  The ``backend=``
+   argument of every op (``auto`` | ``torch`` | ``triton``; BitNet layers pass their config's
+   ``bitnet_backend``) forces one.  ``triton`` on CPU tensors is allowed only under
+   ``TRITON_INTERPRET=1`` (tests).  The backward GEMMs of the triton backend are chosen with
+   the ``dgrad=`` / ``wgrad=`` arguments of :func:`bitnet_linear` (config ``bitnet_dgrad`` /
+   ``bitnet_wgrad``).
 2. Separable ops, used by :class:`BitNetLinearFunction` and meant to be composed by
    tensor-parallel layers with their own communication: scales (:func:`weight_abs_sum`,
    :func:`weight_row_abs_sums` + :func:`segment_sums` for per-segment scales,
@@ -26,7 +29,6 @@ Layers of this module, bottom up:
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -37,6 +39,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import quant
 
 __all__ = [
+    "BACKENDS",
+    "DGRAD_IMPLS",
+    "WGRAD_IMPLS",
     "QuantizedWeight",
     "QuantizedActivation",
     "triton_available",
@@ -63,7 +68,19 @@ __all__ = [
     "bitnet_linear",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
+#: Values of the ``backend`` argument (and of ``TransformerConfig.bitnet_backend``).
+BACKENDS = ("auto", "torch", "triton")
+#: Input-gradient GEMMs of the triton backend (``dgrad`` argument, ``bitnet_dgrad``).
+DGRAD_IMPLS = ("cublas", "cublas_cached", "triton")
+#: Weight-gradient GEMMs of the triton backend (``wgrad`` argument, ``bitnet_wgrad``).
+WGRAD_IMPLS = ("cublas", "triton")
+
+
+def _check_choice(what: str, value: str, allowed: Tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"BitNet {what} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
 
 # --------------------------------------------------------------------------------------------
 # Backend selection
@@ -101,12 +118,9 @@ def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
 
     Args:
         tensor: a tensor the op will read (its device decides ``auto``).
-        backend: ``None`` (read ``BITNET_BACKEND``, default ``auto``), ``auto``, ``torch`` or
-            ``triton``.
+        backend: ``auto`` (or ``None``), ``torch`` or ``triton``.
     """
-    choice = (backend or os.environ.get("BITNET_BACKEND", "auto")).strip().lower()
-    if choice not in _BACKENDS:
-        raise ValueError(f"BitNet backend must be one of {_BACKENDS}, got {choice!r}")
+    choice = _check_choice("backend", "auto" if backend is None else backend, BACKENDS)
     if choice == "torch":
         return "torch"
     if choice == "triton":
@@ -124,17 +138,6 @@ def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     return "triton" if tensor.is_cuda and triton_available() else "torch"
 
 
-_DGRAD_IMPLS = ("cublas", "cublas_cached", "triton")
-_WGRAD_IMPLS = ("cublas", "triton")
-
-
-def _impl_choice(var: str, default: str, allowed: Tuple[str, ...]) -> str:
-    val = os.environ.get(var, default).strip().lower()
-    if val not in allowed:
-        raise ValueError(f"{var} must be one of {allowed}, got {val!r}")
-    return val
-
-
 # Defaults measured on one H100 (torch 2.11, triton 3.6, Llama-3-8B-shaped linears):
 # our Triton mixed-input backward GEMMs ran 1.25-1.4x slower than cuBLAS bf16, while the int8
 # forward GEMM ran about 1.65x faster than cuBLAS bf16.  So the backward uses cuBLAS on a bf16
@@ -144,28 +147,6 @@ def _impl_choice(var: str, default: str, allowed: Tuple[str, ...]) -> str:
 # tokens) and freed right after, so the cache holds only
 # T: 1 byte/parameter.  ``cublas_cached`` instead keeps the bf16 beta*T in the cache for
 # the whole step (3 bytes/parameter; saves the pass when a step has many micro-batches).
-
-
-def dgrad_impl() -> str:
-    """Input-gradient GEMM on the triton backend (``BITNET_DGRAD``).
-
-    ``cublas`` (default): ``dtype(beta*T)`` dequantised from the cached int8 T into a temporary,
-    then torch.matmul (cuBLAS); the temporary lives only for this GEMM.  ``cublas_cached``: the
-    same operand, but materialised once per optimizer step and cached with T (2 more bytes per
-    parameter for the whole step).  ``triton``: int8 T read and converted in-kernel, beta
-    applied in the fp32 epilogue (no bf16 operand at all; slower on H100).
-    """
-    return _impl_choice("BITNET_DGRAD", "cublas", _DGRAD_IMPLS)
-
-
-def wgrad_impl() -> str:
-    """Weight-gradient GEMM on the triton backend (``BITNET_WGRAD``).
-
-    ``cublas`` (default): x_q dequantised from the saved int8 by a Triton kernel, then cuBLAS
-    (fp32 output accumulated straight into ``main_grad`` when supported).  ``triton``: x_q
-    dequantised in the GEMM operand load, fp32 main_grad accumulation in the epilogue.
-    """
-    return _impl_choice("BITNET_WGRAD", "cublas", _WGRAD_IMPLS)
 
 
 _ADDMM_OUT_DTYPE_OK: Optional[bool] = None
@@ -340,14 +321,27 @@ def bitnet_matmul(
 
 
 def bitnet_input_grad(
-    grad_output: torch.Tensor, wq: QuantizedWeight, backend: Optional[str] = None
+    grad_output: torch.Tensor,
+    wq: QuantizedWeight,
+    backend: Optional[str] = None,
+    dgrad: str = "cublas",
 ) -> torch.Tensor:
-    """Identity-STE input gradient ``dX [M, K] = dY [M, N] @ (beta*T)``."""
+    """Identity-STE input gradient ``dX [M, K] = dY [M, N] @ (beta*T)``.
+
+    ``dgrad`` (one of :data:`DGRAD_IMPLS`) picks the GEMM on the triton backend: ``cublas``
+    (default): ``dtype(beta*T)`` dequantised from the cached int8 T into a temporary, then
+    torch.matmul (cuBLAS); the temporary lives only for this GEMM.  ``cublas_cached``: the same
+    operand, materialised once per optimizer step by :func:`bitnet_linear` and cached with T
+    (2 more bytes per parameter for the whole step).  ``triton``: int8 T read and converted
+    in-kernel, beta applied in the fp32 epilogue (no bf16 operand at all; slower on H100).  A
+    ``wq`` holding a dense ``beta*T`` of the gradient's dtype is used as is, whatever ``dgrad``.
+    """
+    _check_choice("dgrad", dgrad, DGRAD_IMPLS)
     if wq.dense is not None and wq.dense.dtype == grad_output.dtype:
         return torch.matmul(grad_output, wq.dense)
     if resolve_backend(grad_output, backend) == "triton":
         tk = _triton_kernels()
-        if dgrad_impl() == "triton":
+        if dgrad == "triton":
             return tk.bitnet_dgrad(grad_output, wq.t, wq.beta)
         # Transient operand: freed when this function returns (before the next layer's GEMM).
         return torch.matmul(grad_output, tk.weight_dequant(wq.t, wq.beta, grad_output.dtype))
@@ -359,12 +353,18 @@ def bitnet_weight_grad(
     act: QuantizedActivation,
     main_grad: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    wgrad: str = "cublas",
 ) -> Optional[torch.Tensor]:
     """Identity-STE weight gradient ``dW [N, K] = dY^T @ x_q`` from the saved int8 activations.
 
     With ``main_grad`` the product is accumulated into it in place (fp32 fused in the Triton
-    kernel; other dtypes via a separate add) and None is returned.
+    kernel; other dtypes via a separate add) and None is returned.  ``wgrad`` (one of
+    :data:`WGRAD_IMPLS`) picks the GEMM on the triton backend: ``cublas`` (default): x_q
+    dequantised from the saved int8 by a Triton kernel, then cuBLAS (fp32 output accumulated
+    straight into ``main_grad`` when supported).  ``triton``: x_q dequantised in the GEMM
+    operand load, fp32 main_grad accumulation in the epilogue.
     """
+    _check_choice("wgrad", wgrad, WGRAD_IMPLS)
     be = resolve_backend(grad_output, backend)
     if be == "triton":
         tk = _triton_kernels()
@@ -372,7 +372,7 @@ def bitnet_weight_grad(
         fused_ok = (
             main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
         )
-        if wgrad_impl() == "triton":
+        if wgrad == "triton":
             if main_grad is None:
                 return tk.bitnet_wgrad(grad_output, act.q, s)
             if fused_ok:
@@ -491,10 +491,6 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _cache_disabled_by_env() -> bool:
-    return os.environ.get("BITNET_WEIGHT_CACHE", "1") == "0"
-
-
 class BitNetWeightCache:
     """Holds one weight's quantisation for reuse across the micro-batches of a step.
 
@@ -518,7 +514,8 @@ class BitNetWeightCache:
     ranks must miss together; invalidations (optimizer steps, loads, explicit calls) and
     in-place updates are rank-symmetric, which guarantees that.
 
-    Set ``BITNET_WEIGHT_CACHE=0`` to disable all caches (every call re-quantises).
+    BitNet layers create theirs with ``enabled=config.bitnet_weight_cache``
+    (``--no-bitnet-weight-cache`` re-quantises on every call).
 
     CUDA graphs: a replay runs none of this Python, so what a captured region contains must
     stay right for every replay. A whole-iteration graph (``--cuda-graph-impl full_iteration``)
@@ -583,7 +580,7 @@ class BitNetWeightCache:
         self, weight: torch.Tensor, compute: Callable[[], QuantizedWeight], extra_key: Tuple = ()
     ) -> QuantizedWeight:
         """Return the cached quantisation of ``weight`` or ``compute()`` and store it."""
-        if not self.enabled or _cache_disabled_by_env():
+        if not self.enabled:
             return compute()
         if not self.reuse_in_capture and _capturing():
             self.misses += 1
@@ -666,6 +663,8 @@ class BitNetLinearFunction(torch.autograd.Function):
         gamma: Optional[torch.Tensor],
         gradient_accumulation_fusion: bool,
         backend: str,
+        dgrad: str,
+        wgrad: str,
     ) -> torch.Tensor:
         """``y = x_q W_q^T (+ bias)``; saves the int8 activations for backward."""
         if x.shape[-1] != weight.shape[1]:
@@ -685,6 +684,8 @@ class BitNetLinearFunction(torch.autograd.Function):
             ctx.main_grad = None
         ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
         ctx.backend = backend
+        ctx.dgrad = dgrad
+        ctx.wgrad = wgrad
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.use_bias = bias is not None
@@ -704,7 +705,7 @@ class BitNetLinearFunction(torch.autograd.Function):
 
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = bitnet_input_grad(dy, wq, backend).view(ctx.x_shape)
+            grad_input = bitnet_input_grad(dy, wq, backend, ctx.dgrad).view(ctx.x_shape)
 
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -712,7 +713,9 @@ class BitNetLinearFunction(torch.autograd.Function):
             main_grad = ctx.main_grad
             if main_grad is not None:
                 weight.main_grad = main_grad
-                bitnet_weight_grad(dy, act, main_grad=main_grad, backend=backend)
+                bitnet_weight_grad(
+                    dy, act, main_grad=main_grad, backend=backend, wgrad=ctx.wgrad
+                )
                 if hasattr(weight, "grad_added_to_main_grad"):
                     # Megatron convention: return a dummy grad so that backward hooks run on
                     # the main thread (overlap_grad_reduce), zeroed if the param asks for it.
@@ -720,12 +723,12 @@ class BitNetLinearFunction(torch.autograd.Function):
                     grad_weight = alloc(main_grad.shape, dtype=ctx.x_dtype, device=main_grad.device)
                     weight.grad_added_to_main_grad = True
             else:
-                grad_weight = bitnet_weight_grad(dy, act, backend=backend)
+                grad_weight = bitnet_weight_grad(dy, act, backend=backend, wgrad=ctx.wgrad)
                 if grad_weight.dtype != weight.dtype:
                     grad_weight = grad_weight.to(weight.dtype)
 
         grad_bias = dy.sum(dim=0) if ctx.use_bias and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def bitnet_linear(
@@ -740,6 +743,8 @@ def bitnet_linear(
     weight_scale_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     gradient_accumulation_fusion: bool = False,
     backend: Optional[str] = None,
+    dgrad: str = "cublas",
+    wgrad: str = "cublas",
 ) -> torch.Tensor:
     """BitNet b1.58 linear ``y = x_q W_q^T (+ bias)`` with STE gradients.
 
@@ -760,15 +765,23 @@ def bitnet_linear(
         gradient_accumulation_fusion: if True and ``weight`` has ``main_grad``, the weight
             gradient is accumulated into ``weight.main_grad`` and the autograd weight gradient
             is None (or a dummy if ``weight.grad_added_to_main_grad`` exists), as in Megatron.
-        backend: ``auto`` / ``torch`` / ``triton`` (default: ``BITNET_BACKEND`` or auto).
+        backend: ``auto`` (default: triton for CUDA tensors when available) / ``torch`` /
+            ``triton``.
+        dgrad: input-gradient GEMM of the triton backend, one of :data:`DGRAD_IMPLS` (see
+            :func:`bitnet_input_grad`); ``cublas_cached`` also caches the dense ``beta*T``
+            with the quantised weight while gradients are enabled.
+        wgrad: weight-gradient GEMM of the triton backend, one of :data:`WGRAD_IMPLS` (see
+            :func:`bitnet_weight_grad`).
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
     be = resolve_backend(x, backend)
+    _check_choice("dgrad", dgrad, DGRAD_IMPLS)
+    _check_choice("wgrad", wgrad, WGRAD_IMPLS)
     if weight_quant is None:
         dense_dtype = None
-        if be == "triton" and dgrad_impl() == "cublas_cached" and torch.is_grad_enabled():
+        if be == "triton" and dgrad == "cublas_cached" and torch.is_grad_enabled():
             dense_dtype = x.dtype
         weight_quant = get_quantized_weight(
             weight,
@@ -779,5 +792,5 @@ def bitnet_linear(
             backend=be,
         )
     return BitNetLinearFunction.apply(
-        x, weight, bias, weight_quant, gamma, gradient_accumulation_fusion, be
+        x, weight, bias, weight_quant, gamma, gradient_accumulation_fusion, be, dgrad, wgrad
     )

@@ -31,7 +31,10 @@ QKV_OUT = (HEADS + 2 * GROUPS) * HEAD_DIM
 
 
 def make_config(tp: int = 1, **overrides):
-    """A CPU TransformerConfig for the layers (extra attributes set after construction)."""
+    """A CPU TransformerConfig for the layers, on the torch BitNet backend unless overridden.
+
+    ``bitnet_*`` fields are set after construction (without ``use_bitnet``'s checks: the
+    layers are built directly, not from a BitNet spec)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = dict(
@@ -46,10 +49,11 @@ def make_config(tp: int = 1, **overrides):
         params_dtype=torch.float32,
         tensor_model_parallel_size=tp,
     )
-    extra = {k: overrides.pop(k) for k in list(overrides) if k.startswith("bitnet_")}
+    extra = {"bitnet_backend": "torch"}
+    extra.update({k: overrides.pop(k) for k in list(overrides) if k.startswith("bitnet_")})
     fields.update(overrides)
     config = TransformerConfig(**fields)
-    for key, value in extra.items():  # fields the lead adds to the config (not there yet)
+    for key, value in extra.items():
         setattr(config, key, value)
     return config
 

@@ -254,7 +254,6 @@ def _assemble_row(results: List[dict], meta) -> dict:
 
 def worker(rank: int, world_size: int, init_file: str, out_dir: str, names: List[str]) -> None:
     """Entry point of each spawned rank (torch.multiprocessing.spawn)."""
-    os.environ["BITNET_BACKEND"] = "torch"
     # This world computes on the CPU (gloo), also on a machine with a GPU.  Megatron's gather /
     # reduce-scatter mappings allocate their outputs on torch.cuda.current_device(): point
     # that at the CPU in these worker processes.

@@ -34,8 +34,8 @@ from tests.unit_tests.gloo_single_rank import single_rank  # noqa: E402,F401 (fi
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch, single_rank):
-    monkeypatch.setenv("BITNET_BACKEND", "torch")
+def _single_rank(single_rank):
+    """Every test runs in a one-rank gloo world (layers on the torch backend: make_config)."""
 
 
 def _rand(*shape, seed, scale=1.0):
@@ -392,14 +392,14 @@ def test_triton_backend_matches_torch_backend(kind, monkeypatch):
     monkeypatch.setenv("BITNET_TRITON_AUTOTUNE", "0")
     outs = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("BITNET_BACKEND", backend)
+        config = make_config(bitnet_backend=backend)
         if kind == "column":
-            layer = _column("linear_qkv", QKV_OUT)
+            layer = _column("linear_qkv", QKV_OUT, config)
             seg = segment_ids_full("linear_qkv", QKV_OUT)
             w = _segment_scaled_weight(seg, HIDDEN, seed=23)
             x = _rand(3, 2, HIDDEN, seed=24, scale=2.0).requires_grad_(True)
         else:
-            layer = _row("linear_proj", FFN)
+            layer = _row("linear_proj", FFN, config)
             w = _rand(HIDDEN, FFN, seed=23, scale=0.05)
             x = _rand(3, 2, FFN, seed=24, scale=2.0).requires_grad_(True)
         _set_weight(layer, w, torch.zeros_like(layer.bias))

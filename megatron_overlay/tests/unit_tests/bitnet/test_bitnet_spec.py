@@ -23,7 +23,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
 
 def _config(**overrides):
-    base = dict(use_bitnet=True, bitnet_rms_norm=False, transformer_impl="local")
+    base = dict(
+        use_bitnet=True,
+        bitnet_rms_norm=False,
+        transformer_impl="local",
+        bitnet_backend="auto",
+        bitnet_dgrad="cublas",
+        bitnet_wgrad="cublas",
+        bitnet_weight_cache=True,
+    )
     base.update(overrides)
     return SimpleNamespace(**base)
 

@@ -51,7 +51,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_own_loop_uses_fresh_quantisation_after_every_step(single_rank, monkeypatch, case):
+def test_own_loop_uses_fresh_quantisation_after_every_step(single_rank, case):
     dtype, distributed, overlap = CASES[case]
     ddp, optimizer = loop.build(dtype, distributed_optimizer=distributed, overlap=overlap)
     records = loop.run(ddp, optimizer, steps=3)
@@ -61,7 +61,8 @@ def test_own_loop_uses_fresh_quantisation_after_every_step(single_rank, monkeypa
     first, last = records[0]["t"], records[-1]["t"]
     assert len(first) == 4 and any(not torch.equal(a, b) for a, b in zip(first, last))
     # The forward after the last step equals one with every cache disabled.
-    monkeypatch.setenv("BITNET_WEIGHT_CACHE", "0")
+    for layer in loop.bitnet_layers(ddp):
+        layer.bitnet_weight_cache.enabled = False
     tokens, positions, mask = loop._batch(0)
     with torch.no_grad():
         uncached = ddp(tokens, positions, mask, labels=tokens).float().mean()

@@ -96,14 +96,9 @@ def test_key_includes_requested_extras():
     assert torch.equal(b.dense, (b.t.float() * b.beta).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("how", ["env", "flag"])
-def test_cache_can_be_disabled(monkeypatch, how):
+def test_cache_can_be_disabled():
     w = _param(5)
-    if how == "env":
-        monkeypatch.setenv("BITNET_WEIGHT_CACHE", "0")
-        cache = F.BitNetWeightCache()
-    else:
-        cache = F.BitNetWeightCache(enabled=False)
+    cache = F.BitNetWeightCache(enabled=False)
     a = F.get_quantized_weight(w, cache=cache, backend=BE)
     b = F.get_quantized_weight(w, cache=cache, backend=BE)
     assert a is not b and _same_quant(a, b)
