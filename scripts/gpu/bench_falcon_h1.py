@@ -12,17 +12,23 @@ optimizer, gradient clipping 1.0, random tokens, on one GPU:
 * ``ours_*``: ``pretrain_mamba.py`` of the patched tree with the same model (flags derived from
   the same HF config by the checkpoint converter's mapping), mixed precision (bf16 compute, fp32
   master weights and gradients), Adam; variants: local / Transformer Engine spec, eager /
-  full-iteration CUDA graph / per-layer CUDA graphs, BitNet.
+  full-iteration CUDA graph, BitNet (per-layer graphs are refused for Falcon-H1 layers).
 
 Per run: median step time after warm-up (and after graph capture), tokens/s, peak allocated
 memory, the loss of every step, GPU-busy fraction of two profiled steps (torch profiler:
 union of kernel/memcpy time over the steps' wall time, scripts/lib/gpu_trace.py), the top
 kernels, and MFU = tokens/s x training FLOPs per token (scripts/falcon_h1/flops.py) / the bf16
 matmul rate measured at the start of the same job. Runs that fail are recorded with their error
-and do not stop the job. Writes ``bench_falcon_h1.json`` and ``.md`` to --out-dir.
+and do not stop the job. Writes ``bench_falcon_h1.json`` and ``.md`` to --out-dir after every run.
+
+A device call is limited in time: ``--deadline-s`` starts no run after that many seconds, and
+``--resume`` keeps the successful runs of an earlier call's JSON (same clean commit, same device
+name). Ratios to HF (``over_hf``, ``ours_over_hf``) are only formed between runs of one call:
+host-bound step times differ between machine instances.
 
     python scripts/gpu/bench_falcon_h1.py --out-dir results/h200/falcon_h1 \
-        [--cases 0.5b_s2048_b4,...] [--systems hf,ours_local,...] [--iters 16]
+        [--cases 0.5b_s2048_b4,...] [--systems hf,ours_te_graph,...] [--iters 16] \
+        [--deadline-s 480] [--resume earlier.json]
 """
 
 from __future__ import annotations
@@ -36,26 +42,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "lib"))
 sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
 sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
 
+from falcon_h1_args import MULTIPLIERS_0_5B  # noqa: E402
 from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
 from gpu_trace import gpu_busy_fraction, kernel_names, load_trace, top_kernels  # noqa: E402
 
-MULTIPLIERS_0_5B = dict(
-    embedding_multiplier=5.656854249492381,
-    lm_head_multiplier=0.0390625,
-    key_multiplier=0.390625,
-    attention_in_multiplier=1.0,
-    attention_out_multiplier=0.9375,
-    ssm_in_multiplier=1.25,
-    ssm_out_multiplier=0.23570226,
-    mlp_multipliers=[0.88388348, 0.5859375],
-    ssm_multipliers=[0.35355339, 0.25, 0.35355339, 0.5, 0.35355339],
-)
 
 
 def _hf_config(layers, hidden, heads, kv, head_dim, m_heads, m_dim, d_state, groups, ffn,
@@ -90,14 +87,11 @@ CASES = {  # name: (shape, sequence length, micro-batch size)
 LOCAL = ["--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm"]
 TE = ["--transformer-impl", "transformer_engine"]
 FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
-LAYER_GRAPH = ["--cuda-graph-impl", "local"]
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
     "ours_local_graph": (LOCAL + FULL_GRAPH, False),
-    "ours_local_layergraph": (LOCAL + LAYER_GRAPH, False),
     "ours_te": (TE, True),
     "ours_te_graph": (TE + FULL_GRAPH, True),
-    "ours_te_layergraph": (TE + LAYER_GRAPH, True),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
 }
@@ -323,6 +317,24 @@ def run_ours(name: str, case: str, iters: int, megatron: Path, out_dir: Path) ->
     return result
 
 
+def resumable(path: Optional[Path], report: dict) -> dict:
+    """``{case: {system: result}}`` of the successful runs of an earlier call, if it measured the
+    same clean commit with the same matmul-rate denominator's device (else nothing is reused)."""
+    if path is None:
+        return {}
+    earlier = json.loads(path.read_text())
+    same_code = earlier.get("commit") == report["commit"] and earlier.get("dirty") is False
+    if not same_code or report.get("dirty") is not False or earlier.get("device") != report.get(
+        "device"
+    ):
+        print(f"--resume {path}: other or dirty code, or another device: nothing reused")
+        return {}
+    return {
+        case: {n: r for n, r in entry["systems"].items() if "error" not in r}
+        for case, entry in earlier.get("cases", {}).items()
+    }
+
+
 def te_available() -> bool:
     probe = subprocess.run(
         [sys.executable, "-c", "import transformer_engine.pytorch"], capture_output=True
@@ -375,6 +387,17 @@ def main() -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--iters", type=int, default=16)
     parser.add_argument("--name", default="bench_falcon_h1", help="output file stem")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="start no new run after this many seconds (0: no limit); results so far are kept",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="a JSON of an earlier call at the same clean commit: its successful runs are kept",
+    )
     args = parser.parse_args()
     if args.hf_worker:
         print("HF_RESULT " + json.dumps(hf_worker(json.loads(args.hf_worker))), flush=True)
@@ -396,8 +419,10 @@ def main() -> int:
 
     from provenance import provenance
 
+    started = time.time()
     report = provenance([sys.executable, *sys.argv])
     report.update(benchmark="falcon_h1_training_step", matmul_tflops=matmul_tflops(), cases={})
+    earlier = resumable(args.resume, report)
     have_te = te_available()
     out_json = args.out_dir / f"{args.name}.json"
     for case in cases:
@@ -410,7 +435,14 @@ def main() -> int:
         }  # fmt: skip
         report["cases"][case] = entry
         for name in systems:
+            done = earlier.get(case, {}).get(name)
+            if done is not None:
+                entry["systems"][name] = dict(done, resumed_from=str(args.resume))
+                continue
             t0 = time.time()
+            if args.deadline_s and t0 - started > args.deadline_s:
+                entry["systems"][name] = {"error": "not run: --deadline-s reached"}
+                continue
             if name in HF:
                 r = run_hf(name, case, args.iters, args.out_dir)
             elif OURS[name][1] and not have_te:
@@ -418,6 +450,7 @@ def main() -> int:
             else:
                 r = run_ours(name, case, args.iters, args.megatron, args.out_dir)
             r["wall_s"] = round(time.time() - t0, 1)
+            r["call"] = report["date_utc"]  # ratios only between runs of one call
             if "error" not in r:
                 r["tok_s"] = seq * mbs / (r["median_ms"] / 1e3)
                 r["mfu"] = r["tok_s"] * flops["total"] / (report["matmul_tflops"] * 1e12)
@@ -425,12 +458,19 @@ def main() -> int:
             print(f"[{case}] {name}: " + json.dumps(
                 {k: v for k, v in r.items() if k not in ("losses", "top_kernels")}
             ), flush=True)  # fmt: skip
-            out_json.write_text(json.dumps(report, indent=1) + "\n")  # partial results survive
+            # Partial results survive a killed job.
+            out_json.write_text(json.dumps(report, indent=1) + "\n")
+            (args.out_dir / f"{args.name}.md").write_text(markdown(report) + "\n")
         hf = entry["systems"].get("hf", {})
         for name, r in entry["systems"].items():
-            if "error" not in r and "error" not in hf and "tok_s" in hf:
+            same_call = r.get("call") == hf.get("call")
+            if "error" not in r and "error" not in hf and "tok_s" in hf and same_call:
                 r["over_hf"] = r["tok_s"] / hf["tok_s"]
-        ours = {n: r for n, r in entry["systems"].items() if n in OURS and "error" not in r}
+        ours = {
+            n: r
+            for n, r in entry["systems"].items()
+            if n in OURS and "error" not in r and r.get("call") == hf.get("call")
+        }
         if ours:
             best = max(ours, key=lambda n: ours[n]["tok_s"])
             entry.update(
@@ -442,9 +482,19 @@ def main() -> int:
         if "ours_tok_s" in entry and "hf_tok_s" in entry:
             entry["ours_over_hf"] = entry["ours_tok_s"] / entry["hf_tok_s"]
         out_json.write_text(json.dumps(report, indent=1) + "\n")
+    runs = [r for entry in report["cases"].values() for r in entry["systems"].values()]
+    skipped = ("not run: --deadline-s reached", "Transformer Engine not importable here")
+    failed = [r for r in runs if "error" in r and r["error"] not in skipped]
+    report["summary"] = {
+        "n_checks": len(runs),
+        "n_passed": sum("error" not in r for r in runs),
+        "n_failed": len(failed),
+        "n_skipped": sum(r.get("error") in skipped for r in runs),
+    }
+    out_json.write_text(json.dumps(report, indent=1) + "\n")
     (args.out_dir / f"{args.name}.md").write_text(markdown(report) + "\n")
     print(markdown(report))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
 #   gptaccum  the same with 4 micro-batches per step (gradient accumulation)
 #   h1step    BitNet vs bf16 training step of a Falcon-H1-0.5B-shaped model (pretrain_mamba.py)
+#   falconh1  Falcon-H1 training step, HF transformers vs ours (scripts/gpu/bench_falcon_h1.py;
+#             TE=1 unpacks the carried Transformer Engine kit for its TE runs). Not in the
+#             default list: it needs more than one device call (use its --deadline-s/--resume)
 #
 # Green or named: the exit status is 0 only if every step exited 0 (a check script exits 0 only
 # when its checks passed or failed in a declared, named way: see its report). Every step's
@@ -25,7 +28,8 @@ shift || true
 steps=${*:-mamba parity bitnet bench convert gptstep gptaccum h1step}
 mkdir -p "$results"
 # The carried patched tree (else build/Megatron-LM) and wheels; no network on GPU runners.
-source scripts/gpu/setup_env.sh ""  # "": not --te (and not this script's arguments)
+if [ "${TE:-0}" = 1 ]; then source scripts/gpu/setup_env.sh --te
+else source scripts/gpu/setup_env.sh ""; fi  # "": not --te (and not this script's arguments)
 megatron=$MEGATRON
 export PYTHONPATH=$megatron${PYTHONPATH:+:$PYTHONPATH}
 status=0
@@ -58,6 +62,7 @@ for step in $steps; do
         gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
         gptaccum) run gptaccum "$results/bench_bitnet_gpt_step_mb4.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
         h1step) run h1step "$results/bench_bitnet_gpt_step_falcon_h1_0.5b.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
+        falconh1) run falconh1 "$results/bench_falcon_h1.json" python3 scripts/gpu/bench_falcon_h1.py --megatron "$megatron" --out-dir "$results" ${FALCON_H1_BENCH_ARGS:-} ;;
         convert) run convert "$results/falcon_h1_conversion.json" python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
         *) echo "unknown step $step"; printf '%s\t2\t0\t-\n' "$step" >> "$steps_tsv"; status=1 ;;
     esac

@@ -35,15 +35,23 @@ def _union_length(intervals: Iterable[tuple[float, float]]) -> float:
 
 
 def step_window(events: list[dict]) -> tuple[float, float, int]:
-    """(start, end, number of steps) of the ``ProfilerStep#N`` annotations."""
+    """(start, end, number of steps) of the host's ``ProfilerStep#N`` annotations.
+
+    Recent torch versions also put a copy of each annotation on the GPU track (category
+    ``gpu_user_annotation``); those are not steps of their own.
+    """
     steps = [
-        e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("ProfilerStep#")
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and str(e.get("name", "")).startswith("ProfilerStep#")
+        and e.get("cat") != "gpu_user_annotation"  # torch also draws each step on the GPU track
     ]
     if not steps:
         raise ValueError("trace has no ProfilerStep# events (was the profiler given a schedule?)")
     start = min(float(e["ts"]) for e in steps)
     end = max(float(e["ts"]) + float(e["dur"]) for e in steps)
-    return start, end, len(steps)
+    return start, end, len({e["name"] for e in steps})
 
 
 def gpu_busy_fraction(trace: dict) -> dict:

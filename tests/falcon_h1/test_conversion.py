@@ -162,6 +162,36 @@ def test_layout_splits_are_exact_inverses(fm, tp):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_layout_with_more_ranks_than_groups(fm, tp):
+    """One Mamba group and one KV head shared by ``tp`` ranks: every component is still split
+    evenly (rank r holds d_state / tp rows of B and of C, and the r-th row block of the fused
+    QKV), and the split is exactly inverted."""
+    g = torch.Generator().manual_seed(1)
+    dims = fm.FalconH1Dims(
+        num_layers=1, hidden=16, ffn=24, heads=4, kv_heads=1, head_dim=6, vocab=50,
+        mamba_heads=8, mamba_head_dim=4, mamba_groups=1, d_state=8, conv_kernel=4,
+        mamba_rms_norm=True,
+    )  # fmt: skip
+    fm.check_tensor_parallel(dims, tp)
+    layer = {k: torch.randn(s, generator=g) for k, s in _layer_shapes(fm, dims).items()}
+    shards = fm.hf_layer_to_megatron(layer, dims, tp)
+    back = fm.megatron_layer_to_hf(shards, dims)
+    for k in layer:
+        assert torch.equal(back[k], layer[k]), k
+    z, x, b, c, dt = torch.split(layer["mamba.in_proj.weight"], dims.in_proj_sizes())
+    qkv = fm.qkv_from_hf(*(layer[f"self_attn.{n}_proj.weight"] for n in "qkv"), dims)
+    for r, shard in enumerate(shards):
+        in_proj = shard["self_attention.mamba.in_proj.weight"]
+        assert in_proj.shape[0] == (2 * 32 + 2 * 8 + 8) // tp
+        expected = torch.cat([t.chunk(tp)[r] for t in (z, x, b, c, dt)])
+        assert torch.equal(in_proj, expected)
+        assert torch.equal(shard["self_attention.attention.linear_qkv.weight"], qkv.chunk(tp)[r])
+    odd = fm.FalconH1Dims(**{**dims.to_dict(), "d_state": 6})
+    with pytest.raises(fm.ConversionError, match="mamba_d_state=6 B / C rows evenly"):
+        fm.check_tensor_parallel(odd, 4)
+
+
 def _layer_shapes(fm, dims) -> dict:
     full = fm.hf_shapes(dims)
     return {
@@ -353,9 +383,13 @@ def test_failed_conversion_leaves_no_output(tool, hf_models, tmp_path, monkeypat
 
 
 def test_refuses_indivisible_parallelism(tool, hf_models, tmp_path, capsys):
-    assert _hf_to_mg(tool, hf_models["g1"][0], tmp_path / "a", 2, 1) == 2
+    # TP=3 divides neither the 4 attention heads nor the 8 Mamba heads; the 2 KV heads and
+    # 2 Mamba groups neither divide 3 nor are divided by it.
+    assert _hf_to_mg(tool, hf_models["g2"][0], tmp_path / "a", 3, 1) == 2
     err = _error(capsys)
-    assert "mamba_n_groups=1" in err and "TP=2" in err
+    assert "TP=3 does not divide num_attention_heads=4, mamba_n_heads=8" in err
+    assert "num_key_value_heads (query groups)=2 (nor is TP a multiple of it)" in err
+    assert "mamba_n_groups=2 (nor is TP a multiple of it)" in err
     assert _hf_to_mg(tool, hf_models["g2"][0], tmp_path / "b", 1, 3) == 2
     assert "PP=3 does not divide num_hidden_layers=4" in _error(capsys)
     assert (

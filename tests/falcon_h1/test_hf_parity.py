@@ -22,17 +22,24 @@ from falcon_h1.oracle import (
 pytestmark = pytest.mark.megatron
 
 SEQ_LEN = 21  # not a multiple of the chunk size (8)
+# More tokens (2 x 45) than the hidden size (64): projections fold their multipliers into the
+# weight rows instead of scaling the output (forward_multipliers); 45 is no multiple of 8 either.
+LONG_SEQ_LEN = 45
 BATCH = 2
 
 
-def _run_pair(shape: TinyShape, multipliers: dict, mem_eff_path: bool = True):
+def _run_pair(
+    shape: TinyShape, multipliers: dict, mem_eff_path: bool = True, seq_len: int = SEQ_LEN
+):
     hf = build_hf_model(shape, multipliers)
     config = megatron_config(shape, multipliers, use_mamba_mem_eff_path=mem_eff_path)
     mg = build_megatron_model(shape, config)
     load_hf_weights(mg, hf.state_dict(), shape)  # strict: raises on missing / unexpected keys
 
-    tokens = torch.randint(0, shape.vocab, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(7))
-    positions = torch.arange(SEQ_LEN).unsqueeze(0).expand(BATCH, -1)
+    tokens = torch.randint(
+        0, shape.vocab, (BATCH, seq_len), generator=torch.Generator().manual_seed(7)
+    )
+    positions = torch.arange(seq_len).unsqueeze(0).expand(BATCH, -1)
     hf_logits = hf(input_ids=tokens).logits
     mg_logits = mg(input_ids=tokens, position_ids=positions, attention_mask=None)
     return hf, mg, hf_logits, mg_logits
@@ -48,12 +55,20 @@ def _grads(hf, mg, hf_logits, mg_logits, shape):
     return mapped, mg_grads
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("rms_norm", [True, False])
-@pytest.mark.parametrize("mem_eff_path", [True, False])
-def test_logits_and_gradients_match_hf(single_rank_model_parallel, groups, rms_norm, mem_eff_path):
+PARITY_CASES = [
+    (groups, rms_norm, mem_eff_path, SEQ_LEN)
+    for groups in (1, 2)
+    for rms_norm in (True, False)
+    for mem_eff_path in (True, False)
+] + [(1, False, True, LONG_SEQ_LEN), (2, True, True, LONG_SEQ_LEN)]
+
+
+@pytest.mark.parametrize("groups, rms_norm, mem_eff_path, seq_len", PARITY_CASES)
+def test_logits_and_gradients_match_hf(
+    single_rank_model_parallel, groups, rms_norm, mem_eff_path, seq_len
+):
     shape = TinyShape(mamba_groups=groups, rms_norm=rms_norm)
-    hf, mg, hf_logits, mg_logits = _run_pair(shape, MULTIPLIERS, mem_eff_path)
+    hf, mg, hf_logits, mg_logits = _run_pair(shape, MULTIPLIERS, mem_eff_path, seq_len)
     assert mg_logits.shape == hf_logits.shape
     diff = (mg_logits - hf_logits).abs().max().item()
     assert diff <= 1e-5, f"logits max abs diff {diff:.3e}"

@@ -55,8 +55,12 @@ MODEL_ARGS=(
     --untie-embeddings-and-output-weights
     --seq-length 4096
     --max-position-embeddings 4096
-    --transformer-impl local
+    --transformer-impl transformer_engine
 )
+# Without Transformer Engine: --transformer-impl local --no-persist-layer-norm (torch norms).
+# A whole-iteration CUDA graph removes the host overhead of the small kernels (measured on one
+# H200: 2.56x the throughput of HF transformers with it, 0.93x without):
+#   --cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad
 
 MULTIPLIER_ARGS=(
     --embedding-multiplier 5.656854249492381

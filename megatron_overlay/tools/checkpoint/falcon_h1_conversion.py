@@ -34,12 +34,14 @@ Guarantees and limits:
   One model flag Megatron's ``--use-checkpoint-args`` does not restore: ``--norm-epsilon``
   (default 1e-5, as in every Falcon-H1 release; the converter warns when it differs).
 * The checkpoint is a ``release`` checkpoint (iteration 0, no optimizer or RNG state).
-* ``torch_dist`` stores global tensors: the checkpoint loads at any TP (that divides the head
-  and group counts) provided the padded vocabulary matches (``--make-vocab-size-divisible-by``
-  times TP); the recorded hybrid layer pattern carries ``|`` pipeline splits for the requested
-  PP, override it with ``--hybrid-layer-pattern`` to load at another PP.
-* TP must divide attention heads, KV heads, Mamba heads, Mamba groups and the FFN size. Falcon-H1
-  releases have ``mamba_n_groups = 1`` and therefore convert at TP=1 only.
+* ``torch_dist`` stores global tensors: the checkpoint loads at any TP the model allows (see
+  below) provided the padded vocabulary matches (``--make-vocab-size-divisible-by`` times TP);
+  the recorded hybrid layer pattern carries ``|`` pipeline splits for the requested PP,
+  override it with ``--hybrid-layer-pattern`` to load at another PP.
+* TP must divide the attention heads, Mamba heads and the FFN size, and divide or be a
+  multiple of the KV heads and the Mamba groups (Falcon-H1 releases have one group: ranks
+  beyond it share the group's B / C rows, split evenly, so ``mamba_d_state`` must split evenly
+  over them).
 * Output is written to a temporary directory next to ``--save-dir`` and renamed into place;
   an existing ``--save-dir`` is only replaced with ``--force``. On any error nothing is
   written; a missing, truncated or corrupt input file (config.json, the safetensors index, a

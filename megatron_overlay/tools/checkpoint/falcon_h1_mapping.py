@@ -21,11 +21,14 @@ Megatron ``HybridModel`` with the Falcon-H1 stack (pattern ``P`` per layer), per
 of ``t`` (names under ``decoder.layers.{local i}.``):
 
 * ``self_attention.attention.linear_qkv.weight``: per query group ``[q heads; k; v]``, groups
-  concatenated; rank ``r`` holds query groups ``r*KV/t ... (r+1)*KV/t - 1`` (a contiguous row
-  block, because the layout is interleaved per group).
+  concatenated; rank ``r`` holds the ``r``-th of ``t`` equal row blocks: query groups
+  ``r*KV/t ... (r+1)*KV/t - 1`` when ``t`` divides ``KV``, else a slice of one group (``t`` a
+  multiple of ``KV``; Megatron's attention all-gathers the fused QKV then).
 * ``self_attention.mamba.in_proj.weight``: ``[z_r; x_r; B_r; C_r; dt_r]``: each of the five
   components is split on its own, then the rank's pieces are concatenated. ``conv1d_weight`` /
-  ``conv1d_bias``: ``[x_r; B_r; C_r]``. B and C split by group (needs ``G % t == 0``).
+  ``conv1d_bias``: ``[x_r; B_r; C_r]``. B and C are split evenly too: whole groups when ``t``
+  divides ``G``, else (``t`` a multiple of ``G``) a slice of the group of the rank's heads,
+  which the ranks sharing it gather at run time.
 * ``mlp.linear_fc1.weight``: ``[gate_r; up_r]``.
 * Row-parallel weights (``linear_proj``, ``out_proj``, ``linear_fc2``) split on dim 1;
   ``dt_bias``, ``A_log``, ``D``, ``norm.weight`` split on dim 0; norms replicated.
@@ -409,25 +412,36 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
 
 
 def check_tensor_parallel(dims: FalconH1Dims, tp: int) -> None:
-    """Raise :class:`ConversionError` if ``dims`` cannot be split ``tp`` ways exactly."""
+    """Raise :class:`ConversionError` if ``dims`` cannot be split ``tp`` ways exactly.
+
+    TP must divide the attention heads, Mamba heads and FFN size. The KV heads and the Mamba
+    groups may also be fewer than TP ranks when TP is a multiple of them: every component is
+    split evenly over the ranks all the same (a rank then holds a slice of one query group's
+    fused QKV rows, or of one Mamba group's B / C rows, which Megatron gathers at run time), so
+    ``d_state`` must split evenly over the ranks sharing a group.
+    """
     if tp < 1:
         raise ConversionError(f"tensor parallel size must be >= 1, got {tp}")
     checks = [
         ("num_attention_heads", dims.heads),
-        ("num_key_value_heads (query groups)", dims.kv_heads),
         ("mamba_n_heads", dims.mamba_heads),
-        ("mamba_n_groups", dims.mamba_groups),
         ("intermediate_size", dims.ffn),
     ]
     bad = [f"{name}={value}" for name, value in checks if value % tp]
+    for name, value in (
+        ("num_key_value_heads (query groups)", dims.kv_heads),
+        ("mamba_n_groups", dims.mamba_groups),
+    ):
+        if value % tp and tp % value:
+            bad.append(f"{name}={value} (nor is TP a multiple of it)")
     if bad:
-        hint = ""
-        if dims.mamba_groups % tp:
-            hint = (
-                " Megatron's Mamba mixer splits B/C by group, so TP must divide mamba_n_groups "
-                "(Falcon-H1 releases have n_groups=1 and so convert at TP=1 only)."
-            )
-        raise ConversionError(f"TP={tp} does not divide {', '.join(bad)}.{hint}")
+        raise ConversionError(f"TP={tp} does not divide {', '.join(bad)}.")
+    if dims.mamba_groups < tp and dims.d_state % (tp // dims.mamba_groups):
+        raise ConversionError(
+            f"TP={tp} shares each of the {dims.mamba_groups} Mamba group(s) between "
+            f"{tp // dims.mamba_groups} ranks, which split its mamba_d_state={dims.d_state} "
+            "B / C rows evenly; it must be divisible by that number."
+        )
 
 
 def pipeline_layer_counts(

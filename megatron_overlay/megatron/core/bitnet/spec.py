@@ -97,12 +97,13 @@ def validate_bitnet_config(config) -> None:
     if getattr(config, "mtp_num_layers", None):
         problems.append("--mtp-num-layers (multi-token prediction)")
     graph_impl = getattr(config, "cuda_graph_impl", "none") or "none"
-    if graph_impl not in ("none", "local", "full_iteration"):
-        # The weight quantisation must be inside what a graph replays (see BitNetWeightCache):
-        # Megatron's own per-layer and whole-iteration graphs are handled, TE's are not.
+    if graph_impl not in ("none", "full_iteration"):
+        # The weight quantisation must be inside what a graph replays (see BitNetWeightCache).
+        # Whole-iteration graphs are verified on a GPU; per-layer graphs are not (and trained
+        # Falcon-H1 wrongly without BitNet), TE's graphs do not go through the cache logic.
         problems.append(
-            f"--cuda-graph-impl {graph_impl} (use local or full_iteration: their captures "
-            "include the per-step weight quantisation)"
+            f"--cuda-graph-impl {graph_impl} (use full_iteration: its capture includes the "
+            "per-step weight quantisation)"
         )
     if getattr(config, "external_cuda_graph", False):
         problems.append("external CUDA graphs (would replay stale quantised weights)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 from megatron.core.transformer.forward_multipliers import ForwardMultipliers
+from megatron.core.utils import get_pg_rank
 
 
 class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
@@ -21,7 +22,7 @@ class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
     def __init__(self, *args, role: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.forward_multipliers = ForwardMultipliers(
-            self.config, role, self.out_features, self.tp_size
+            self.config, role, self.out_features, self.tp_size, tp_rank=get_pg_rank(self._tp_group)
         )
 
     def forward(self, x):

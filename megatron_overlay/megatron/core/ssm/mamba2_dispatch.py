@@ -119,8 +119,10 @@ class RMSNormGated(mamba2_torch.RMSNormGated):
     """Gated group RMSNorm with ``mamba_ssm``'s constructor and parameter names."""
 
     def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Normalise ``x`` (gated by ``z``) with the Triton kernel on CUDA, PyTorch otherwise."""
-        if _kernels_for(x, HAVE_MAMBA_SSM_KERNELS):
+        """Normalise ``x`` (gated by ``z``) with the Triton kernel on CUDA, PyTorch otherwise
+        (and for a group shared across ranks, whose sum of squares the kernel cannot complete).
+        """
+        if self.group_sum is None and _kernels_for(x, HAVE_MAMBA_SSM_KERNELS):
             return _kernel_rmsnorm_fn(
                 x,
                 self.weight,

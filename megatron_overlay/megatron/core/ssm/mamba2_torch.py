@@ -43,7 +43,7 @@ in log space (no cumulative-sum differences over the whole sequence, no loop ove
 
 import contextlib
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -571,6 +571,8 @@ def rms_norm_gated(
     eps: float = 1e-6,
     group_size: Optional[int] = None,
     norm_before_gate: bool = True,
+    group_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    full_group_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Group-wise gated RMSNorm (float32 math), a pure-PyTorch ``mamba_ssm`` ``rmsnorm_fn``.
 
@@ -586,6 +588,11 @@ def rms_norm_gated(
         eps: added to the mean square.
         group_size: features per normalisation group; None means one group (hidden).
         norm_before_gate: see above.
+        group_sum: for a group split over several processes (``x`` holds ``group_size`` of
+            its ``full_group_size`` features): sums a ``(..., 1)`` per-process sum of squares
+            over the processes sharing the group (e.g. an autograd-aware all-reduce). The
+            mean square is then that total divided by ``full_group_size``.
+        full_group_size: features of the whole group (with ``group_sum``).
 
     Returns:
         Tensor with x's shape and dtype.
@@ -607,7 +614,13 @@ def rms_norm_gated(
     if z is not None and not norm_before_gate:
         xf = xf * F.silu(z.to(ct))
     xg = xf.reshape(*x.shape[:-1], hidden // group_size, group_size)
-    rstd = torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + eps)
+    if group_sum is None:
+        rstd = torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + eps)
+    else:
+        if full_group_size is None or hidden != group_size:
+            raise ValueError("group_sum needs full_group_size and one local group (group_size)")
+        total = group_sum(xg.square().sum(dim=-1, keepdim=True))
+        rstd = torch.rsqrt(total / full_group_size + eps)
     out = (xg * rstd).reshape(x.shape) * weight.to(ct)
     if bias is not None:
         out = out + bias.to(ct)
@@ -651,7 +664,20 @@ class RMSNormGated(torch.nn.Module):
         self.register_parameter("bias", None)
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
+        self.group_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.full_group_size: Optional[int] = None
         self.reset_parameters()
+
+    def share_group_across_ranks(
+        self, group_sum: Callable[[torch.Tensor], torch.Tensor], full_group_size: int
+    ) -> None:
+        """Normalise one group of ``full_group_size`` features, of which this module holds
+        ``group_size``: the sum of squares is completed by ``group_sum`` (see
+        :func:`rms_norm_gated`)."""
+        if self.group_size is not None and self.group_size != self.weight.shape[0]:
+            raise ValueError("a group shared across ranks must be the module's only group")
+        self.group_sum = group_sum
+        self.full_group_size = int(full_group_size)
 
     def reset_parameters(self) -> None:
         """Initialise ``weight`` to ones."""
@@ -667,6 +693,8 @@ class RMSNormGated(torch.nn.Module):
             eps=self.eps,
             group_size=self.group_size,
             norm_before_gate=self.norm_before_gate,
+            group_sum=self.group_sum,
+            full_group_size=self.full_group_size,
         )
 
     def extra_repr(self) -> str:

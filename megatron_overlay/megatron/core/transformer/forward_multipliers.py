@@ -48,7 +48,7 @@ import torch
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import get_pg_size
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 ROLES = ("linear_qkv", "linear_proj", "mamba_in_proj", "mamba_out_proj", "linear_fc1", "linear_fc2")
 
@@ -178,39 +178,62 @@ def fused_qkv_group_layout(config: TransformerConfig) -> Tuple[Tuple[str, int], 
     return (("q", query_rows),) + gate + (("k", head_dim), ("v", head_dim))
 
 
-def qkv_output_multipliers(config: TransformerConfig, local_out: int, tp_size: int) -> torch.Tensor:
+def qkv_output_multipliers(
+    config: TransformerConfig, local_out: int, tp_size: int, tp_rank: Optional[int] = None
+) -> torch.Tensor:
     """Per-channel multipliers of one TP rank's fused QKV output (key channels x key_mult).
 
-    The layout is :func:`fused_qkv_group_layout` repeated once per local query group.
+    The fused output is :func:`fused_qkv_group_layout` repeated once per query group, split
+    evenly over the TP ranks: with ``tp_size`` dividing the query groups a rank holds whole
+    groups; with more ranks than groups (upstream's attention all-gathers the QKV output then)
+    a rank holds a slice of one group, which ``tp_rank`` locates.
     """
-    if config.num_query_groups % tp_size != 0:
-        raise ValueError(
-            f"--key-multiplier needs --num-query-groups ({config.num_query_groups}) divisible by "
-            f"the tensor-parallel size ({tp_size})"
-        )
+    groups = config.num_query_groups
     layout = fused_qkv_group_layout(config)
     group_width = sum(rows for _, rows in layout)
-    if local_out % group_width != 0:
-        raise ValueError(
-            f"fused QKV output of {local_out} channels per rank is not a whole number of query "
-            f"groups of width {group_width} ({', '.join(name for name, _ in layout)}); cannot "
-            "place --key-multiplier"
-        )
     key = float(config.key_multiplier)
     group = torch.cat([torch.full((rows,), key if name == "k" else 1.0) for name, rows in layout])
-    return group.repeat(local_out // group_width)
+    if groups % tp_size == 0:
+        if local_out % group_width != 0:
+            raise ValueError(
+                f"fused QKV output of {local_out} channels per rank is not a whole number of "
+                f"query groups of width {group_width} ({', '.join(n for n, _ in layout)}); "
+                "cannot place --key-multiplier"
+            )
+        return group.repeat(local_out // group_width)
+    if tp_size % groups != 0:
+        raise ValueError(
+            f"--num-query-groups ({groups}) must divide or be a multiple of the "
+            f"tensor-parallel size ({tp_size})"
+        )
+    if tp_rank is None:
+        raise ValueError(
+            f"--key-multiplier with more tensor-parallel ranks ({tp_size}) than query groups "
+            f"({groups}) needs the rank of the layer's projection; this layer does not give it"
+        )
+    full = group.repeat(groups)
+    if local_out * tp_size != full.numel():
+        raise ValueError(
+            f"fused QKV output of {local_out} channels per rank x {tp_size} ranks does not match "
+            f"{groups} query groups of width {group_width}; cannot place --key-multiplier"
+        )
+    return full[tp_rank * local_out : (tp_rank + 1) * local_out].clone()
 
 
 def mamba_in_proj_output_multipliers(
     config: TransformerConfig, local_out: int, tp_size: int
 ) -> torch.Tensor:
-    """Per-channel multipliers of one TP rank's Mamba in_proj output [z, x, B, C, dt]."""
-    if config.mamba_num_groups % tp_size != 0:
-        raise ValueError(
-            f"--mamba-num-groups {config.mamba_num_groups} is not divisible by the tensor-parallel "
-            f"size {tp_size}"
-        )
-    groups_state = config.mamba_num_groups // tp_size * config.mamba_state_dim
+    """Per-channel multipliers of one TP rank's Mamba in_proj output [z, x, B, C, dt].
+
+    Each of the five components is split evenly over the TP ranks (with more ranks than Mamba
+    groups, B and C hold a slice of one group: see ``megatron.core.ssm.mamba_group_sharing``).
+    """
+    from megatron.core.ssm.mamba_group_sharing import check_mamba_group_sharing
+
+    problem = check_mamba_group_sharing(config.mamba_num_groups, config.mamba_state_dim, tp_size)
+    if problem is not None:
+        raise ValueError(problem)
+    groups_state = config.mamba_num_groups * config.mamba_state_dim // tp_size
     rest = local_out - 2 * groups_state  # 2 * d_inner_local + nheads_local
     nheads, remainder = divmod(rest, 2 * config.mamba_head_dim + 1)
     if remainder != 0 or nheads <= 0:
@@ -280,10 +303,18 @@ class ForwardMultipliers:
         local_out: output channels of this rank.
         tp_size: tensor-parallel size (the per-channel layouts are per rank).
         device: where to keep the vectors.
+        tp_rank: this rank in the tensor-parallel group (needed to place the key multiplier
+            when a query group is split over several ranks).
     """
 
     def __init__(
-        self, config: TransformerConfig, role: str, local_out: int, tp_size: int, device=None
+        self,
+        config: TransformerConfig,
+        role: str,
+        local_out: int,
+        tp_size: int,
+        device=None,
+        tp_rank: Optional[int] = None,
     ):
         self.role = role
         self.identity = role_is_identity(config, role)
@@ -291,7 +322,7 @@ class ForwardMultipliers:
         channels: Optional[torch.Tensor] = None
         if not self.identity:
             if role == "linear_qkv" and config.key_multiplier != 1.0:
-                channels = qkv_output_multipliers(config, local_out, tp_size)
+                channels = qkv_output_multipliers(config, local_out, tp_size, tp_rank)
             elif role == "mamba_in_proj":
                 channels = mamba_in_proj_output_multipliers(config, local_out, tp_size)
             elif role == "linear_fc1":
@@ -373,6 +404,7 @@ class ColumnParallelLinearWithMultipliers(ColumnParallelLinear):
             self.output_size_per_partition,
             get_pg_size(self.tp_group),
             device=None if self.weight is None else self.weight.device,
+            tp_rank=get_pg_rank(self.tp_group),
         )
 
     def forward(

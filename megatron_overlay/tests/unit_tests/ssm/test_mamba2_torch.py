@@ -686,6 +686,37 @@ def test_rmsnorm_gated_formula(group_size, norm_before_gate, use_z):
     torch.testing.assert_close(fn_out, out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pieces", [2, 4])
+def test_rmsnorm_gated_group_shared_across_pieces(pieces):
+    """A group split into ``pieces`` modules (as over tensor-parallel ranks): each normalises
+    its slice with the group's total sum of squares (``group_sum``), and the slices together
+    give the unsplit norm, values and gradients."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 16, generator=gen, dtype=F64, requires_grad=True)
+    z = torch.randn(3, 5, 16, generator=gen, dtype=F64)
+    weight = torch.randn(16, generator=gen, dtype=F64)
+    whole = m2.rms_norm_gated(x, weight, None, z, 1e-5, None, False)
+    width = 16 // pieces
+    xs, zs = x.split(width, dim=-1), z.split(width, dim=-1)
+    sums = [(xi * F.silu(zi)).square().sum(-1, keepdim=True) for xi, zi in zip(xs, zs)]
+    parts = []
+    for i in range(pieces):
+        norm = m2.RMSNormGated(width, eps=1e-5, group_size=width, norm_before_gate=False)
+        norm.to(F64)
+        with torch.no_grad():
+            norm.weight.copy_(weight[i * width : (i + 1) * width])
+        others = sum(s for j, s in enumerate(sums) if j != i)
+        norm.share_group_across_ranks(lambda ss, o=others: ss + o.view(ss.shape), 16)
+        parts.append(norm(xs[i], zs[i]))
+    torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(whole.shape, generator=gen, dtype=F64)
+    (ref,) = torch.autograd.grad(whole, x, grad)
+    (got,) = torch.autograd.grad(torch.cat(parts, -1), x, grad)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="only group"):
+        m2.RMSNormGated(8, group_size=4).share_group_across_ranks(lambda s: s, 16)
+
+
 def test_rmsnorm_gated_module_interface():
     norm = m2.RMSNormGated(12, eps=1e-5, group_size=6, norm_before_gate=False, dtype=torch.bfloat16)
     assert list(norm.state_dict()) == ["weight"]

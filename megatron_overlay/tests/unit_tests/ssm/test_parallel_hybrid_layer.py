@@ -135,6 +135,14 @@ def test_spec_without_parallel_layer_fails_clearly(single_rank):
         _model(_config(), spec=hybrid_stack_spec_local, pattern="P*")
 
 
+def test_per_layer_cuda_graphs_are_refused(single_rank):
+    """Per-layer graphs trained P layers wrongly on GPU (measured): refused, not silent."""
+    config = _config()
+    config.cuda_graph_impl = "local"  # set after validation: the config checks need a GPU
+    with pytest.raises(ValueError, match="--cuda-graph-impl local"):
+        _model(config)
+
+
 def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
     """With every multiplier at 1.0 the Falcon-H1 spec computes exactly what the local spec
     computes for M / * / - layers."""

@@ -89,6 +89,24 @@ def test_qkv_layout_with_output_gate_scales_only_keys():
         qkv_output_multipliers(config, local_out=2 * (2 + 2) * 6, tp_size=1)
 
 
+def test_qkv_layout_with_more_ranks_than_query_groups():
+    """With TP > query groups each rank holds an even slice of the fused QKV rows (as upstream's
+    attention splits them before its all-gather): the ranks' vectors are consecutive slices of
+    the whole layer's vector, so a rank may hold only query rows, or only a key and a value."""
+    config = _config(key_multiplier=0.5)  # 2 groups of [2 query heads, key, value] x 6
+    full = qkv_output_multipliers(config, local_out=2 * 4 * 6, tp_size=1)
+    for tp in (4, 8):
+        local = full.numel() // tp
+        parts = [qkv_output_multipliers(config, local, tp, tp_rank=r) for r in range(tp)]
+        assert torch.equal(torch.cat(parts), full)
+    assert torch.all(parts[0] == 1.0)  # TP=8, rank 0: query rows only
+    assert torch.all(parts[2] == 0.5) and torch.all(parts[3] == 1.0)  # key, then value
+    with pytest.raises(ValueError, match="needs the rank"):
+        qkv_output_multipliers(config, 12, 4)
+    with pytest.raises(ValueError, match="must divide or be a multiple"):
+        qkv_output_multipliers(config, 16, 3, tp_rank=0)
+
+
 def _attention_model(config):
     from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
     from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -152,6 +170,24 @@ def test_mamba_in_proj_segments():
     half = mamba_in_proj_output_multipliers(config, local_out // 2, tp_size=2)
     for segment, value in zip(torch.split(half, [n // 2 for n in sizes]), (2, 3, 4, 5, 6)):
         assert torch.all(segment == value)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mamba_in_proj_segments_with_more_ranks_than_groups(tp):
+    """One Mamba group shared by ``tp`` ranks: each rank holds state_dim / tp rows of B and of
+    C (a slice of the group, see megatron.core.ssm.mamba_group_sharing), as of every other
+    component."""
+    config = _config(
+        ssm_multipliers=[2.0, 3.0, 4.0, 5.0, 6.0], mamba_num_groups=1, mamba_state_dim=8
+    )
+    sizes = [4 * 3 // tp, 4 * 3 // tp, 8 // tp, 8 // tp, 4 // tp]
+    vector = mamba_in_proj_output_multipliers(config, sum(sizes), tp_size=tp)
+    for segment, value in zip(torch.split(vector, sizes), (2.0, 3.0, 4.0, 5.0, 6.0)):
+        assert segment.numel() > 0 and torch.all(segment == value)
+    with pytest.raises(ValueError, match="--mamba-state-dim 5 must be divisible by 4"):
+        mamba_in_proj_output_multipliers(_config(ssm_multipliers=[2] * 5), 10, tp_size=8)
+    with pytest.raises(ValueError, match="must divide --mamba-num-groups 2 or be a multiple"):
+        mamba_in_proj_output_multipliers(_config(ssm_multipliers=[2] * 5), 10, tp_size=3)
 
 
 @pytest.mark.parametrize("tokens", [3, 40], ids=["scale-output", "scale-weight"])

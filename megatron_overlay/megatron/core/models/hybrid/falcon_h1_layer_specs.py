@@ -18,8 +18,6 @@ Both provide ``P`` plus ``M``, ``*`` and ``-``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.hybrid.hybrid_backend_specs import (
@@ -30,7 +28,6 @@ from megatron.core.models.hybrid.hybrid_backend_specs import (
     get_hybrid_stack_spec_for_backend,
     get_mamba_mixer_spec_for_backend,
 )
-from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
 from megatron.core.models.hybrid.parallel_hybrid_layer import (
     ParallelHybridLayer,
     ParallelHybridMixer,
@@ -41,7 +38,6 @@ from megatron.core.transformer.forward_multipliers import (
     RowParallelLinearWithMultipliers,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 LOCAL_MULTIPLIER_LINEARS = MultiplierLinears(
@@ -117,15 +113,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def default_hybrid_stack_spec(
-    config: TransformerConfig, hybrid_layer_pattern: Optional[str]
-) -> Optional[ModuleSpec]:
-    """Stack spec ``pretrain_hybrid.py`` uses when no ``--spec`` is given, or None.
+def get_falcon_h1_stack_spec_for_impl(transformer_impl: str) -> ModuleSpec:
+    """Falcon-H1 stack for ``--transformer-impl``: Transformer Engine modules for
+    ``transformer_engine``, local modules otherwise.
 
-    A pattern with ``P`` gets the Falcon-H1 stack matching ``--transformer-impl``.
+    A ``--hybrid-layer-pattern`` with ``P`` layers is built with it when no ``--spec`` is given
+    (``resolve_hybrid_stack_spec`` in ``megatron.training.models.hybrid``).
     """
-    if not hybrid_layer_pattern or Symbols.PARALLEL not in hybrid_layer_pattern:
-        return None
-    if config.transformer_impl == "transformer_engine":
+    if transformer_impl == "transformer_engine":
         return _te_stack_spec()
     return falcon_h1_stack_spec

@@ -1,0 +1,90 @@
+"""The Falcon-H1 benchmark's CPU-side logic: GPU-busy from a trace, resuming, ratios per call."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _trace():
+    """Two profiled steps of 100 us; kernels [10, 30] and [20, 50] overlap (40 us busy), plus
+    [150, 170] and a memcpy [180, 190] in step two; a kernel outside the steps is ignored."""
+    events = [
+        {"ph": "X", "name": "ProfilerStep#7", "ts": 0, "dur": 100, "cat": "user_annotation"},
+        {"ph": "X", "name": "ProfilerStep#8", "ts": 100, "dur": 100, "cat": "user_annotation"},
+        {"ph": "X", "name": "gemm", "ts": 10, "dur": 20, "cat": "kernel"},
+        {"ph": "X", "name": "_chunk_scan_fwd_kernel", "ts": 20, "dur": 30, "cat": "kernel"},
+        {"ph": "X", "name": "gemm", "ts": 150, "dur": 20, "cat": "kernel"},
+        {"ph": "X", "name": "Memcpy DtoD", "ts": 180, "dur": 10, "cat": "gpu_memcpy"},
+        {"ph": "X", "name": "late", "ts": 300, "dur": 50, "cat": "kernel"},
+    ]
+    return {"traceEvents": events}
+
+
+def test_gpu_busy_fraction_counts_overlaps_once():
+    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    busy = trace.gpu_busy_fraction(_trace())
+    assert busy["window_us"] == 200 and busy["steps"] == 2
+    assert busy["busy_us"] == 40 + 20 + 10
+    assert busy["busy_fraction"] == 70 / 200
+    assert busy["kernels"] == 3  # the memcpy is busy time, not a kernel; "late" is outside
+    top = trace.top_kernels(_trace())
+    assert top[0]["name"] == "gemm" and top[0]["us_per_step"] == 20
+
+
+def test_gpu_track_copies_of_the_step_annotations_are_not_steps():
+    """torch puts each ProfilerStep# on the GPU track too; counting those doubled the steps and
+    halved every per-step figure (the first H200 results had this defect)."""
+    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    data = _trace()
+    data["traceEvents"] += [
+        {"ph": "X", "name": "ProfilerStep#7", "ts": 5, "dur": 100, "cat": "gpu_user_annotation"},
+        {"ph": "X", "name": "ProfilerStep#8", "ts": 105, "dur": 120, "cat": "gpu_user_annotation"},
+    ]
+    busy = trace.gpu_busy_fraction(data)
+    assert busy["steps"] == 2 and busy["window_us"] == 200
+    top = trace.top_kernels(data)
+    assert top[0]["name"] == "gemm" and top[0]["us_per_step"] == 20
+    assert top[0]["calls_per_step"] == 1
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+    sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
+    return _load("bench_falcon_h1", ROOT / "scripts/gpu/bench_falcon_h1.py")
+
+
+def test_mamba_path_is_read_from_kernel_names():
+    bench = _bench()
+    assert bench.mamba_path({"_chunk_scan_fwd_kernel", "causal_conv1d_fwd_kernel"}) == (
+        "mamba_ssm Triton SSD kernels + causal_conv1d CUDA"
+    )
+    assert "torch path" in bench.mamba_path({"gemm"})
+
+
+def test_resume_only_same_clean_commit_and_device(tmp_path):
+    bench = _bench()
+    earlier = {
+        "commit": "abc", "dirty": False, "device": "NVIDIA H200",
+        "cases": {"c": {"systems": {"hf": {"tok_s": 1.0}, "ours": {"error": "boom"}}}},
+    }  # fmt: skip
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    now = {"commit": "abc", "dirty": False, "device": "NVIDIA H200"}
+    assert bench.resumable(path, now) == {"c": {"hf": {"tok_s": 1.0}}}  # failed runs redone
+    for changed in ({"commit": "def"}, {"dirty": True}, {"device": "NVIDIA H100"}):
+        assert bench.resumable(path, dict(now, **changed)) == {}
+    assert bench.resumable(None, now) == {}
