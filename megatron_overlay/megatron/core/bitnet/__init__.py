@@ -2,14 +2,14 @@
 """BitNet b1.58 (ternary weights, int8 activations) training core for Megatron.
 
 Public API (see :mod:`.functional`): :func:`bitnet_linear`, :class:`BitNetWeightCache`,
-:func:`invalidate_weight_caches` (optimizer steps and ``load_state_dict`` of BitNet layers
-invalidate the caches themselves, see :class:`WeightCacheRegistry`), the separable scale /
-quantisation / product ops used by tensor-parallel layers, and the pure-torch reference in
-:mod:`.quant`.  The Triton kernels in
-:mod:`.triton_kernels` are imported lazily (this package imports without Triton).  The
-Megatron tensor-parallel layers live in :mod:`.layers` (``BitNetColumnParallelLinear``,
-``BitNetRowParallelLinear``); import that module explicitly (it is not
-imported here, so this package stays importable without Megatron's tensor-parallel stack).
+:func:`invalidate_weight_caches` (of one model; optimizer steps and ``load_state_dict`` of
+BitNet layers invalidate the caches themselves, see :class:`BitNetWeightCache`), the separable
+scale / quantisation / product ops used by tensor-parallel layers, and the pure-torch
+reference in :mod:`.quant`.  The Triton kernels in :mod:`.triton_kernels` are imported lazily
+(this package imports without Triton).  The Megatron tensor-parallel layers live in
+:mod:`.layers` (``BitNetColumnParallelLinear``, ``BitNetRowParallelLinear``); import that
+module explicitly (it is not imported here, so this package stays importable without
+Megatron's tensor-parallel stack).
 
 The weight scale ``beta`` is a scalar per weight or a vector with one value per output row
 (weights fusing several logical matrices: q/k/v, gate/up); see :mod:`.quant`.
@@ -36,13 +36,11 @@ from . import quant
 from .functional import (
     BACKENDS,
     DGRAD_IMPLS,
-    WEIGHT_CACHES,
     WGRAD_IMPLS,
     BitNetLinearFunction,
     BitNetWeightCache,
     QuantizedActivation,
     QuantizedWeight,
-    WeightCacheRegistry,
     activation_absmax,
     bitnet_input_grad,
     bitnet_linear,
@@ -57,7 +55,6 @@ from .functional import (
     segment_sums,
     triton_available,
     weight_abs_sum,
-    weight_cache_generation,
     weight_row_abs_sums,
     weight_scale,
     weight_scale_from_abs_sum,
@@ -72,8 +69,6 @@ __all__ = [
     "BitNetWeightCache",
     "QuantizedActivation",
     "QuantizedWeight",
-    "WEIGHT_CACHES",
-    "WeightCacheRegistry",
     "activation_absmax",
     "bitnet_input_grad",
     "bitnet_linear",
@@ -88,7 +83,6 @@ __all__ = [
     "segment_sums",
     "triton_available",
     "weight_abs_sum",
-    "weight_cache_generation",
     "weight_row_abs_sums",
     "weight_scale",
     "weight_scale_from_abs_sum",

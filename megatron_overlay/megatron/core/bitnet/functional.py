@@ -18,9 +18,10 @@ Layers of this module, bottom up:
    (:func:`quantize_weight`, :func:`quantize_activation`) and the three products
    (:func:`bitnet_matmul`, :func:`bitnet_input_grad`, :func:`bitnet_weight_grad`).
 3. :class:`BitNetWeightCache`: the quantised weight is computed once per optimizer step and
-   reused by every micro-batch; :class:`WeightCacheRegistry` invalidates the caches after every
-   ``torch.optim`` step (a global step post-hook), BitNet layers after ``load_state_dict``, and
-   :func:`invalidate_weight_caches` is the call for any other write of the weights.
+   reused by every micro-batch; each cache invalidates itself after every ``torch.optim`` step
+   (a step post-hook that lives as long as the cache), BitNet layers invalidate theirs after
+   ``load_state_dict``, and :func:`invalidate_weight_caches` (on a model) is the call for any
+   other write of the weights.
 4. :func:`bitnet_linear`: ``y = x_q W_q^T (+ b)`` with identity straight-through gradients to
    the full-precision ``x`` and ``weight``; saves only int8 activations + per-token scales for
    backward; optional gradient-accumulation fusion into ``weight.main_grad`` following
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -59,10 +60,7 @@ __all__ = [
     "bitnet_input_grad",
     "bitnet_weight_grad",
     "BitNetWeightCache",
-    "WeightCacheRegistry",
-    "WEIGHT_CACHES",
     "invalidate_weight_caches",
-    "weight_cache_generation",
     "get_quantized_weight",
     "BitNetLinearFunction",
     "bitnet_linear",
@@ -395,95 +393,43 @@ def bitnet_weight_grad(
 # --------------------------------------------------------------------------------------------
 
 
-class WeightCacheRegistry:
-    """The live :class:`BitNetWeightCache` objects of a process and what invalidates them.
+def invalidate_weight_caches(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> int:
+    """Invalidate every :class:`BitNetWeightCache` held by a module of ``model``.
 
-    Model weights change in three kinds of places, and each one invalidates the caches:
+    Optimizer steps and ``load_state_dict`` of BitNet layers do this on their own (see
+    :class:`BitNetWeightCache`); call it after writing the weights of ``model`` any other way
+    (through ``param.data``, a parameter buffer, a weight refit, an optimizer step replayed from
+    a CUDA graph).  Only the caches of ``model`` are touched, not those of other models.
 
-    * the optimizer step: while at least one cache is alive, this registry holds a global
-      ``torch.optim`` step post-hook (``register_optimizer_step_post_hook``), which runs after
-      the step of every ``torch.optim.Optimizer``.  Megatron's optimizers
-      (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``FP32Optimizer``,
-      chained or not) step an inner ``torch.optim`` / apex / Transformer Engine optimizer, so any
-      loop calling ``MegatronOptimizer.step()`` invalidates the caches, not only Megatron's
-      ``train_step``.  The step's later writes into the model weights (the copy of the fp32
-      main parameters into the bf16 / fp16 model parameters, the distributed optimizer's
-      parameter all-gather, also when it is overlapped with the next forward pass) need no
-      further signal: a layer quantises lazily, in its own forward, which runs after
-      Megatron's forward pre-hook has waited for the all-gather of that layer's parameters;
-    * loading weights: BitNet layers invalidate their own cache in a ``load_state_dict``
-      post-hook;
-    * anything else that writes weights without going through the parameter (``param.data``
-      copies, writes into a parameter buffer, RL weight refits, EMA swaps, an optimizer step
-      replayed from a CUDA graph, which runs no Python hook) must call
-      :func:`invalidate_weight_caches` (all caches) or :meth:`BitNetWeightCache.invalidate`
-      (one layer).  In-place updates through the parameter itself are caught regardless, by
-      the cache key (``_version``, see :class:`BitNetWeightCache`).
+    Args:
+        model: a module or an iterable of modules (Megatron's list of model chunks); every
+            cache found as an attribute of one of their submodules is invalidated.
 
-    The hook is installed with the first cache and removed when the last cache is garbage
-    collected, so a process without BitNet layers carries no hook.  Invalidation drops every
-    cached quantisation at once (their memory is freed at the step, not at the next
-    forward).  It is rank-symmetric -- every rank of a tensor-parallel group steps its
-    optimizer together -- which matters because a cache miss runs a collective (the
-    cross-rank weight scale).  One registry exists per process: :data:`WEIGHT_CACHES`.
+    Returns:
+        The number of caches invalidated.
     """
+    roots = [model] if isinstance(model, torch.nn.Module) else list(model)
+    count = 0
+    seen = set()
+    for root in roots:
+        for module in root.modules():
+            for value in vars(module).values():
+                if isinstance(value, BitNetWeightCache) and id(value) not in seen:
+                    seen.add(id(value))
+                    value.invalidate()
+                    count += 1
+    return count
 
-    def __init__(self) -> None:
-        self._caches: "weakref.WeakSet[BitNetWeightCache]" = weakref.WeakSet()
-        self._live = 0
-        self._hook = None
-        self.invalidations = 0
 
-    def register(self, cache: "BitNetWeightCache") -> None:
-        """Track ``cache`` (weakly) until it is garbage collected."""
-        self._caches.add(cache)
-        self._live += 1
-        finalizer = weakref.finalize(cache, self._forget)
-        finalizer.atexit = False
-        if self._hook is None:
-            self._hook = register_optimizer_step_post_hook(self._after_optimizer_step)
+def _invalidate_after_optimizer_step(cache_ref: "weakref.ref[BitNetWeightCache]"):
+    """A ``torch.optim`` step post-hook that invalidates the cache (weakly referenced)."""
 
-    def _forget(self) -> None:
-        self._live -= 1
-        if self._live == 0 and self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @property
-    def optimizer_hook_installed(self) -> bool:
-        """True while the ``torch.optim`` step post-hook is registered (diagnostics, tests)."""
-        return self._hook is not None
-
-    def __len__(self) -> int:
-        return len(self._caches)
-
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self.invalidate_all()
-
-    def invalidate_all(self) -> None:
-        """Drop the quantisation held by every live cache."""
-        self.invalidations += 1
-        for cache in list(self._caches):
+    def hook(optimizer, args, kwargs) -> None:
+        cache = cache_ref()
+        if cache is not None:
             cache.invalidate()
 
-
-#: The process's :class:`WeightCacheRegistry` (every :class:`BitNetWeightCache` registers here).
-WEIGHT_CACHES = WeightCacheRegistry()
-
-
-def invalidate_weight_caches() -> None:
-    """Invalidate every :class:`BitNetWeightCache` of the process.
-
-    Optimizer steps and ``load_state_dict`` do this on their own (see
-    :class:`WeightCacheRegistry`); call it after writing model weights any other way (through
-    ``param.data``, a parameter buffer, a weight refit, ...).
-    """
-    WEIGHT_CACHES.invalidate_all()
-
-
-def weight_cache_generation() -> int:
-    """How many times the caches were invalidated so far (for diagnostics and tests)."""
-    return WEIGHT_CACHES.invalidations
+    return hook
 
 
 def _capturing() -> bool:
@@ -494,15 +440,34 @@ def _capturing() -> bool:
 class BitNetWeightCache:
     """Holds one weight's quantisation for reuse across the micro-batches of a step.
 
+    Each cache owns what refreshes it, for as long as it lives (a BitNet layer creates one and
+    keeps it for its lifetime; nothing about it is held per process):
+
+    * the optimizer step: the cache registers a ``torch.optim`` step post-hook
+      (``register_optimizer_step_post_hook``), which runs after the step of every
+      ``torch.optim.Optimizer`` and invalidates it; the hook holds the cache weakly and is
+      removed when the cache is garbage collected.  Megatron's optimizers
+      (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``FP32Optimizer``,
+      chained or not) step an inner ``torch.optim`` / apex / Transformer Engine optimizer, so
+      any loop calling ``MegatronOptimizer.step()`` refreshes the caches, not only Megatron's
+      ``train_step``.  The step's later writes into the model weights (the copy of the fp32
+      main parameters into the bf16 / fp16 model parameters, the distributed optimizer's
+      parameter all-gather, also when it is overlapped with the next forward pass) need no
+      further signal: a layer quantises lazily, in its own forward, which runs after
+      Megatron's forward pre-hook has waited for the all-gather of that layer's parameters;
+    * loading weights: BitNet layers invalidate their cache in a ``load_state_dict`` post-hook;
+    * anything else that writes weights without going through the parameter (``param.data``
+      copies, writes into a parameter buffer, RL weight refits, EMA swaps, an optimizer step
+      replayed from a CUDA graph, which runs no Python hook) must call
+      :func:`invalidate_weight_caches` on the model (its caches) or :meth:`invalidate` (one).
+
     A hit needs the key of the stored quantisation to match the weight:
 
-    * not invalidated since (:meth:`invalidate`, called by the :class:`WeightCacheRegistry` after
-      every optimizer step, by :func:`invalidate_weight_caches`, and by BitNet layers after
-      ``load_state_dict``) -- the authoritative signal.  Megatron writes model weights through
-      ``param.data`` / multi-tensor copies from the fp32 main params and through all-gathers
-      into the shared parameter buffer; none of these bump ``param._version`` (verified for
-      ``.data.copy_`` and writes through another view of the buffer), so the key below alone
-      would serve stale weights there;
+    * not invalidated since (:meth:`invalidate`) -- the authoritative signal.  Megatron writes
+      model weights through ``param.data`` / multi-tensor copies from the fp32 main params and
+      through all-gathers into the shared parameter buffer; none of these bump
+      ``param._version`` (verified for ``.data.copy_`` and writes through another view of the
+      buffer), so the key below alone would serve stale weights there;
     * the same weight object (a weak reference: a parameter replaced by another one misses even
       if the allocator hands it the same address);
     * ``weight._version`` (if ``check_version``): catches in-place updates made through the
@@ -528,18 +493,17 @@ class BitNetWeightCache:
     Args:
         enabled: False: never cache (every call re-quantises).
         check_version: include ``weight._version`` in the key.
-        registry: the :class:`WeightCacheRegistry` that invalidates this cache (default: the
-            process's :data:`WEIGHT_CACHES`).
         reuse_in_capture: during CUDA-graph capture, keep caching (True: whole-iteration
             graphs) or quantise on every call (False).
+
+    Attributes:
+        hits, misses: lookups served from the cache / computed.
+        invalidations: how many times :meth:`invalidate` ran (optimizer steps, loads, explicit
+            calls): the cache's generation.
     """
 
     def __init__(
-        self,
-        enabled: bool = True,
-        check_version: bool = True,
-        registry: Optional[WeightCacheRegistry] = None,
-        reuse_in_capture: bool = False,
+        self, enabled: bool = True, check_version: bool = True, reuse_in_capture: bool = False
     ):
         self.enabled = enabled
         self.check_version = check_version
@@ -549,26 +513,37 @@ class BitNetWeightCache:
         self._value: Optional[QuantizedWeight] = None
         self.hits = 0
         self.misses = 0
-        self._registry = WEIGHT_CACHES if registry is None else registry
-        self._registry.register(self)
+        self.invalidations = 0
+        self._install_optimizer_hook()
+
+    def _install_optimizer_hook(self) -> None:
+        handle = register_optimizer_step_post_hook(
+            _invalidate_after_optimizer_step(weakref.ref(self))
+        )
+        self.optimizer_hook_id = handle.id
+        finalizer = weakref.finalize(self, handle.remove)
+        finalizer.atexit = False
 
     def invalidate(self) -> None:
         """Drop the cached quantisation of this cache only."""
+        self._clear()
+        self.invalidations += 1
+
+    def _clear(self) -> None:
         self._weight = None
         self._key = None
         self._value = None
 
     def __getstate__(self) -> dict:
         # Copies and pickles start empty (a weak reference cannot be copied or pickled) and
-        # register with the process's registry (a registry holds a hook: not pickled).
+        # install their own optimizer hook.
         state = dict(self.__dict__)
-        state.update(_weight=None, _key=None, _value=None, _registry=None)
+        state.update(_weight=None, _key=None, _value=None, optimizer_hook_id=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._registry = WEIGHT_CACHES
-        self._registry.register(self)  # a copy (deepcopy of a layer, unpickling) is a new cache
+        self._install_optimizer_hook()  # a copy (deepcopy of a layer, unpickling) is a new cache
 
     def _make_key(self, weight: torch.Tensor, extra: Tuple) -> Optional[Tuple]:
         if weight.is_inference():
@@ -584,7 +559,7 @@ class BitNetWeightCache:
             return compute()
         if not self.reuse_in_capture and _capturing():
             self.misses += 1
-            self.invalidate()
+            self._clear()
             return compute()
         key = self._make_key(weight, extra_key)
         if (
@@ -600,7 +575,7 @@ class BitNetWeightCache:
         value = compute()
         # Key taken before compute(): an update racing with compute() then forces a re-quantise.
         if key is None:
-            self.invalidate()
+            self._clear()
         else:
             self._weight, self._key, self._value = weakref.ref(weight), key, value
         return value

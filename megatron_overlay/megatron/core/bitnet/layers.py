@@ -40,14 +40,14 @@ Weight cache and the training loop
 Each layer quantises its weight once per optimizer step through a
 :class:`~megatron.core.bitnet.functional.BitNetWeightCache`; the cross-rank reductions of
 ``beta`` run only on cache misses.  Misses must happen on all ranks of the TP group together
-(they contain collectives), which holds because every invalidation is rank-symmetric: the
-caches are dropped after every ``torch.optim`` step (a global step post-hook, so any loop that
-steps a Megatron optimizer refreshes them, see
-:class:`~megatron.core.bitnet.functional.WeightCacheRegistry`) and after ``load_state_dict``
-(a post-hook of each layer).  In-place updates through the parameter itself are also detected
+(they contain collectives), which holds because every invalidation is rank-symmetric: a
+cache drops its quantisation after every ``torch.optim`` step (a step post-hook that lives as
+long as the cache, so any loop that steps a Megatron optimizer refreshes it, see
+:class:`~megatron.core.bitnet.functional.BitNetWeightCache`) and after ``load_state_dict`` (a
+post-hook of each layer).  In-place updates through the parameter itself are also detected
 through ``weight._version``.  Code that writes the weights any other way (``param.data``, the
 parameter buffer, a weight refit) calls
-:func:`megatron.core.bitnet.functional.invalidate_weight_caches`.
+:func:`megatron.core.bitnet.functional.invalidate_weight_caches` on the model.
 
 Optional input RMSNorm
 ----------------------

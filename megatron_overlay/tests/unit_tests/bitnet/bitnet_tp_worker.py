@@ -66,7 +66,7 @@ def _run_layer(layer, x, dy, case, nosync):
 
     if case.get("gaf"):
         layer.weight.main_grad = torch.zeros_like(layer.weight)
-    F.invalidate_weight_caches()
+    F.invalidate_weight_caches(layer)
     ctx = _no_host_sync() if nosync else contextlib.nullcontext()
     with ctx:
         y, out_bias = layer(x)

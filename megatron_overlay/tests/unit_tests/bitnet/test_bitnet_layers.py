@@ -66,7 +66,7 @@ def _set_weight(layer, w, bias=None):
         layer.weight.copy_(w)
         if bias is not None:
             layer.bias.copy_(bias)
-    F.invalidate_weight_caches()  # .copy_ under no_grad bumps _version, but be explicit
+    F.invalidate_weight_caches(layer)  # .copy_ under no_grad bumps _version, but be explicit
 
 
 def _segment_scaled_weight(seg, k, seed, scales=(0.02, 0.1, 0.5)):
@@ -229,8 +229,8 @@ def test_weight_cache_once_per_step(monkeypatch):
         layer(x)[0].sum().backward()
     assert len(calls) == 1
     with torch.no_grad():
-        layer.weight.data.mul_(-1.0)  # Megatron-style write: only the global hook notices
-    F.invalidate_weight_caches()  # what the optimizer-step hook does
+        layer.weight.data.mul_(-1.0)  # Megatron-style write: only the step hook notices
+    F.invalidate_weight_caches(layer)  # what the optimizer-step hook does
     y, _ = layer(x)
     assert len(calls) == 2
     ref = ref_linear(x, layer.weight.detach(), segment_ids_full("linear_qkv", QKV_OUT), layer.bias)
@@ -252,7 +252,7 @@ def test_no_host_sync(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", boom)
     monkeypatch.setattr(torch.Tensor, "__bool__", boom)
     for _ in range(2):
-        F.invalidate_weight_caches()
+        F.invalidate_weight_caches([col, row])
         h, _ = col(x)
         y, _ = row(h)
         y.sum().backward()
