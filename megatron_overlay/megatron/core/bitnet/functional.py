@@ -688,9 +688,7 @@ class BitNetLinearFunction(torch.autograd.Function):
             main_grad = ctx.main_grad
             if main_grad is not None:
                 weight.main_grad = main_grad
-                bitnet_weight_grad(
-                    dy, act, main_grad=main_grad, backend=backend, wgrad=ctx.wgrad
-                )
+                bitnet_weight_grad(dy, act, main_grad=main_grad, backend=backend, wgrad=ctx.wgrad)
                 if hasattr(weight, "grad_added_to_main_grad"):
                     # Megatron convention: return a dummy grad so that backward hooks run on
                     # the main thread (overlap_grad_reduce), zeroed if the param asks for it.

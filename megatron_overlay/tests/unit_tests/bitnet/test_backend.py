@@ -59,7 +59,9 @@ def test_impl_choice_validation():
     with pytest.raises(ValueError, match="dgrad must be one of cublas, cublas_cached, triton"):
         F.bitnet_linear(x, w, backend="torch", dgrad="bogus")
     # the cached dense copy exists only for the input gradient
-    with pytest.raises(ValueError, match="wgrad must be one of cublas, triton; got 'cublas_cached'"):
+    with pytest.raises(
+        ValueError, match="wgrad must be one of cublas, triton; got 'cublas_cached'"
+    ):
         F.bitnet_linear(x, w, backend="torch", wgrad="cublas_cached")
     act = F.quantize_activation(x, backend="torch")
     with pytest.raises(ValueError, match="wgrad must be one of"):
