@@ -53,9 +53,9 @@ SHAPES = {  # name: (in_features K, out_features N)
 }
 ALL_CASES = ["bf16", "pr3002", "bitnet", "bitnet_nocache", "bitnet_mg"]
 # Variants of the cached BitNet case: the bf16 beta*T input-gradient operand kept in the weight
-# cache for the whole step (BITNET_DGRAD=cublas_cached) instead of dequantised per backward, and
-# the backward GEMMs on our Triton kernels instead of cuBLAS (how the BITNET_DGRAD /
-# BITNET_WGRAD defaults were chosen); not run unless named in --cases.
+# cache for the whole step (dgrad="cublas_cached", --bitnet-dgrad) instead of dequantised per
+# backward, and the backward GEMMs on our Triton kernels instead of cuBLAS (how the defaults of
+# --bitnet-dgrad / --bitnet-wgrad were chosen); not run unless named in --cases.
 EXTRA_CASES = [
     "bitnet_dgrad_cached",
     "bitnet_dgrad_triton",
@@ -326,26 +326,13 @@ def main() -> int:
         if case == "bitnet_nocache":
             return (lambda: BF.bitnet_linear(x, w).backward(dy)), None
         if case in EXTRA_CASES:
-            env = {
-                "bitnet_dgrad_cached": {"BITNET_DGRAD": "cublas_cached"},
-                "bitnet_dgrad_triton": {"BITNET_DGRAD": "triton"},
-                "bitnet_wgrad_triton": {"BITNET_WGRAD": "triton"},
-                "bitnet_both_triton": {"BITNET_DGRAD": "triton", "BITNET_WGRAD": "triton"},
+            gemms = {
+                "bitnet_dgrad_cached": {"dgrad": "cublas_cached"},
+                "bitnet_dgrad_triton": {"dgrad": "triton"},
+                "bitnet_wgrad_triton": {"wgrad": "triton"},
+                "bitnet_both_triton": {"dgrad": "triton", "wgrad": "triton"},
             }[case]
-
-            def run_with_env():
-                old = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
-                    BF.bitnet_linear(x, w, weight_cache=cache).backward(dy)
-                finally:
-                    for k, v in old.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
-
-            return run_with_env, cache
+            return (lambda: BF.bitnet_linear(x, w, weight_cache=cache, **gemms).backward(dy)), cache
         if case == "bitnet_mg":
             w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=dev)
             return (

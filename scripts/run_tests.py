@@ -5,7 +5,8 @@
    converters and functional cases. They import Megatron from ``build/Megatron-LM``.
 2. Upstream-style unit tests inside the patched tree: the overlay's own tests and the upstream
    test files the series modifies (listed in ``ci/upstream_unit_tests.txt``), run with the
-   tree's conftest like upstream CI would.
+   tree's conftest like upstream CI would (on the CPU tier with ``TRITON_INTERPRET=1``, so
+   that the BitNet Triton kernels are tested in Triton's CPU interpreter).
 
 GPU-only tests are marked ``gpu`` and deselected here (they run on the device machine through
 ``scripts/gpu/run_gpu_tests.sh``). Exit status: pytest's; "no tests collected" counts as failure.
@@ -50,7 +51,13 @@ def main(argv: list[str]) -> int:
     status = run(pytest + ["-q", "tests", *argv], ROOT, env)
     paths = upstream_test_paths()
     if paths:
-        status = run(pytest + ["-q", *paths, *argv], BUILD, env) or status
+        tree_env = dict(env)
+        if tree_env["CUDA_VISIBLE_DEVICES"] == "":
+            # CPU tier: the BitNet Triton kernels run in Triton's CPU interpreter. Triton reads
+            # the variable when first imported, which the tree's tests/unit_tests/conftest.py
+            # does before any test module, so it is set for the whole run.
+            tree_env.setdefault("TRITON_INTERPRET", "1")
+        status = run(pytest + ["-q", *paths, *argv], BUILD, tree_env) or status
     return status
 
 

@@ -4,8 +4,8 @@
 Runs pretrain_gpt.py on one GPU with identical arguments (a Llama-3-8B-like layer shape:
 hidden 4096, ffn 14336, 32 heads / 8 KV heads, 4 layers, 8192 tokens per micro-batch, bf16,
 local transformer implementation) once per variant: ``bf16`` (plain), ``bitnet``
-(--use-bitnet, defaults), ``bitnet_dgrad_cached`` (BITNET_DGRAD=cublas_cached: the bf16 beta*T
-operand kept in the weight cache for the step) and ``bitnet_dgrad_triton``; it reports the
+(--use-bitnet, defaults), ``bitnet_dgrad_cached`` (--bitnet-dgrad cublas_cached: the bf16
+beta*T operand kept in the weight cache for the step) and ``bitnet_dgrad_triton``; it reports the
 median iteration time after warm-up and the peak allocated memory Megatron logs. Writes JSON
 and a markdown table to --out-dir (file names carry a suffix when --micro-batches > 1).
 
@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT / "scripts" / "lib"))
 from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 
-VARIANTS = {  # name: (extra pretrain_gpt.py arguments, extra environment)
-    "bf16": ([], {}),
-    "bitnet": (["--use-bitnet"], {}),
-    "bitnet_dgrad_cached": (["--use-bitnet"], {"BITNET_DGRAD": "cublas_cached"}),
-    "bitnet_dgrad_triton": (["--use-bitnet"], {"BITNET_DGRAD": "triton"}),
+VARIANTS = {  # name: extra pretrain_gpt.py arguments
+    "bf16": [],
+    "bitnet": ["--use-bitnet"],
+    "bitnet_dgrad_cached": ["--use-bitnet", "--bitnet-dgrad", "cublas_cached"],
+    "bitnet_dgrad_triton": ["--use-bitnet", "--bitnet-dgrad", "triton"],
 }
 
 
@@ -68,7 +68,6 @@ def run(
     megatron: Path,
     model: str,
     extra: list[str],
-    env_extra: dict,
     iters: int,
     micro_batches: int,
     log: Path,
@@ -87,7 +86,6 @@ def run(
         "--tensorboard-dir", str(log.parent / "tb"), *extra,
     ]
     env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
-    env.update(env_extra)
     with open(log, "w") as fh:
         proc = subprocess.run(args, cwd=megatron, env=env, stdout=fh, stderr=subprocess.STDOUT)
     text = log.read_text(errors="replace")
@@ -143,10 +141,10 @@ def main() -> int:
 
     results = {}
     for name in variants:
-        extra, env_extra = VARIANTS[name]
+        extra = VARIANTS[name]
         log = args.out_dir / f"gpt_step_{name}{suffix}.log"
         results[name] = run(
-            args.megatron, args.model, extra, env_extra, args.iters, args.micro_batches, log
+            args.megatron, args.model, extra, args.iters, args.micro_batches, log
         )
         print(name, results[name], flush=True)
     base = results["bf16"]

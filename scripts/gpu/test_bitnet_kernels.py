@@ -10,7 +10,7 @@ Checks every kernel against the pure-torch reference on the same GPU:
   the scaled output bit-identical to the torch path;
 * dgrad / wgrad (incl. fp32 main_grad accumulation): relative error vs an fp32 reference of
   the exact STE formula, compared with the error of a bf16 cuBLAS reference;
-* bitnet_linear end to end (triton vs torch backend; BITNET_DGRAD/WGRAD variants);
+* bitnet_linear end to end (triton vs torch backend; every dgrad / wgrad GEMM choice);
 * per-output-row (vector) beta: row abs sums / segment betas, weight quantisation, forward
   GEMM (bit-identical), dgrad, and bitnet_linear end to end.
 
@@ -388,49 +388,49 @@ def main() -> int:
     for dimpl, wimpl in (("cublas", "cublas"), ("cublas_cached", "cublas"), ("triton", "triton")):
 
         def f_e2ev(dimpl=dimpl, wimpl=wimpl):
-            os.environ["BITNET_DGRAD"] = dimpl
-            os.environ["BITNET_WGRAD"] = wimpl
-            try:
-                s, b, h, n = 8, max(1, m_tokens // 8 // 4), 1024, 768
-                ids = seg_ids(n)
-                x0 = torch.randn(s, b, h, device=dev, dtype=bf16) * 2
-                w0 = torch.randn(n, h, device=dev, dtype=bf16) * 0.02
-                dy = torch.randn(s, b, n, device=dev, dtype=bf16)
-                out = {}
-                for be in ("triton", "torch"):
-                    x = x0.clone().requires_grad_(True)
-                    w = torch.nn.Parameter(w0.clone())
-                    w.main_grad = torch.zeros(n, h, device=dev)
-                    rows = BF.weight_row_abs_sums(w, backend=be)
-                    beta = seg_beta(w, ids, rows)
-                    y = BF.bitnet_linear(
-                        x, w, weight_scale=beta, gradient_accumulation_fusion=True, backend=be
-                    )
-                    y.backward(dy)
-                    out[be] = (beta, y.detach(), x.grad, w.main_grad)
-                beta = out["torch"][0]
-                q, g = Q.quantize_activation(x0.reshape(-1, h))
-                t, _ = Q.quantize_weight(w0, beta)
-                xq = q.float() * Q.activation_dequant_scale(g)[:, None]
-                wq = t.float() * beta[:, None]
-                gx_ref = dy.reshape(-1, n).float() @ wq
-                gw_ref = dy.reshape(-1, n).float().t() @ xq
-                d = {
-                    "beta_equal": bool(torch.equal(out["triton"][0], beta)),
-                    "y_bit_identical": bool(torch.equal(out["triton"][1], out["torch"][1])),
-                    "grad_x_rel_err": rel_err(out["triton"][2].reshape(-1, h), gx_ref),
-                    "main_grad_rel_err": rel_err(out["triton"][3], gw_ref),
-                }
-                ok = (
-                    d["beta_equal"]
-                    and d["y_bit_identical"]
-                    and d["grad_x_rel_err"] < 1e-2
-                    and d["main_grad_rel_err"] < 1e-2
+            s, b, h, n = 8, max(1, m_tokens // 8 // 4), 1024, 768
+            ids = seg_ids(n)
+            x0 = torch.randn(s, b, h, device=dev, dtype=bf16) * 2
+            w0 = torch.randn(n, h, device=dev, dtype=bf16) * 0.02
+            dy = torch.randn(s, b, n, device=dev, dtype=bf16)
+            out = {}
+            for be in ("triton", "torch"):
+                x = x0.clone().requires_grad_(True)
+                w = torch.nn.Parameter(w0.clone())
+                w.main_grad = torch.zeros(n, h, device=dev)
+                rows = BF.weight_row_abs_sums(w, backend=be)
+                beta = seg_beta(w, ids, rows)
+                y = BF.bitnet_linear(
+                    x,
+                    w,
+                    weight_scale=beta,
+                    gradient_accumulation_fusion=True,
+                    backend=be,
+                    dgrad=dimpl,
+                    wgrad=wimpl,
                 )
-                return ok, d
-            finally:
-                os.environ.pop("BITNET_DGRAD", None)
-                os.environ.pop("BITNET_WGRAD", None)
+                y.backward(dy)
+                out[be] = (beta, y.detach(), x.grad, w.main_grad)
+            beta = out["torch"][0]
+            q, g = Q.quantize_activation(x0.reshape(-1, h))
+            t, _ = Q.quantize_weight(w0, beta)
+            xq = q.float() * Q.activation_dequant_scale(g)[:, None]
+            wq = t.float() * beta[:, None]
+            gx_ref = dy.reshape(-1, n).float() @ wq
+            gw_ref = dy.reshape(-1, n).float().t() @ xq
+            d = {
+                "beta_equal": bool(torch.equal(out["triton"][0], beta)),
+                "y_bit_identical": bool(torch.equal(out["triton"][1], out["torch"][1])),
+                "grad_x_rel_err": rel_err(out["triton"][2].reshape(-1, h), gx_ref),
+                "main_grad_rel_err": rel_err(out["triton"][3], gw_ref),
+            }
+            ok = (
+                d["beta_equal"]
+                and d["y_bit_identical"]
+                and d["grad_x_rel_err"] < 1e-2
+                and d["main_grad_rel_err"] < 1e-2
+            )
+            return ok, d
 
         ck.run("bitnet_linear_vector_beta_e2e", f_e2ev, dgrad=dimpl, wgrad=wimpl)
 
@@ -439,50 +439,45 @@ def main() -> int:
         for wimpl in ("cublas", "triton"):
 
             def f_e2e(dimpl=dimpl, wimpl=wimpl):
-                os.environ["BITNET_DGRAD"] = dimpl
-                os.environ["BITNET_WGRAD"] = wimpl
-                try:
-                    s, b, h, n = 8, max(1, m_tokens // 8 // 4), 1024, 768
-                    x0 = torch.randn(s, b, h, device=dev, dtype=bf16) * 2
-                    w0 = torch.randn(n, h, device=dev, dtype=bf16) * 0.02
-                    dy = torch.randn(s, b, n, device=dev, dtype=bf16)
-                    out = {}
-                    for be in ("triton", "torch"):
-                        x = x0.clone().requires_grad_(True)
-                        w = torch.nn.Parameter(w0.clone())
-                        w.main_grad = torch.zeros(n, h, device=dev)
-                        cache = BF.BitNetWeightCache()
-                        y = BF.bitnet_linear(x, w, weight_cache=cache, backend=be)
-                        y.backward(dy)
-                        y2 = BF.bitnet_linear(
-                            x, w, weight_cache=cache, gradient_accumulation_fusion=True, backend=be
-                        )
-                        y2.backward(dy)
-                        out[be] = (y.detach(), x.grad, w.grad, w.main_grad)
-                    # fp32 STE truth from the same quantisation
-                    q, g = Q.quantize_activation(x0.reshape(-1, h))
-                    t, beta = Q.quantize_weight(w0)
-                    xq = q.float() * Q.activation_dequant_scale(g)[:, None]
-                    wq = t.float() * beta
-                    gx_ref = 2 * (dy.reshape(-1, n).float() @ wq)
-                    gw_ref = dy.reshape(-1, n).float().t() @ xq
-                    d = {
-                        "y_bit_identical": bool(torch.equal(out["triton"][0], out["torch"][0])),
-                        "grad_x_rel_err": rel_err(out["triton"][1].reshape(-1, h), gx_ref),
-                        "grad_w_rel_err": rel_err(out["triton"][2], gw_ref),
-                        "main_grad_rel_err": rel_err(out["triton"][3], gw_ref),
-                        "torch_grad_x_rel_err": rel_err(out["torch"][1].reshape(-1, h), gx_ref),
-                    }
-                    ok = (
-                        d["y_bit_identical"]
-                        and d["grad_x_rel_err"] < 1e-2
-                        and d["grad_w_rel_err"] < 1e-2
-                        and d["main_grad_rel_err"] < 1e-2
+                s, b, h, n = 8, max(1, m_tokens // 8 // 4), 1024, 768
+                x0 = torch.randn(s, b, h, device=dev, dtype=bf16) * 2
+                w0 = torch.randn(n, h, device=dev, dtype=bf16) * 0.02
+                dy = torch.randn(s, b, n, device=dev, dtype=bf16)
+                out = {}
+                for be in ("triton", "torch"):
+                    x = x0.clone().requires_grad_(True)
+                    w = torch.nn.Parameter(w0.clone())
+                    w.main_grad = torch.zeros(n, h, device=dev)
+                    cache = BF.BitNetWeightCache()
+                    gemms = {"backend": be, "dgrad": dimpl, "wgrad": wimpl}
+                    y = BF.bitnet_linear(x, w, weight_cache=cache, **gemms)
+                    y.backward(dy)
+                    y2 = BF.bitnet_linear(
+                        x, w, weight_cache=cache, gradient_accumulation_fusion=True, **gemms
                     )
-                    return ok, d
-                finally:
-                    os.environ.pop("BITNET_DGRAD", None)
-                    os.environ.pop("BITNET_WGRAD", None)
+                    y2.backward(dy)
+                    out[be] = (y.detach(), x.grad, w.grad, w.main_grad)
+                # fp32 STE truth from the same quantisation
+                q, g = Q.quantize_activation(x0.reshape(-1, h))
+                t, beta = Q.quantize_weight(w0)
+                xq = q.float() * Q.activation_dequant_scale(g)[:, None]
+                wq = t.float() * beta
+                gx_ref = 2 * (dy.reshape(-1, n).float() @ wq)
+                gw_ref = dy.reshape(-1, n).float().t() @ xq
+                d = {
+                    "y_bit_identical": bool(torch.equal(out["triton"][0], out["torch"][0])),
+                    "grad_x_rel_err": rel_err(out["triton"][1].reshape(-1, h), gx_ref),
+                    "grad_w_rel_err": rel_err(out["triton"][2], gw_ref),
+                    "main_grad_rel_err": rel_err(out["triton"][3], gw_ref),
+                    "torch_grad_x_rel_err": rel_err(out["torch"][1].reshape(-1, h), gx_ref),
+                }
+                ok = (
+                    d["y_bit_identical"]
+                    and d["grad_x_rel_err"] < 1e-2
+                    and d["grad_w_rel_err"] < 1e-2
+                    and d["main_grad_rel_err"] < 1e-2
+                )
+                return ok, d
 
             ck.run("bitnet_linear_e2e", f_e2e, dgrad=dimpl, wgrad=wimpl)
 

@@ -122,7 +122,7 @@ def worker(rank: int, world: int, spec: dict) -> None:
         model = builder(args, pre_process=True, post_process=True)
     model.load_state_dict(state["model"], strict=True)
     model.eval()
-    invalidate_weight_caches()
+    invalidate_weight_caches(model)
 
     tokens = spec["tokens"]
     seq = tokens.shape[1]

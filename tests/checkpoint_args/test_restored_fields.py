@@ -32,6 +32,14 @@ NOT_RESTORED = {
     # Where this run executes (cpu feature), not what the model is: a checkpoint trained on GPUs
     # resumes or is evaluated on CPU, and the other way round.
     "device",
+    # Which kernels compute the same BitNet model (bitnet feature): chosen for the machine a run
+    # uses, like --device. A checkpoint trained with --bitnet-backend triton on GPUs must load
+    # on a CPU, where only the torch reference runs; the GEMM choices and the weight cache
+    # change speed and memory, not the model (its weights, T and beta are the same).
+    "bitnet_backend",
+    "bitnet_dgrad",
+    "bitnet_wgrad",
+    "bitnet_weight_cache",
 }
 
 # Added TransformerConfig fields that are deliberately not command-line arguments (so they

@@ -4,9 +4,12 @@
 Layers of this module, bottom up:
 
 1. Backend selection (:func:`resolve_backend`): ``"triton"`` for CUDA tensors when Triton is
-   importable, ``"torch"`` (:mod:`.quant`, exact reference) otherwise.  ``BITNET_BACKEND`` in
-   the environment (``auto`` | ``torch`` | ``triton``) or the ``backend=`` argument forces one.
-   ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (tests).
+   importable, ``"torch"`` (:mod:`.quant`, exact reference) otherwise.  The ``backend=``
+   argument of every op (``auto`` | ``torch`` | ``triton``; BitNet layers pass their config's
+   ``bitnet_backend``) forces one.  ``triton`` on CPU tensors is allowed only under
+   ``TRITON_INTERPRET=1`` (tests).  The backward GEMMs of the triton backend are chosen with
+   the ``dgrad=`` / ``wgrad=`` arguments of :func:`bitnet_linear` (config ``bitnet_dgrad`` /
+   ``bitnet_wgrad``).
 2. Separable ops, used by :class:`BitNetLinearFunction` and meant to be composed by
    tensor-parallel layers with their own communication: scales (:func:`weight_abs_sum`,
    :func:`weight_row_abs_sums` + :func:`segment_sums` for per-segment scales,
@@ -15,9 +18,10 @@ Layers of this module, bottom up:
    (:func:`quantize_weight`, :func:`quantize_activation`) and the three products
    (:func:`bitnet_matmul`, :func:`bitnet_input_grad`, :func:`bitnet_weight_grad`).
 3. :class:`BitNetWeightCache`: the quantised weight is computed once per optimizer step and
-   reused by every micro-batch; :class:`WeightCacheRegistry` invalidates the caches after every
-   ``torch.optim`` step (a global step post-hook), BitNet layers after ``load_state_dict``, and
-   :func:`invalidate_weight_caches` is the call for any other write of the weights.
+   reused by every micro-batch; each cache invalidates itself after every ``torch.optim`` step
+   (a step post-hook that lives as long as the cache), BitNet layers invalidate theirs after
+   ``load_state_dict``, and :func:`invalidate_weight_caches` (on a model) is the call for any
+   other write of the weights.
 4. :func:`bitnet_linear`: ``y = x_q W_q^T (+ b)`` with identity straight-through gradients to
    the full-precision ``x`` and ``weight``; saves only int8 activations + per-token scales for
    backward; optional gradient-accumulation fusion into ``weight.main_grad`` following
@@ -26,10 +30,9 @@ Layers of this module, bottom up:
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -37,6 +40,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import quant
 
 __all__ = [
+    "BACKENDS",
+    "DGRAD_IMPLS",
+    "WGRAD_IMPLS",
     "QuantizedWeight",
     "QuantizedActivation",
     "triton_available",
@@ -54,16 +60,25 @@ __all__ = [
     "bitnet_input_grad",
     "bitnet_weight_grad",
     "BitNetWeightCache",
-    "WeightCacheRegistry",
-    "WEIGHT_CACHES",
     "invalidate_weight_caches",
-    "weight_cache_generation",
     "get_quantized_weight",
     "BitNetLinearFunction",
     "bitnet_linear",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
+#: Values of the ``backend`` argument (and of ``TransformerConfig.bitnet_backend``).
+BACKENDS = ("auto", "torch", "triton")
+#: Input-gradient GEMMs of the triton backend (``dgrad`` argument, ``bitnet_dgrad``).
+DGRAD_IMPLS = ("cublas", "cublas_cached", "triton")
+#: Weight-gradient GEMMs of the triton backend (``wgrad`` argument, ``bitnet_wgrad``).
+WGRAD_IMPLS = ("cublas", "triton")
+
+
+def _check_choice(what: str, value: str, allowed: Tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"BitNet {what} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
 
 # --------------------------------------------------------------------------------------------
 # Backend selection
@@ -101,12 +116,9 @@ def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
 
     Args:
         tensor: a tensor the op will read (its device decides ``auto``).
-        backend: ``None`` (read ``BITNET_BACKEND``, default ``auto``), ``auto``, ``torch`` or
-            ``triton``.
+        backend: ``auto`` (or ``None``), ``torch`` or ``triton``.
     """
-    choice = (backend or os.environ.get("BITNET_BACKEND", "auto")).strip().lower()
-    if choice not in _BACKENDS:
-        raise ValueError(f"BitNet backend must be one of {_BACKENDS}, got {choice!r}")
+    choice = _check_choice("backend", "auto" if backend is None else backend, BACKENDS)
     if choice == "torch":
         return "torch"
     if choice == "triton":
@@ -124,17 +136,6 @@ def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     return "triton" if tensor.is_cuda and triton_available() else "torch"
 
 
-_DGRAD_IMPLS = ("cublas", "cublas_cached", "triton")
-_WGRAD_IMPLS = ("cublas", "triton")
-
-
-def _impl_choice(var: str, default: str, allowed: Tuple[str, ...]) -> str:
-    val = os.environ.get(var, default).strip().lower()
-    if val not in allowed:
-        raise ValueError(f"{var} must be one of {allowed}, got {val!r}")
-    return val
-
-
 # Defaults measured on one H100 (torch 2.11, triton 3.6, Llama-3-8B-shaped linears):
 # our Triton mixed-input backward GEMMs ran 1.25-1.4x slower than cuBLAS bf16, while the int8
 # forward GEMM ran about 1.65x faster than cuBLAS bf16.  So the backward uses cuBLAS on a bf16
@@ -144,28 +145,6 @@ def _impl_choice(var: str, default: str, allowed: Tuple[str, ...]) -> str:
 # tokens) and freed right after, so the cache holds only
 # T: 1 byte/parameter.  ``cublas_cached`` instead keeps the bf16 beta*T in the cache for
 # the whole step (3 bytes/parameter; saves the pass when a step has many micro-batches).
-
-
-def dgrad_impl() -> str:
-    """Input-gradient GEMM on the triton backend (``BITNET_DGRAD``).
-
-    ``cublas`` (default): ``dtype(beta*T)`` dequantised from the cached int8 T into a temporary,
-    then torch.matmul (cuBLAS); the temporary lives only for this GEMM.  ``cublas_cached``: the
-    same operand, but materialised once per optimizer step and cached with T (2 more bytes per
-    parameter for the whole step).  ``triton``: int8 T read and converted in-kernel, beta
-    applied in the fp32 epilogue (no bf16 operand at all; slower on H100).
-    """
-    return _impl_choice("BITNET_DGRAD", "cublas", _DGRAD_IMPLS)
-
-
-def wgrad_impl() -> str:
-    """Weight-gradient GEMM on the triton backend (``BITNET_WGRAD``).
-
-    ``cublas`` (default): x_q dequantised from the saved int8 by a Triton kernel, then cuBLAS
-    (fp32 output accumulated straight into ``main_grad`` when supported).  ``triton``: x_q
-    dequantised in the GEMM operand load, fp32 main_grad accumulation in the epilogue.
-    """
-    return _impl_choice("BITNET_WGRAD", "cublas", _WGRAD_IMPLS)
 
 
 _ADDMM_OUT_DTYPE_OK: Optional[bool] = None
@@ -340,14 +319,27 @@ def bitnet_matmul(
 
 
 def bitnet_input_grad(
-    grad_output: torch.Tensor, wq: QuantizedWeight, backend: Optional[str] = None
+    grad_output: torch.Tensor,
+    wq: QuantizedWeight,
+    backend: Optional[str] = None,
+    dgrad: str = "cublas",
 ) -> torch.Tensor:
-    """Identity-STE input gradient ``dX [M, K] = dY [M, N] @ (beta*T)``."""
+    """Identity-STE input gradient ``dX [M, K] = dY [M, N] @ (beta*T)``.
+
+    ``dgrad`` (one of :data:`DGRAD_IMPLS`) picks the GEMM on the triton backend: ``cublas``
+    (default): ``dtype(beta*T)`` dequantised from the cached int8 T into a temporary, then
+    torch.matmul (cuBLAS); the temporary lives only for this GEMM.  ``cublas_cached``: the same
+    operand, materialised once per optimizer step by :func:`bitnet_linear` and cached with T
+    (2 more bytes per parameter for the whole step).  ``triton``: int8 T read and converted
+    in-kernel, beta applied in the fp32 epilogue (no bf16 operand at all; slower on H100).  A
+    ``wq`` holding a dense ``beta*T`` of the gradient's dtype is used as is, whatever ``dgrad``.
+    """
+    _check_choice("dgrad", dgrad, DGRAD_IMPLS)
     if wq.dense is not None and wq.dense.dtype == grad_output.dtype:
         return torch.matmul(grad_output, wq.dense)
     if resolve_backend(grad_output, backend) == "triton":
         tk = _triton_kernels()
-        if dgrad_impl() == "triton":
+        if dgrad == "triton":
             return tk.bitnet_dgrad(grad_output, wq.t, wq.beta)
         # Transient operand: freed when this function returns (before the next layer's GEMM).
         return torch.matmul(grad_output, tk.weight_dequant(wq.t, wq.beta, grad_output.dtype))
@@ -359,12 +351,18 @@ def bitnet_weight_grad(
     act: QuantizedActivation,
     main_grad: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    wgrad: str = "cublas",
 ) -> Optional[torch.Tensor]:
     """Identity-STE weight gradient ``dW [N, K] = dY^T @ x_q`` from the saved int8 activations.
 
     With ``main_grad`` the product is accumulated into it in place (fp32 fused in the Triton
-    kernel; other dtypes via a separate add) and None is returned.
+    kernel; other dtypes via a separate add) and None is returned.  ``wgrad`` (one of
+    :data:`WGRAD_IMPLS`) picks the GEMM on the triton backend: ``cublas`` (default): x_q
+    dequantised from the saved int8 by a Triton kernel, then cuBLAS (fp32 output accumulated
+    straight into ``main_grad`` when supported).  ``triton``: x_q dequantised in the GEMM
+    operand load, fp32 main_grad accumulation in the epilogue.
     """
+    _check_choice("wgrad", wgrad, WGRAD_IMPLS)
     be = resolve_backend(grad_output, backend)
     if be == "triton":
         tk = _triton_kernels()
@@ -372,7 +370,7 @@ def bitnet_weight_grad(
         fused_ok = (
             main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
         )
-        if wgrad_impl() == "triton":
+        if wgrad == "triton":
             if main_grad is None:
                 return tk.bitnet_wgrad(grad_output, act.q, s)
             if fused_ok:
@@ -395,95 +393,43 @@ def bitnet_weight_grad(
 # --------------------------------------------------------------------------------------------
 
 
-class WeightCacheRegistry:
-    """The live :class:`BitNetWeightCache` objects of a process and what invalidates them.
+def invalidate_weight_caches(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> int:
+    """Invalidate every :class:`BitNetWeightCache` held by a module of ``model``.
 
-    Model weights change in three kinds of places, and each one invalidates the caches:
+    Optimizer steps and ``load_state_dict`` of BitNet layers do this on their own (see
+    :class:`BitNetWeightCache`); call it after writing the weights of ``model`` any other way
+    (through ``param.data``, a parameter buffer, a weight refit, an optimizer step replayed from
+    a CUDA graph).  Only the caches of ``model`` are touched, not those of other models.
 
-    * the optimizer step: while at least one cache is alive, this registry holds a global
-      ``torch.optim`` step post-hook (``register_optimizer_step_post_hook``), which runs after
-      the step of every ``torch.optim.Optimizer``.  Megatron's optimizers
-      (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``FP32Optimizer``,
-      chained or not) step an inner ``torch.optim`` / apex / Transformer Engine optimizer, so any
-      loop calling ``MegatronOptimizer.step()`` invalidates the caches, not only Megatron's
-      ``train_step``.  The step's later writes into the model weights (the copy of the fp32
-      main parameters into the bf16 / fp16 model parameters, the distributed optimizer's
-      parameter all-gather, also when it is overlapped with the next forward pass) need no
-      further signal: a layer quantises lazily, in its own forward, which runs after
-      Megatron's forward pre-hook has waited for the all-gather of that layer's parameters;
-    * loading weights: BitNet layers invalidate their own cache in a ``load_state_dict``
-      post-hook;
-    * anything else that writes weights without going through the parameter (``param.data``
-      copies, writes into a parameter buffer, RL weight refits, EMA swaps, an optimizer step
-      replayed from a CUDA graph, which runs no Python hook) must call
-      :func:`invalidate_weight_caches` (all caches) or :meth:`BitNetWeightCache.invalidate`
-      (one layer).  In-place updates through the parameter itself are caught regardless, by
-      the cache key (``_version``, see :class:`BitNetWeightCache`).
+    Args:
+        model: a module or an iterable of modules (Megatron's list of model chunks); every
+            cache found as an attribute of one of their submodules is invalidated.
 
-    The hook is installed with the first cache and removed when the last cache is garbage
-    collected, so a process without BitNet layers carries no hook.  Invalidation drops every
-    cached quantisation at once (their memory is freed at the step, not at the next
-    forward).  It is rank-symmetric -- every rank of a tensor-parallel group steps its
-    optimizer together -- which matters because a cache miss runs a collective (the
-    cross-rank weight scale).  One registry exists per process: :data:`WEIGHT_CACHES`.
+    Returns:
+        The number of caches invalidated.
     """
+    roots = [model] if isinstance(model, torch.nn.Module) else list(model)
+    count = 0
+    seen = set()
+    for root in roots:
+        for module in root.modules():
+            for value in vars(module).values():
+                if isinstance(value, BitNetWeightCache) and id(value) not in seen:
+                    seen.add(id(value))
+                    value.invalidate()
+                    count += 1
+    return count
 
-    def __init__(self) -> None:
-        self._caches: "weakref.WeakSet[BitNetWeightCache]" = weakref.WeakSet()
-        self._live = 0
-        self._hook = None
-        self.invalidations = 0
 
-    def register(self, cache: "BitNetWeightCache") -> None:
-        """Track ``cache`` (weakly) until it is garbage collected."""
-        self._caches.add(cache)
-        self._live += 1
-        finalizer = weakref.finalize(cache, self._forget)
-        finalizer.atexit = False
-        if self._hook is None:
-            self._hook = register_optimizer_step_post_hook(self._after_optimizer_step)
+def _invalidate_after_optimizer_step(cache_ref: "weakref.ref[BitNetWeightCache]"):
+    """A ``torch.optim`` step post-hook that invalidates the cache (weakly referenced)."""
 
-    def _forget(self) -> None:
-        self._live -= 1
-        if self._live == 0 and self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @property
-    def optimizer_hook_installed(self) -> bool:
-        """True while the ``torch.optim`` step post-hook is registered (diagnostics, tests)."""
-        return self._hook is not None
-
-    def __len__(self) -> int:
-        return len(self._caches)
-
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self.invalidate_all()
-
-    def invalidate_all(self) -> None:
-        """Drop the quantisation held by every live cache."""
-        self.invalidations += 1
-        for cache in list(self._caches):
+    def hook(optimizer, args, kwargs) -> None:
+        cache = cache_ref()
+        if cache is not None:
             cache.invalidate()
 
-
-#: The process's :class:`WeightCacheRegistry` (every :class:`BitNetWeightCache` registers here).
-WEIGHT_CACHES = WeightCacheRegistry()
-
-
-def invalidate_weight_caches() -> None:
-    """Invalidate every :class:`BitNetWeightCache` of the process.
-
-    Optimizer steps and ``load_state_dict`` do this on their own (see
-    :class:`WeightCacheRegistry`); call it after writing model weights any other way (through
-    ``param.data``, a parameter buffer, a weight refit, ...).
-    """
-    WEIGHT_CACHES.invalidate_all()
-
-
-def weight_cache_generation() -> int:
-    """How many times the caches were invalidated so far (for diagnostics and tests)."""
-    return WEIGHT_CACHES.invalidations
+    return hook
 
 
 def _capturing() -> bool:
@@ -491,22 +437,37 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _cache_disabled_by_env() -> bool:
-    return os.environ.get("BITNET_WEIGHT_CACHE", "1") == "0"
-
-
 class BitNetWeightCache:
     """Holds one weight's quantisation for reuse across the micro-batches of a step.
 
+    Each cache owns what refreshes it, for as long as it lives (a BitNet layer creates one and
+    keeps it for its lifetime; nothing about it is held per process):
+
+    * the optimizer step: the cache registers a ``torch.optim`` step post-hook
+      (``register_optimizer_step_post_hook``), which runs after the step of every
+      ``torch.optim.Optimizer`` and invalidates it; the hook holds the cache weakly and is
+      removed when the cache is garbage collected.  Megatron's optimizers
+      (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``FP32Optimizer``,
+      chained or not) step an inner ``torch.optim`` / apex / Transformer Engine optimizer, so
+      any loop calling ``MegatronOptimizer.step()`` refreshes the caches, not only Megatron's
+      ``train_step``.  The step's later writes into the model weights (the copy of the fp32
+      main parameters into the bf16 / fp16 model parameters, the distributed optimizer's
+      parameter all-gather, also when it is overlapped with the next forward pass) need no
+      further signal: a layer quantises lazily, in its own forward, which runs after
+      Megatron's forward pre-hook has waited for the all-gather of that layer's parameters;
+    * loading weights: BitNet layers invalidate their cache in a ``load_state_dict`` post-hook;
+    * anything else that writes weights without going through the parameter (``param.data``
+      copies, writes into a parameter buffer, RL weight refits, EMA swaps, an optimizer step
+      replayed from a CUDA graph, which runs no Python hook) must call
+      :func:`invalidate_weight_caches` on the model (its caches) or :meth:`invalidate` (one).
+
     A hit needs the key of the stored quantisation to match the weight:
 
-    * not invalidated since (:meth:`invalidate`, called by the :class:`WeightCacheRegistry` after
-      every optimizer step, by :func:`invalidate_weight_caches`, and by BitNet layers after
-      ``load_state_dict``) -- the authoritative signal.  Megatron writes model weights through
-      ``param.data`` / multi-tensor copies from the fp32 main params and through all-gathers
-      into the shared parameter buffer; none of these bump ``param._version`` (verified for
-      ``.data.copy_`` and writes through another view of the buffer), so the key below alone
-      would serve stale weights there;
+    * not invalidated since (:meth:`invalidate`) -- the authoritative signal.  Megatron writes
+      model weights through ``param.data`` / multi-tensor copies from the fp32 main params and
+      through all-gathers into the shared parameter buffer; none of these bump
+      ``param._version`` (verified for ``.data.copy_`` and writes through another view of the
+      buffer), so the key below alone would serve stale weights there;
     * the same weight object (a weak reference: a parameter replaced by another one misses even
       if the allocator hands it the same address);
     * ``weight._version`` (if ``check_version``): catches in-place updates made through the
@@ -518,7 +479,8 @@ class BitNetWeightCache:
     ranks must miss together; invalidations (optimizer steps, loads, explicit calls) and
     in-place updates are rank-symmetric, which guarantees that.
 
-    Set ``BITNET_WEIGHT_CACHE=0`` to disable all caches (every call re-quantises).
+    BitNet layers create theirs with ``enabled=config.bitnet_weight_cache``
+    (``--no-bitnet-weight-cache`` re-quantises on every call).
 
     CUDA graphs: a replay runs none of this Python, so what a captured region contains must
     stay right for every replay. A whole-iteration graph (``--cuda-graph-impl full_iteration``)
@@ -531,18 +493,17 @@ class BitNetWeightCache:
     Args:
         enabled: False: never cache (every call re-quantises).
         check_version: include ``weight._version`` in the key.
-        registry: the :class:`WeightCacheRegistry` that invalidates this cache (default: the
-            process's :data:`WEIGHT_CACHES`).
         reuse_in_capture: during CUDA-graph capture, keep caching (True: whole-iteration
             graphs) or quantise on every call (False).
+
+    Attributes:
+        hits, misses: lookups served from the cache / computed.
+        invalidations: how many times :meth:`invalidate` ran (optimizer steps, loads, explicit
+            calls): the cache's generation.
     """
 
     def __init__(
-        self,
-        enabled: bool = True,
-        check_version: bool = True,
-        registry: Optional[WeightCacheRegistry] = None,
-        reuse_in_capture: bool = False,
+        self, enabled: bool = True, check_version: bool = True, reuse_in_capture: bool = False
     ):
         self.enabled = enabled
         self.check_version = check_version
@@ -552,26 +513,37 @@ class BitNetWeightCache:
         self._value: Optional[QuantizedWeight] = None
         self.hits = 0
         self.misses = 0
-        self._registry = WEIGHT_CACHES if registry is None else registry
-        self._registry.register(self)
+        self.invalidations = 0
+        self._install_optimizer_hook()
+
+    def _install_optimizer_hook(self) -> None:
+        handle = register_optimizer_step_post_hook(
+            _invalidate_after_optimizer_step(weakref.ref(self))
+        )
+        self.optimizer_hook_id = handle.id
+        finalizer = weakref.finalize(self, handle.remove)
+        finalizer.atexit = False
 
     def invalidate(self) -> None:
         """Drop the cached quantisation of this cache only."""
+        self._clear()
+        self.invalidations += 1
+
+    def _clear(self) -> None:
         self._weight = None
         self._key = None
         self._value = None
 
     def __getstate__(self) -> dict:
         # Copies and pickles start empty (a weak reference cannot be copied or pickled) and
-        # register with the process's registry (a registry holds a hook: not pickled).
+        # install their own optimizer hook.
         state = dict(self.__dict__)
-        state.update(_weight=None, _key=None, _value=None, _registry=None)
+        state.update(_weight=None, _key=None, _value=None, optimizer_hook_id=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._registry = WEIGHT_CACHES
-        self._registry.register(self)  # a copy (deepcopy of a layer, unpickling) is a new cache
+        self._install_optimizer_hook()  # a copy (deepcopy of a layer, unpickling) is a new cache
 
     def _make_key(self, weight: torch.Tensor, extra: Tuple) -> Optional[Tuple]:
         if weight.is_inference():
@@ -583,11 +555,11 @@ class BitNetWeightCache:
         self, weight: torch.Tensor, compute: Callable[[], QuantizedWeight], extra_key: Tuple = ()
     ) -> QuantizedWeight:
         """Return the cached quantisation of ``weight`` or ``compute()`` and store it."""
-        if not self.enabled or _cache_disabled_by_env():
+        if not self.enabled:
             return compute()
         if not self.reuse_in_capture and _capturing():
             self.misses += 1
-            self.invalidate()
+            self._clear()
             return compute()
         key = self._make_key(weight, extra_key)
         if (
@@ -603,7 +575,7 @@ class BitNetWeightCache:
         value = compute()
         # Key taken before compute(): an update racing with compute() then forces a re-quantise.
         if key is None:
-            self.invalidate()
+            self._clear()
         else:
             self._weight, self._key, self._value = weakref.ref(weight), key, value
         return value
@@ -666,6 +638,8 @@ class BitNetLinearFunction(torch.autograd.Function):
         gamma: Optional[torch.Tensor],
         gradient_accumulation_fusion: bool,
         backend: str,
+        dgrad: str,
+        wgrad: str,
     ) -> torch.Tensor:
         """``y = x_q W_q^T (+ bias)``; saves the int8 activations for backward."""
         if x.shape[-1] != weight.shape[1]:
@@ -685,6 +659,8 @@ class BitNetLinearFunction(torch.autograd.Function):
             ctx.main_grad = None
         ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
         ctx.backend = backend
+        ctx.dgrad = dgrad
+        ctx.wgrad = wgrad
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.use_bias = bias is not None
@@ -704,7 +680,7 @@ class BitNetLinearFunction(torch.autograd.Function):
 
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = bitnet_input_grad(dy, wq, backend).view(ctx.x_shape)
+            grad_input = bitnet_input_grad(dy, wq, backend, ctx.dgrad).view(ctx.x_shape)
 
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -712,7 +688,7 @@ class BitNetLinearFunction(torch.autograd.Function):
             main_grad = ctx.main_grad
             if main_grad is not None:
                 weight.main_grad = main_grad
-                bitnet_weight_grad(dy, act, main_grad=main_grad, backend=backend)
+                bitnet_weight_grad(dy, act, main_grad=main_grad, backend=backend, wgrad=ctx.wgrad)
                 if hasattr(weight, "grad_added_to_main_grad"):
                     # Megatron convention: return a dummy grad so that backward hooks run on
                     # the main thread (overlap_grad_reduce), zeroed if the param asks for it.
@@ -720,12 +696,12 @@ class BitNetLinearFunction(torch.autograd.Function):
                     grad_weight = alloc(main_grad.shape, dtype=ctx.x_dtype, device=main_grad.device)
                     weight.grad_added_to_main_grad = True
             else:
-                grad_weight = bitnet_weight_grad(dy, act, backend=backend)
+                grad_weight = bitnet_weight_grad(dy, act, backend=backend, wgrad=ctx.wgrad)
                 if grad_weight.dtype != weight.dtype:
                     grad_weight = grad_weight.to(weight.dtype)
 
         grad_bias = dy.sum(dim=0) if ctx.use_bias and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def bitnet_linear(
@@ -740,6 +716,8 @@ def bitnet_linear(
     weight_scale_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     gradient_accumulation_fusion: bool = False,
     backend: Optional[str] = None,
+    dgrad: str = "cublas",
+    wgrad: str = "cublas",
 ) -> torch.Tensor:
     """BitNet b1.58 linear ``y = x_q W_q^T (+ bias)`` with STE gradients.
 
@@ -760,15 +738,23 @@ def bitnet_linear(
         gradient_accumulation_fusion: if True and ``weight`` has ``main_grad``, the weight
             gradient is accumulated into ``weight.main_grad`` and the autograd weight gradient
             is None (or a dummy if ``weight.grad_added_to_main_grad`` exists), as in Megatron.
-        backend: ``auto`` / ``torch`` / ``triton`` (default: ``BITNET_BACKEND`` or auto).
+        backend: ``auto`` (default: triton for CUDA tensors when available) / ``torch`` /
+            ``triton``.
+        dgrad: input-gradient GEMM of the triton backend, one of :data:`DGRAD_IMPLS` (see
+            :func:`bitnet_input_grad`); ``cublas_cached`` also caches the dense ``beta*T``
+            with the quantised weight while gradients are enabled.
+        wgrad: weight-gradient GEMM of the triton backend, one of :data:`WGRAD_IMPLS` (see
+            :func:`bitnet_weight_grad`).
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
     be = resolve_backend(x, backend)
+    _check_choice("dgrad", dgrad, DGRAD_IMPLS)
+    _check_choice("wgrad", wgrad, WGRAD_IMPLS)
     if weight_quant is None:
         dense_dtype = None
-        if be == "triton" and dgrad_impl() == "cublas_cached" and torch.is_grad_enabled():
+        if be == "triton" and dgrad == "cublas_cached" and torch.is_grad_enabled():
             dense_dtype = x.dtype
         weight_quant = get_quantized_weight(
             weight,
@@ -779,5 +765,5 @@ def bitnet_linear(
             backend=be,
         )
     return BitNetLinearFunction.apply(
-        x, weight, bias, weight_quant, gamma, gradient_accumulation_fusion, be
+        x, weight, bias, weight_quant, gamma, gradient_accumulation_fusion, be, dgrad, wgrad
     )

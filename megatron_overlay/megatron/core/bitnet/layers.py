@@ -40,14 +40,14 @@ Weight cache and the training loop
 Each layer quantises its weight once per optimizer step through a
 :class:`~megatron.core.bitnet.functional.BitNetWeightCache`; the cross-rank reductions of
 ``beta`` run only on cache misses.  Misses must happen on all ranks of the TP group together
-(they contain collectives), which holds because every invalidation is rank-symmetric: the
-caches are dropped after every ``torch.optim`` step (a global step post-hook, so any loop that
-steps a Megatron optimizer refreshes them, see
-:class:`~megatron.core.bitnet.functional.WeightCacheRegistry`) and after ``load_state_dict``
-(a post-hook of each layer).  In-place updates through the parameter itself are also detected
+(they contain collectives), which holds because every invalidation is rank-symmetric: a
+cache drops its quantisation after every ``torch.optim`` step (a step post-hook that lives as
+long as the cache, so any loop that steps a Megatron optimizer refreshes it, see
+:class:`~megatron.core.bitnet.functional.BitNetWeightCache`) and after ``load_state_dict`` (a
+post-hook of each layer).  In-place updates through the parameter itself are also detected
 through ``weight._version``.  Code that writes the weights any other way (``param.data``, the
 parameter buffer, a weight refit) calls
-:func:`megatron.core.bitnet.functional.invalidate_weight_caches`.
+:func:`megatron.core.bitnet.functional.invalidate_weight_caches` on the model.
 
 Optional input RMSNorm
 ----------------------
@@ -277,6 +277,11 @@ class BitNetLinearMixin:
     also applies that role's forward multipliers
     (:class:`megatron.core.transformer.forward_multipliers.ForwardMultipliers`): the input
     multiplier before the quantisation, the output multipliers after the BitNet product.
+
+    Kernel settings come from the config and are passed to every op: ``bitnet_backend``
+    (``--bitnet-backend``), ``bitnet_dgrad`` / ``bitnet_wgrad`` (``--bitnet-dgrad`` /
+    ``--bitnet-wgrad``, the backward GEMMs of the triton backend) and ``bitnet_weight_cache``
+    (``--no-bitnet-weight-cache``: re-quantise on every call).
     """
 
     def _bitnet_setup(
@@ -290,8 +295,12 @@ class BitNetLinearMixin:
         # Restore the real config (the parent may have seen a copy, see _config_for_parent).
         self.config = config
         self.gradient_accumulation_fusion = config.gradient_accumulation_fusion
+        self.bitnet_backend = config.bitnet_backend
+        self.bitnet_dgrad = config.bitnet_dgrad
+        self.bitnet_wgrad = config.bitnet_wgrad
         self.bitnet_weight_cache = BitNetWeightCache(
-            reuse_in_capture=getattr(config, "cuda_graph_impl", "none") == "full_iteration"
+            enabled=config.bitnet_weight_cache,
+            reuse_in_capture=getattr(config, "cuda_graph_impl", "none") == "full_iteration",
         )
         self.register_load_state_dict_post_hook(_invalidate_after_load)
         if not isinstance(role, str) or (role and not role.isidentifier()):
@@ -346,13 +355,14 @@ class BitNetLinearMixin:
         tp = get_pg_size(self.tp_group)
         with torch.no_grad():
             if self._bitnet_pattern is None:
-                sums = F.weight_abs_sum(weight)
+                sums = F.weight_abs_sum(weight, self.bitnet_backend)
                 if tp > 1:
                     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.tp_group)
                 return F.weight_scale_from_abs_sum(sums, weight.numel() * tp)
             ids = self._segment_ids(weight.device)
             nseg = len(self.bitnet_segment_names)
-            sums = F.segment_sums(F.weight_row_abs_sums(weight), ids, nseg)
+            rows = F.weight_row_abs_sums(weight, self.bitnet_backend)
+            sums = F.segment_sums(rows, ids, nseg)
             if tp > 1:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.tp_group)
             cols = weight.shape[1]
@@ -368,7 +378,10 @@ class BitNetLinearMixin:
         """This rank's ``(T, beta)`` through the layer's per-step cache (collective on a miss)."""
         weight = self.weight if weight is None else weight
         return F.get_quantized_weight(
-            weight, cache=self.bitnet_weight_cache, beta_fn=self.bitnet_weight_scale
+            weight,
+            cache=self.bitnet_weight_cache,
+            beta_fn=self.bitnet_weight_scale,
+            backend=self.bitnet_backend,
         )
 
     def bitnet_segment_betas(self) -> Dict[str, torch.Tensor]:
@@ -398,6 +411,9 @@ class BitNetLinearMixin:
             weight_cache=self.bitnet_weight_cache,
             weight_scale_fn=self.bitnet_weight_scale,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            backend=self.bitnet_backend,
+            dgrad=self.bitnet_dgrad,
+            wgrad=self.bitnet_wgrad,
         )
 
     def backward_dw(self) -> None:
@@ -652,7 +668,7 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         if get_pg_size(self.tp_group) > 1:
             # Per-token absmax over the full hidden row (no gradient: STE).
             with torch.no_grad():
-                gamma = F.activation_absmax(x).contiguous()
+                gamma = F.activation_absmax(x, self.bitnet_backend).contiguous()
                 dist.all_reduce(gamma, op=dist.ReduceOp.MAX, group=self.tp_group)
 
         output_parallel = self._bitnet_matmul(x, self.weight, None, gamma=gamma)

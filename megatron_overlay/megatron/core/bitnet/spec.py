@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from megatron.core.bitnet.functional import BACKENDS, DGRAD_IMPLS, WGRAD_IMPLS
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -48,8 +49,18 @@ _ROLES = {
 
 
 # Model arguments a checkpoint records and `--use-checkpoint-args` restores (a BitNet checkpoint
-# loaded without them would become a full-precision model of its latent weights).
+# loaded without them would become a full-precision model of its latent weights). The kernel
+# settings (bitnet_backend, bitnet_dgrad, bitnet_wgrad, bitnet_weight_cache) are not among
+# them: they choose how this run computes the same model, for the machine it runs on.
 BITNET_MODEL_ARG_NAMES = ("use_bitnet", "bitnet_rms_norm", "bitnet_rms_norm_eps")
+
+# Kernel settings: config field -> (flag, allowed values or None for a bool, default).
+_KERNEL_SETTINGS = {
+    "bitnet_backend": ("--bitnet-backend", BACKENDS, "auto"),
+    "bitnet_dgrad": ("--bitnet-dgrad", DGRAD_IMPLS, "cublas"),
+    "bitnet_wgrad": ("--bitnet-wgrad", WGRAD_IMPLS, "cublas"),
+    "bitnet_weight_cache": ("--no-bitnet-weight-cache", None, True),
+}
 
 
 class BitNetSpecError(ValueError):
@@ -58,9 +69,16 @@ class BitNetSpecError(ValueError):
 
 def validate_bitnet_config(config) -> None:
     """Reject option combinations ``--use-bitnet`` cannot honour (called from the config)."""
+    for name, (flag, allowed, _) in _KERNEL_SETTINGS.items():
+        value = getattr(config, name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
     if not getattr(config, "use_bitnet", False):
         if getattr(config, "bitnet_rms_norm", False):
             raise ValueError("--bitnet-rms-norm needs --use-bitnet")
+        for name, (flag, _, default) in _KERNEL_SETTINGS.items():
+            if getattr(config, name) != default:
+                raise ValueError(f"{flag} needs --use-bitnet")
         return
     problems = []
     if getattr(config, "transformer_impl", "local") != "local":

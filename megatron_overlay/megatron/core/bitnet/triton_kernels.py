@@ -36,8 +36,9 @@ Both backward kernels compute the transposed product (``dX^T = T^T dY^T``,
 ``dW^T = x_q^T dY``) so that the operand converted in registers is the left one, which
 Hopper's wgmma may take from registers; on one H100 (triton 3.6) this ran 1.15-1.35x faster
 than the direct formulation but still 1.25-1.4x slower than cuBLAS bf16, so
-:mod:`.functional` uses cuBLAS for the backward by default (``BITNET_DGRAD`` /
-``BITNET_WGRAD``), on operands dequantised by the elementwise kernels here.  The int8 forward
+:mod:`.functional` uses cuBLAS for the backward by default (``--bitnet-dgrad`` /
+``--bitnet-wgrad`` select these kernels), on operands dequantised by the elementwise kernels
+here.  The int8 forward
 GEMM ran about 1.65x faster than cuBLAS bf16.
 
 Rounding: round-half-to-even.  On the GPU it is ``libdevice.rint`` (``cvt.rni``); the Triton

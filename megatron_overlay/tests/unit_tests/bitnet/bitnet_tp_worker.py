@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Worker of ``test_bitnet_layers_tp.py``: BitNet layers on a 2-rank CPU gloo world (TP=2).
 
 Every rank builds the same FULL weight / input / output gradient, keeps its Megatron shard and
@@ -66,7 +66,7 @@ def _run_layer(layer, x, dy, case, nosync):
 
     if case.get("gaf"):
         layer.weight.main_grad = torch.zeros_like(layer.weight)
-    F.invalidate_weight_caches()
+    F.invalidate_weight_caches(layer)
     ctx = _no_host_sync() if nosync else contextlib.nullcontext()
     with ctx:
         y, out_bias = layer(x)
@@ -254,18 +254,17 @@ def _assemble_row(results: List[dict], meta) -> dict:
 
 def worker(rank: int, world_size: int, init_file: str, out_dir: str, names: List[str]) -> None:
     """Entry point of each spawned rank (torch.multiprocessing.spawn)."""
-    os.environ["BITNET_BACKEND"] = "torch"
     # This world computes on the CPU (gloo), also on a machine with a GPU.  Megatron's gather /
     # reduce-scatter mappings allocate their outputs on torch.cuda.current_device(): point
     # that at the CPU in these worker processes.
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.set_num_threads(1)
-    import bitnet_layer_helpers as helpers
     import torch.distributed as dist
 
     from megatron.core import parallel_state
     from megatron.core.bitnet import layers as L
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from tests.unit_tests.bitnet import bitnet_layer_helpers as helpers
 
     dist.init_process_group(
         "gloo",

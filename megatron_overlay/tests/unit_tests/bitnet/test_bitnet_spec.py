@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """--use-bitnet option checks and spec conversion (megatron/core/bitnet/spec.py)."""
 
 import dataclasses
@@ -9,21 +9,29 @@ import pytest
 
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
-from megatron.core.bitnet.layers import (
+from megatron.core.bitnet.layers import (  # noqa: E402
     BitNetColumnParallelLinear,
     BitNetRowParallelLinear,
-)  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+)
 from megatron.core.bitnet.spec import (  # noqa: E402
     BitNetSpecError,
     to_bitnet_spec,
     validate_bitnet_config,
 )
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
 
 def _config(**overrides):
-    base = dict(use_bitnet=True, bitnet_rms_norm=False, transformer_impl="local")
+    base = dict(
+        use_bitnet=True,
+        bitnet_rms_norm=False,
+        transformer_impl="local",
+        bitnet_backend="auto",
+        bitnet_dgrad="cublas",
+        bitnet_wgrad="cublas",
+        bitnet_weight_cache=True,
+    )
     base.update(overrides)
     return SimpleNamespace(**base)
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Per-output-row weight scales (beta as a vector ``[N]``).
 
 Megatron fuses matrices that BitNet quantises separately (``linear_qkv`` = q, k, v per query
@@ -282,10 +282,8 @@ def test_triton_dgrad_vector_beta(tk_dev, mnk):
 @pytest.mark.parametrize(
     "dimpl,wimpl", [("cublas", "cublas"), ("cublas_cached", "cublas"), ("triton", "triton")]
 )
-def test_bitnet_linear_vector_beta_triton_vs_torch(tk_dev, dimpl, wimpl, monkeypatch):
+def test_bitnet_linear_vector_beta_triton_vs_torch(tk_dev, dimpl, wimpl):
     tk, dev = tk_dev
-    monkeypatch.setenv("BITNET_DGRAD", dimpl)
-    monkeypatch.setenv("BITNET_WGRAD", wimpl)
     g = torch.Generator().manual_seed(26)
     seg = _qkv_segment_ids(groups=2, heads_per_group=2, head_dim=8).to(dev)
     x0 = (torch.randn(4, 3, 64, generator=g) * 2).to(dev)
@@ -296,7 +294,7 @@ def test_bitnet_linear_vector_beta_triton_vs_torch(tk_dev, dimpl, wimpl, monkeyp
         x = x0.clone().requires_grad_(True)
         w = torch.nn.Parameter(w0.clone())
         beta = _segment_beta_torch(w, seg, backend=be)
-        y = F.bitnet_linear(x, w, weight_scale=beta, backend=be)
+        y = F.bitnet_linear(x, w, weight_scale=beta, backend=be, dgrad=dimpl, wgrad=wimpl)
         y.backward(dy)
         outs[be] = (beta, y.detach(), x.grad, w.grad)
     assert torch.equal(outs["triton"][0], outs["torch"][0])

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """bitnet_linear on the torch backend: forward exactness, STE gradients, Megatron-style
 gradient-accumulation fusion, 3D inputs, tensor-parallel separability, no host sync."""
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet's quantised weights are refreshed wherever the weights change, not only in
 Megatron's ``train_step``.
 
@@ -13,8 +13,10 @@ Megatron's ``train_step``.
   weights change inside it), and the quantisation, taken lazily in each layer's forward, is
   still the fresh one.
 * ``load_state_dict`` drops a layer's cached quantisation; copies of a cache (deepcopy,
-  pickle) are registered too; a replaced parameter misses even at the same address; the
-  global optimizer hook lives exactly as long as some cache does.
+  pickle) get their own optimizer hook; a replaced parameter misses even at the same address.
+* No BitNet state lives in the process: each cache owns its optimizer hook for exactly its
+  lifetime, and an explicit invalidation (:func:`invalidate_weight_caches`, what ``train_step``
+  calls after a CUDA-graph optimizer step) reaches the caches of the model it is given only.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ import torch
 
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
-import bitnet_optimizer_loop as loop  # noqa: E402
-from bitnet_layer_helpers import HIDDEN, QKV_OUT, init_normal, make_config  # noqa: E402
-from cpu_ranks import forkserver_env  # noqa: E402
-
 from megatron.core.bitnet import functional as F  # noqa: E402
+from tests.unit_tests.bitnet import bitnet_optimizer_loop as loop  # noqa: E402
+from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
+    HIDDEN,
+    QKV_OUT,
+    init_normal,
+    make_config,
+)
+from tests.unit_tests.bitnet.gloo_ranks import forkserver_env  # noqa: E402
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: E402,F401 (fixture)
 
 CASES = {
     "bf16_mixed_precision": (torch.bfloat16, False, False),
@@ -46,9 +53,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_own_loop_uses_fresh_quantisation_after_every_step(
-    single_rank_model_parallel, monkeypatch, case
-):
+def test_own_loop_uses_fresh_quantisation_after_every_step(single_rank, case):
     dtype, distributed, overlap = CASES[case]
     ddp, optimizer = loop.build(dtype, distributed_optimizer=distributed, overlap=overlap)
     records = loop.run(ddp, optimizer, steps=3)
@@ -58,7 +63,8 @@ def test_own_loop_uses_fresh_quantisation_after_every_step(
     first, last = records[0]["t"], records[-1]["t"]
     assert len(first) == 4 and any(not torch.equal(a, b) for a, b in zip(first, last))
     # The forward after the last step equals one with every cache disabled.
-    monkeypatch.setenv("BITNET_WEIGHT_CACHE", "0")
+    for layer in loop.bitnet_layers(ddp):
+        layer.bitnet_weight_cache.enabled = False
     tokens, positions, mask = loop._batch(0)
     with torch.no_grad():
         uncached = ddp(tokens, positions, mask, labels=tokens).float().mean()
@@ -72,9 +78,13 @@ def test_data_parallel_overlapped_all_gather(tmp_path):
 
     import megatron.core
 
-    roots = [str(Path(megatron.core.__file__).parents[2]), str(Path(__file__).parent)]
+    roots = [str(Path(megatron.core.__file__).parents[2])]  # holds megatron/ and tests/
     roots += os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    preload = ["torch.distributed", "megatron.core.optimizer", "bitnet_optimizer_loop"]
+    preload = [
+        "torch.distributed",
+        "megatron.core.optimizer",
+        "tests.unit_tests.bitnet.bitnet_optimizer_loop",
+    ]
     with forkserver_env(preload, roots):
         mp.start_processes(
             loop.worker,
@@ -104,7 +114,7 @@ def _x():
     return torch.randn(3, 2, HIDDEN, generator=torch.Generator().manual_seed(5))
 
 
-def test_load_state_dict_drops_the_cached_quantisation(single_rank_model_parallel):
+def test_load_state_dict_drops_the_cached_quantisation(single_rank):
     layer = _layer()
     layer(_x())
     assert layer.bitnet_weight_cache._value is not None
@@ -123,14 +133,15 @@ def _torch_optimizer_step():
     torch.optim.SGD([p], lr=0.1).step()  # any torch optimizer's step invalidates every cache
 
 
-def test_copies_of_a_cache_are_registered_and_start_empty():
-    """deepcopy / pickle (of a module holding a cache) give a new cache that the optimizer hook
-    also invalidates."""
+def test_copies_of_a_cache_have_their_own_hook_and_start_empty():
+    """deepcopy / pickle (of a module holding a cache) give a new cache with its own optimizer
+    hook."""
     w = torch.nn.Parameter(torch.randn(8, 12, generator=torch.Generator().manual_seed(3)))
     cache = F.BitNetWeightCache()
     F.get_quantized_weight(w, cache=cache, backend="torch")
     for twin in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
         assert twin is not cache and twin._value is None
+        assert twin.optimizer_hook_id != cache.optimizer_hook_id
         old = F.get_quantized_weight(w, cache=twin, backend="torch")
         w.data.copy_(-w.data)  # no version bump
         _torch_optimizer_step()
@@ -138,29 +149,57 @@ def test_copies_of_a_cache_are_registered_and_start_empty():
         assert new is not old and torch.equal(new.t, F.quantize_weight(w, backend="torch").t)
 
 
-def test_registry_hook_lives_as_long_as_its_caches():
+def test_each_cache_owns_its_optimizer_hook():
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
-    registry = F.WeightCacheRegistry()
-    assert not registry.optimizer_hook_installed
-    caches = [F.BitNetWeightCache(registry=registry) for _ in range(2)]
-    assert registry.optimizer_hook_installed and len(registry) == 2
-    hook_id = registry._hook.id
-    assert hook_id in _global_optimizer_post_hooks
+    caches = [F.BitNetWeightCache() for _ in range(2)]
+    hook_ids = [cache.optimizer_hook_id for cache in caches]
+    assert hook_ids[0] != hook_ids[1]
+    assert all(hook_id in _global_optimizer_post_hooks for hook_id in hook_ids)
 
     w = torch.nn.Parameter(torch.randn(8, 12, generator=torch.Generator().manual_seed(1)))
     old = F.get_quantized_weight(w, cache=caches[0], backend="torch")
     w.data.copy_(-w.data)  # no version bump: only the step hook can tell
-    generation = registry.invalidations
+    assert [cache.invalidations for cache in caches] == [0, 0]
     _torch_optimizer_step()
-    assert registry.invalidations == generation + 1
+    assert [cache.invalidations for cache in caches] == [1, 1]
     new = F.get_quantized_weight(w, cache=caches[0], backend="torch")
     assert new is not old and torch.equal(new.t, -old.t)
 
-    del caches, old, new
+    del caches[0], old, new
     gc.collect()
-    assert not registry.optimizer_hook_installed and len(registry) == 0
-    assert hook_id not in _global_optimizer_post_hooks
+    assert hook_ids[0] not in _global_optimizer_post_hooks
+    assert hook_ids[1] in _global_optimizer_post_hooks
+    del caches
+    gc.collect()
+    assert hook_ids[1] not in _global_optimizer_post_hooks
+
+
+def test_explicit_invalidation_reaches_only_the_given_model(single_rank):
+    """``invalidate_weight_caches(model)`` drops the caches of that model (a module or a list of
+    model chunks, nested modules included) and leaves another model's caches alone."""
+    a, b, other = _layer(), _layer(), _layer()
+    model = torch.nn.Sequential(a, torch.nn.ModuleList([b]))
+    for layer in (a, b, other):
+        layer(_x())
+    assert F.invalidate_weight_caches(model) == 2
+    assert a.bitnet_weight_cache._value is None and b.bitnet_weight_cache._value is None
+    assert other.bitnet_weight_cache._value is not None
+    assert other.bitnet_weight_cache.invalidations == 0
+    assert F.invalidate_weight_caches([model, other]) == 3  # Megatron's list of model chunks
+    assert other.bitnet_weight_cache._value is None
+
+
+def test_train_step_helper_invalidates_the_model_it_is_given(single_rank):
+    """What ``train_step`` calls after an optimizer step replayed from a CUDA graph."""
+    from megatron.training.training import invalidate_bitnet_weight_caches
+
+    trained, other = _layer(), _layer()
+    for layer in (trained, other):
+        layer(_x())
+    invalidate_bitnet_weight_caches([trained])
+    assert trained.bitnet_weight_cache._value is None
+    assert other.bitnet_weight_cache._value is not None
 
 
 def test_replaced_parameter_misses_even_at_the_same_address():

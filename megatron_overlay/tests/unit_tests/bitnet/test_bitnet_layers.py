@@ -1,10 +1,11 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """BitNet tensor-parallel layers at TP=1 (single gloo rank, CPU, torch backend).
 
-Against the explicit float64 formula of DESIGN.md section 4: forward, identity-STE gradients,
-per-segment betas (q / k / v of linear_qkv, gate / up of a gated linear_fc1), bias /
-skip_bias_add, 3D inputs, gradient-accumulation fusion into main_grad, the input RMSNorm (vs
-HF's LlamaRMSNorm), the weight cache, unsupported options, and forward-multiplier composition.
+Against the explicit float64 formula (``bitnet_layer_helpers.ref_linear``): forward,
+identity-STE gradients, per-segment betas (q / k / v of linear_qkv, gate / up of a gated
+linear_fc1), bias / skip_bias_add, 3D inputs, gradient-accumulation fusion into main_grad, the
+input RMSNorm (vs HF's LlamaRMSNorm), the weight cache, unsupported options, and
+forward-multiplier composition.
 """
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
-from bitnet_layer_helpers import (  # noqa: E402
+from megatron.core.bitnet import functional as F  # noqa: E402
+from megatron.core.bitnet import layers as L  # noqa: E402
+from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
     FFN,
     GROUPS,
     HEAD_DIM,
@@ -27,14 +30,12 @@ from bitnet_layer_helpers import (  # noqa: E402
     ref_linear,
     segment_ids_full,
 )
-
-from megatron.core.bitnet import functional as F  # noqa: E402
-from megatron.core.bitnet import layers as L  # noqa: E402
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: E402,F401 (fixture)
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch, single_rank_model_parallel):
-    monkeypatch.setenv("BITNET_BACKEND", "torch")
+def _single_rank(single_rank):
+    """Every test runs in a one-rank gloo world (layers on the torch backend: make_config)."""
 
 
 def _rand(*shape, seed, scale=1.0):
@@ -65,7 +66,7 @@ def _set_weight(layer, w, bias=None):
         layer.weight.copy_(w)
         if bias is not None:
             layer.bias.copy_(bias)
-    F.invalidate_weight_caches()  # .copy_ under no_grad bumps _version, but be explicit
+    F.invalidate_weight_caches(layer)  # .copy_ under no_grad bumps _version, but be explicit
 
 
 def _segment_scaled_weight(seg, k, seed, scales=(0.02, 0.1, 0.5)):
@@ -228,8 +229,8 @@ def test_weight_cache_once_per_step(monkeypatch):
         layer(x)[0].sum().backward()
     assert len(calls) == 1
     with torch.no_grad():
-        layer.weight.data.mul_(-1.0)  # Megatron-style write: only the global hook notices
-    F.invalidate_weight_caches()  # what the optimizer-step hook does
+        layer.weight.data.mul_(-1.0)  # Megatron-style write: only the step hook notices
+    F.invalidate_weight_caches(layer)  # what the optimizer-step hook does
     y, _ = layer(x)
     assert len(calls) == 2
     ref = ref_linear(x, layer.weight.detach(), segment_ids_full("linear_qkv", QKV_OUT), layer.bias)
@@ -251,7 +252,7 @@ def test_no_host_sync(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", boom)
     monkeypatch.setattr(torch.Tensor, "__bool__", boom)
     for _ in range(2):
-        F.invalidate_weight_caches()
+        F.invalidate_weight_caches([col, row])
         h, _ = col(x)
         y, _ = row(h)
         y.sum().backward()
@@ -387,18 +388,18 @@ def test_triton_backend_matches_torch_backend(kind, monkeypatch):
     if not (tk.interpret_mode() or torch.cuda.is_available()):
         pytest.skip("no CUDA device and triton was imported without TRITON_INTERPRET=1")
     if torch.cuda.is_available() and not tk.interpret_mode():
-        pytest.skip("CPU layers: the GPU run covers the kernels in scripts/gpu")
+        pytest.skip("CPU layers: on a GPU the kernel tests cover the Triton backend")
     monkeypatch.setenv("BITNET_TRITON_AUTOTUNE", "0")
     outs = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("BITNET_BACKEND", backend)
+        config = make_config(bitnet_backend=backend)
         if kind == "column":
-            layer = _column("linear_qkv", QKV_OUT)
+            layer = _column("linear_qkv", QKV_OUT, config)
             seg = segment_ids_full("linear_qkv", QKV_OUT)
             w = _segment_scaled_weight(seg, HIDDEN, seed=23)
             x = _rand(3, 2, HIDDEN, seed=24, scale=2.0).requires_grad_(True)
         else:
-            layer = _row("linear_proj", FFN)
+            layer = _row("linear_proj", FFN, config)
             w = _rand(HIDDEN, FFN, seed=23, scale=0.05)
             x = _rand(3, 2, FFN, seed=24, scale=2.0).requires_grad_(True)
         _set_weight(layer, w, torch.zeros_like(layer.bias))

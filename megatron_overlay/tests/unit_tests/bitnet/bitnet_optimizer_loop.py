@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """A training loop of its own (not Megatron's ``train_step``) around a Megatron optimizer.
 
 Used by ``test_optimizer_refresh.py`` in-process (one gloo rank) and by its two-rank workers
@@ -22,11 +22,11 @@ SEQ, BATCH, VOCAB = 16, 2, 64
 def build(dtype: torch.dtype, distributed_optimizer: bool, overlap: bool):
     """Tiny BitNet GPT (one layer: q/k/v, proj, gate/up, down are BitNet linears) in Megatron's
     DDP wrapper, and ``get_megatron_optimizer`` (Adam) for it."""
+    from megatron.core.bitnet.spec import to_bitnet_spec
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.bitnet.spec import to_bitnet_spec
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -133,6 +133,7 @@ def run(ddp, optimizer, steps: int, seed: int = 0) -> List[Dict[str, object]]:
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One rank of a data-parallel world: bf16, distributed optimizer, overlapped all-gather."""
     import torch.distributed as dist
+
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

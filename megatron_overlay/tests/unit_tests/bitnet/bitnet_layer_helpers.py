@@ -1,10 +1,14 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Shared helpers of the BitNet layer tests: small configs, Megatron's fused-weight layouts, and
-the explicit float64 reference of DESIGN.md section 4 (quantisation + identity STE).
+the explicit float64 reference of BitNet b1.58 (quantisation + identity STE):
 
-Imported as a top-level module by ``test_bitnet_layers.py`` and by the spawned workers of
-``test_bitnet_layers_tp.py`` (pytest puts this directory on ``sys.path``; spawned processes
-inherit it).
+* weight: ``beta = max(mean|W|, 1e-5)`` per logical matrix, ``T = clamp(round(W / beta), -1, 1)``;
+* activation, per token: ``gamma = max(max|x|, 1e-5)``,
+  ``Q = clamp(round(127 x / gamma), -128, 127)``;
+* ``y = (gamma / 127) * beta * (Q T^T)``, gradients passed straight through (identity) to the
+  full-precision input and weight.
+
+Used by ``test_bitnet_layers.py`` and by the rank processes of ``test_bitnet_layers_tp.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ QKV_OUT = (HEADS + 2 * GROUPS) * HEAD_DIM
 
 
 def make_config(tp: int = 1, **overrides):
-    """A CPU TransformerConfig for the layers (extra attributes set after construction)."""
+    """A CPU TransformerConfig for the layers, on the torch BitNet backend unless overridden.
+
+    ``bitnet_*`` fields are set after construction (without ``use_bitnet``'s checks: the
+    layers are built directly, not from a BitNet spec)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = dict(
@@ -42,10 +49,11 @@ def make_config(tp: int = 1, **overrides):
         params_dtype=torch.float32,
         tensor_model_parallel_size=tp,
     )
-    extra = {k: overrides.pop(k) for k in list(overrides) if k.startswith("bitnet_")}
+    extra = {"bitnet_backend": "torch"}
+    extra.update({k: overrides.pop(k) for k in list(overrides) if k.startswith("bitnet_")})
     fields.update(overrides)
     config = TransformerConfig(**fields)
-    for key, value in extra.items():  # fields the lead adds to the config (not there yet)
+    for key, value in extra.items():
         setattr(config, key, value)
     return config
 
@@ -95,7 +103,7 @@ def rank_rows(role: str, out_rows: int, tp: int, rank: int, gated: bool = True) 
 
 
 # --------------------------------------------------------------------------------------------
-# float64 reference of DESIGN.md section 4
+# float64 reference (module docstring)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Exactness of the pure-torch BitNet reference (megatron.core.bitnet.quant)."""
 
 import numpy as np

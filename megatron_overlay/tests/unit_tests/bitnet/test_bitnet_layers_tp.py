@@ -1,4 +1,4 @@
-# Copyright (c) 2026, falcon-mcore authors. All rights reserved.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 """Tensor-parallel invariance of the BitNet layers: TP=2 (two gloo processes) vs TP=1.
 
 The same FULL weight is sharded the way Megatron shards it (column: output rows, with whole
@@ -19,9 +19,13 @@ import torch
 
 pytest.importorskip("megatron.core.tensor_parallel", reason="needs the patched Megatron tree")
 
-import bitnet_tp_worker  # noqa: E402
-from cpu_ranks import forkserver_env  # noqa: E402
-from bitnet_layer_helpers import assert_close, assert_forward_close, ref_linear  # noqa: E402
+from tests.unit_tests.bitnet import bitnet_tp_worker  # noqa: E402
+from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
+    assert_close,
+    assert_forward_close,
+    ref_linear,
+)
+from tests.unit_tests.bitnet.gloo_ranks import forkserver_env  # noqa: E402
 
 WORLD = 2
 # "forkserver" (default): a clean server process imports Megatron once (preloaded below) and
@@ -33,8 +37,8 @@ _PRELOAD = [
     "torch.distributed",
     "megatron.core.parallel_state",
     "megatron.core.bitnet.layers",
-    "bitnet_layer_helpers",
-    "bitnet_tp_worker",
+    "tests.unit_tests.bitnet.bitnet_layer_helpers",
+    "tests.unit_tests.bitnet.bitnet_tp_worker",
 ]
 
 
@@ -49,7 +53,7 @@ def tp_results(tmp_path_factory):
         # themselves).
         import megatron.core
 
-        roots = [str(Path(megatron.core.__file__).parents[2]), str(Path(__file__).parent)]
+        roots = [str(Path(megatron.core.__file__).parents[2])]  # holds megatron/ and tests/
         roots += os.environ.get("PYTHONPATH", "").split(os.pathsep)
         env = forkserver_env(_PRELOAD, roots)
     else:
