@@ -88,3 +88,19 @@ def test_resume_only_same_clean_commit_and_device(tmp_path):
     for changed in ({"commit": "def"}, {"dirty": True}, {"device": "NVIDIA H100"}):
         assert bench.resumable(path, dict(now, **changed)) == {}
     assert bench.resumable(None, now) == {}
+
+
+def test_ratios_only_between_runs_of_one_call():
+    bench = _bench()
+    entry = {
+        "systems": {
+            "hf": {"tok_s": 100.0, "mfu": 0.1, "call": "A"},
+            "ours_te_graph_opt": {"tok_s": 350.0, "mfu": 0.3, "call": "A"},
+            "ours_te_graph": {"tok_s": 900.0, "mfu": 0.9, "call": "B"},
+            "ours_local": {"error": "exit 1"},
+        }
+    }
+    bench.compare(entry)
+    assert entry["systems"]["ours_te_graph_opt"]["over_hf"] == 3.5
+    assert "over_hf" not in entry["systems"]["ours_te_graph"]  # another call: not comparable
+    assert entry["best_ours"] == "ours_te_graph_opt" and entry["ours_over_hf"] == 3.5

@@ -410,6 +410,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(entry: dict) -> None:
+    """Ratios to HF and the best of ours, between runs of the same call only (partial results
+    too: a job stopped by its time limit still reports them)."""
+    hf = entry["systems"].get("hf", {})
+    for name, r in entry["systems"].items():
+        same_call = r.get("call") == hf.get("call")
+        if "error" not in r and "error" not in hf and "tok_s" in hf and same_call:
+            r["over_hf"] = r["tok_s"] / hf["tok_s"]
+    ours = {
+        n: r
+        for n, r in entry["systems"].items()
+        if n in OURS and "error" not in r and r.get("call") == hf.get("call")
+    }
+    if ours:
+        best = max(ours, key=lambda n: ours[n]["tok_s"])
+        entry.update(
+            best_ours=best, ours_tok_s=ours[best]["tok_s"], mfu_ours=ours[best]["mfu"],
+            gpu_busy_ours=ours[best].get("gpu_busy"),
+        )  # fmt: skip
+    if "tok_s" in hf:
+        entry.update(hf_tok_s=hf["tok_s"], mfu_hf=hf["mfu"])
+    if "ours_tok_s" in entry and "hf_tok_s" in entry:
+        entry["ours_over_hf"] = entry["ours_tok_s"] / entry["hf_tok_s"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)
@@ -498,28 +523,10 @@ def main() -> int:
                 {k: v for k, v in r.items() if k not in ("losses", "top_kernels")}
             ), flush=True)  # fmt: skip
             # Partial results survive a killed job.
+            compare(entry)
             out_json.write_text(json.dumps(report, indent=1) + "\n")
             (args.out_dir / f"{args.name}.md").write_text(markdown(report) + "\n")
-        hf = entry["systems"].get("hf", {})
-        for name, r in entry["systems"].items():
-            same_call = r.get("call") == hf.get("call")
-            if "error" not in r and "error" not in hf and "tok_s" in hf and same_call:
-                r["over_hf"] = r["tok_s"] / hf["tok_s"]
-        ours = {
-            n: r
-            for n, r in entry["systems"].items()
-            if n in OURS and "error" not in r and r.get("call") == hf.get("call")
-        }
-        if ours:
-            best = max(ours, key=lambda n: ours[n]["tok_s"])
-            entry.update(
-                best_ours=best, ours_tok_s=ours[best]["tok_s"], mfu_ours=ours[best]["mfu"],
-                gpu_busy_ours=ours[best].get("gpu_busy"),
-            )  # fmt: skip
-        if "tok_s" in hf:
-            entry.update(hf_tok_s=hf["tok_s"], mfu_hf=hf["mfu"])
-        if "ours_tok_s" in entry and "hf_tok_s" in entry:
-            entry["ours_over_hf"] = entry["ours_tok_s"] / entry["hf_tok_s"]
+        compare(entry)
         out_json.write_text(json.dumps(report, indent=1) + "\n")
     runs = [r for entry in report["cases"].values() for r in entry["systems"].values()]
     skipped = ("not run: --deadline-s reached", "Transformer Engine not importable here")
