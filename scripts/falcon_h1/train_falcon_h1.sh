@@ -10,10 +10,14 @@
 # --mock-data. Everything after the script name is passed through (and wins over defaults).
 #
 # Speed defaults (results/README.md: on one H200 the TE spec with a whole-iteration CUDA graph
-# ran the 0.5B step 2.56x faster than HF transformers, eager 0.93x):
+# ran the 0.5B step 2.56x faster than HF transformers, eager 0.93x; adding the optimizer graph,
+# 3.28-3.44x):
 #   IMPL=auto|transformer_engine|local   auto: Transformer Engine when it imports, else local
 #   CUDA_GRAPHS=full_iteration|none   default full_iteration on GPUs (none without CUDA); per-layer
 #   graphs (--cuda-graph-impl local) are refused for P layers (they trained wrongly)
+#   OPTIMIZER_GRAPH=0|1   1 also captures the optimizer step (upstream --optimizer-cuda-graph;
+#   needs CUDA_GRAPHS=full_iteration and Transformer Engine's multi-tensor ops). Measured only
+#   without the distributed optimizer this script uses, so it is off by default.
 # The local spec uses torch norms (--no-persist-layer-norm) and, without TE, unfused RoPE;
 # without apex, gradient-accumulation fusion is off.
 set -euo pipefail
@@ -52,6 +56,15 @@ case $graphs in
     none) ;;
     full_iteration) speed+=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad) ;;
     *) echo "CUDA_GRAPHS must be full_iteration or none, got '$graphs'" >&2; exit 2 ;;
+esac
+case ${OPTIMIZER_GRAPH:-0} in
+    0) ;;
+    1) if [ "$graphs" != full_iteration ] || ! have transformer_engine.pytorch; then
+           echo "OPTIMIZER_GRAPH=1 needs CUDA_GRAPHS=full_iteration (a GPU) and Transformer Engine" >&2
+           exit 2
+       fi
+       speed+=(--optimizer-cuda-graph) ;;
+    *) echo "OPTIMIZER_GRAPH must be 0 or 1, got '${OPTIMIZER_GRAPH}'" >&2; exit 2 ;;
 esac
 training=(
     "${speed[@]}" --bf16 --use-distributed-optimizer

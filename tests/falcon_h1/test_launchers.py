@@ -78,3 +78,16 @@ def test_train_script_runs_a_tiny_model_on_cpu(tmp_path, megatron_tree):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert len(re.findall(r"iteration\s+\d+/\s*3 \|.*lm loss", output)) == 3, output[-3000:]
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_optimizer_graph_refused_where_it_cannot_run(value, tmp_path):
+    """OPTIMIZER_GRAPH=1 without a GPU (no full-iteration graph) and a bad value both stop the
+    launcher before torchrun with a message naming the variable."""
+    env = dict(os.environ, OPTIMIZER_GRAPH=value, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "falcon_h1" / "train_falcon_h1.sh")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "OPTIMIZER_GRAPH" in proc.stderr
