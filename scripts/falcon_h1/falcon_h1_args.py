@@ -61,9 +61,9 @@ def mapping():
     sys.path[:0] = [str(ROOT / "megatron_overlay" / "tools" / "checkpoint"), str(megatron)]
     with warnings.catch_warnings():  # Megatron's import-time notices (no TE / apex, ...)
         warnings.simplefilter("ignore")
-        import falcon_h1_mapping
+        import falcon_h1_config
 
-    return falcon_h1_mapping
+    return falcon_h1_config
 
 
 def multiplier_flags(m: dict) -> list[str]:

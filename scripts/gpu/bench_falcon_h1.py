@@ -239,7 +239,7 @@ def run_hf(name: str, case: str, iters: int, out_dir: Path) -> dict:
 
 
 def megatron_flags(case: str) -> list[str]:
-    from falcon_h1_mapping import megatron_model_flags, parse_hf_config
+    from falcon_h1_config import megatron_model_flags, parse_hf_config
 
     shape, seq, mbs = CASES[case]
     config = SHAPES[shape]

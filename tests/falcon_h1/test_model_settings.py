@@ -58,9 +58,9 @@ def mapping():
     tools = megatron_path() / "tools" / "checkpoint"
     if str(tools) not in sys.path:
         sys.path.insert(0, str(tools))
-    import falcon_h1_mapping
+    import falcon_h1_config
 
-    return falcon_h1_mapping
+    return falcon_h1_config
 
 
 def _hf_config(**overrides):
