@@ -46,8 +46,6 @@ def test_gpu_busy_fraction_counts_overlaps_once():
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "scripts" / "lib"))
-    sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
     return _load("bench_falcon_h1", ROOT / "scripts/gpu/bench_falcon_h1.py")
 
 

@@ -46,9 +46,9 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "lib"))
-sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
-sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
+from project_paths import use  # noqa: E402
 
+use("overlay_checkpoint_tools", "falcon_h1_scripts")
 from falcon_h1_args import MULTIPLIERS_0_5B  # noqa: E402
 from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
 from gpu_trace import gpu_busy_fraction, kernel_names, load_trace, top_kernels  # noqa: E402
@@ -415,7 +415,7 @@ def main() -> int:
     timing_plan(args.iters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.megatron = args.megatron.resolve()
-    sys.path.insert(0, str(args.megatron))  # the converter's mapping reads Megatron's table
+    use("megatron", megatron=args.megatron)  # the converter's mapping reads Megatron's table
 
     from provenance import provenance
 

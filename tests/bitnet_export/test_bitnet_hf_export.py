@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, megatron_path
+from conftest import ROOT, checkpoint_tool, megatron_path
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -79,25 +79,17 @@ def tool():
     tools = megatron_path() / "tools" / "checkpoint"
     if not (tools / "bitnet_hf_export.py").is_file():
         pytest.fail(f"{tools}/bitnet_hf_export.py missing: run `make apply-patches`")
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import bitnet_hf_export
-
-    return bitnet_hf_export
+    return checkpoint_tool("bitnet_hf_export")
 
 
 @pytest.fixture(scope="module")
-def layouts(tool):
-    import falcon_h1_layouts
-
-    return falcon_h1_layouts
+def layouts():
+    return checkpoint_tool("falcon_h1_layouts")
 
 
 @pytest.fixture(scope="module")
-def config_mapping(tool):
-    import falcon_h1_config
-
-    return falcon_h1_config
+def config_mapping():
+    return checkpoint_tool("falcon_h1_config")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, megatron_path
+from conftest import ROOT, checkpoint_tool, megatron_path
 from falcon_h1.oracle import MULTIPLIERS, TinyShape, build_hf_model
 
 pytestmark = pytest.mark.megatron
@@ -39,26 +39,17 @@ PARALLEL = [(1, 1), (2, 1), (1, 2), (2, 2)]
 @pytest.fixture(scope="module")
 def tool():
     """The converter module, imported from the patched tree's tools/checkpoint."""
-    tools = megatron_path() / "tools" / "checkpoint"
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import falcon_h1_conversion
-
-    return falcon_h1_conversion
+    return checkpoint_tool("falcon_h1_conversion")
 
 
 @pytest.fixture(scope="module")
-def layouts(tool):
-    import falcon_h1_layouts
-
-    return falcon_h1_layouts
+def layouts():
+    return checkpoint_tool("falcon_h1_layouts")
 
 
 @pytest.fixture(scope="module")
-def parallel(tool):
-    import falcon_h1_parallel
-
-    return falcon_h1_parallel
+def parallel():
+    return checkpoint_tool("falcon_h1_parallel")
 
 
 @pytest.fixture(scope="module")
