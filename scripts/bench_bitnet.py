@@ -43,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from project_paths import use  # noqa: E402
 from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 SHAPES = {  # name: (in_features K, out_features N)
@@ -68,7 +69,7 @@ def _import_bitnet():
     try:
         return importlib.import_module("megatron.core.bitnet")
     except ImportError:
-        sys.path.insert(0, str(REPO / "megatron_overlay"))
+        use("overlay")
         importlib.invalidate_caches()
         return importlib.import_module("megatron.core.bitnet")
 

@@ -7,26 +7,38 @@ single-process gloo group unless they spawn their own workers.
 
 from __future__ import annotations
 
-import os
+import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = Path(os.environ.get("FALCON_MCORE_BUILD", ROOT / "build" / "Megatron-LM"))
+# The project's one import helper (scripts/lib/project_paths.py); tests import project code
+# through it and the functions below, never by sys.path insertions of their own.
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from project_paths import megatron_tree, use  # noqa: E402
+
+BUILD = megatron_tree()
 # Test helper modules are imported as top-level names (tests/ is not a package: the patched
 # tree on sys.path has a `tests` package of its own).
-sys.path.insert(0, str(ROOT / "tests"))
+use("tests")
 
 
 def megatron_path() -> Path:
     """Path of the patched tree, put first on sys.path; fails clearly when it is missing."""
     if not (BUILD / "megatron" / "core").is_dir():
         pytest.fail(f"{BUILD} is not a patched Megatron tree: run `make apply-patches` first")
-    if str(BUILD) not in sys.path:
-        sys.path.insert(0, str(BUILD))
+    use("megatron")
     return BUILD
+
+
+def checkpoint_tool(name: str) -> ModuleType:
+    """Module ``name`` of the patched tree's ``tools/checkpoint`` (the converters)."""
+    megatron_path()
+    use("checkpoint_tools")
+    return importlib.import_module(name)
 
 
 @pytest.fixture

@@ -62,8 +62,6 @@ def test_gpu_track_copies_of_the_step_annotations_are_not_steps():
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "scripts" / "lib"))
-    sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
     return _load("bench_falcon_h1", ROOT / "scripts/gpu/bench_falcon_h1.py")
 
 

@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from project_paths import use  # noqa: E402
 
 # size: layers, hidden, heads, kv heads, head_dim, mamba heads, mamba head_dim, d_state,
 #       groups, ffn, vocab, mamba_rms_norm
@@ -58,12 +60,12 @@ def mapping():
     megatron = Path(os.environ.get("MEGATRON", ROOT / "build" / "Megatron-LM"))
     if not (megatron / "megatron" / "core").is_dir():
         sys.exit(f"error: {megatron} is not a patched Megatron tree (run `make apply-patches`)")
-    sys.path[:0] = [str(ROOT / "megatron_overlay" / "tools" / "checkpoint"), str(megatron)]
+    use("overlay_checkpoint_tools", "megatron", megatron=megatron)
     with warnings.catch_warnings():  # Megatron's import-time notices (no TE / apex, ...)
         warnings.simplefilter("ignore")
-        import falcon_h1_mapping
+        import falcon_h1_config
 
-    return falcon_h1_mapping
+    return falcon_h1_config
 
 
 def multiplier_flags(m: dict) -> list[str]:

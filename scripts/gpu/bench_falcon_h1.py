@@ -47,9 +47,9 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "lib"))
-sys.path.insert(0, str(ROOT / "scripts" / "falcon_h1"))
-sys.path.insert(0, str(ROOT / "megatron_overlay" / "tools" / "checkpoint"))
+from project_paths import use  # noqa: E402
 
+use("overlay_checkpoint_tools", "falcon_h1_scripts")
 from falcon_h1_args import MULTIPLIERS_0_5B  # noqa: E402
 from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
 from gpu_trace import gpu_busy_fraction, kernel_names, load_trace, top_kernels  # noqa: E402
@@ -253,7 +253,7 @@ def run_hf(name: str, case: str, iters: int, out_dir: Path, keep: bool = False) 
 
 
 def megatron_flags(case: str) -> list[str]:
-    from falcon_h1_mapping import megatron_model_flags, parse_hf_config
+    from falcon_h1_config import megatron_model_flags, parse_hf_config
 
     shape, seq, mbs = CASES[case]
     config = SHAPES[shape]
@@ -478,7 +478,7 @@ def main() -> int:
     timing_plan(args.iters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.megatron = args.megatron.resolve()
-    sys.path.insert(0, str(args.megatron))  # the converter's mapping reads Megatron's table
+    use("megatron", megatron=args.megatron)  # the converter's mapping reads Megatron's table
 
     from provenance import provenance
 

@@ -37,6 +37,7 @@ BF16_LOGITS_REL = 3e-2  # of the logit scale; HF's own bf16 vs fp32: 1.6e-2 here
 # fp32 (TF32 off): kernel reduction order only, through 36 layers.
 FP32_LOGITS_REL = 1e-3
 sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from project_paths import use  # noqa: E402
 from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 
@@ -65,9 +66,7 @@ def main() -> int:
     megatron = _megatron_dir(args.megatron)
     if "selective_scan_cuda" not in sys.modules:  # the GPU mamba_ssm wheel lacks Mamba-1
         sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
-    for p in (str(ROOT / "tests"), str(megatron / "tools" / "checkpoint"), str(megatron)):
-        if p not in sys.path:
-            sys.path.insert(0, p)
+    use("megatron", "checkpoint_tools", "tests", megatron=megatron)
     import falcon_h1_conversion as tool
     import torch
     from falcon_h1.oracle import MULTIPLIERS_0_5B, TinyShape, hf_config

@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+from project_paths import use  # noqa: E402
 from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 # Tolerances. fp32 (TF32 off): kernel reduction order only; relative to the logit scale
@@ -153,8 +154,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     _install_selective_scan_placeholder()
-    sys.path.insert(0, args.megatron)
-    sys.path.insert(0, str(ROOT / "tests"))
+    use("tests", "megatron", megatron=args.megatron)
     import torch
     import torch.distributed as dist
 

@@ -56,6 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 OVERLAY = REPO_ROOT / "megatron_overlay"
 NAIVE_FILE = OVERLAY / "tests" / "unit_tests" / "ssm" / "mamba2_naive.py"
 sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
+from project_paths import use  # noqa: E402
 from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
 # rel-error tolerances (normalised by the kernel output's max magnitude)
@@ -99,8 +100,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_torch_ops():
     """Import mamba2_torch from this checkout's overlay (or an already patched tree)."""
-    if OVERLAY.is_dir() and str(OVERLAY) not in sys.path:
-        sys.path.insert(0, str(OVERLAY))
+    if OVERLAY.is_dir():
+        use("overlay")
     try:
         from megatron.core.ssm import mamba2_torch
 

@@ -17,7 +17,7 @@ its cross-rank reductions). The exported HF checkpoint must
   tolerance is 1e-5 of it: transformers rounds ``x * (127 / absmax)`` where Megatron rounds
   ``x * 127 / absmax``, so a tie can in principle land on the other integer);
 * hold packed weights that unpack to exactly Megatron's per-rank ``T`` (mapped back with the
-  HF -> Megatron layouts of ``falcon_h1_mapping``, i.e. independently of the exporter's merge)
+  HF -> Megatron layouts of ``falcon_h1_layouts``, i.e. independently of the exporter's merge)
   and ``weight_scale == 1/beta`` (BitLinear) or ``beta`` (AutoBitLinear) with Megatron's beta
   of each q / k / v / gate / up / other matrix, bit for bit;
 * carry the ``--bitnet-rms-norm`` weights.
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, megatron_path
+from conftest import ROOT, checkpoint_tool, megatron_path
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -79,18 +79,17 @@ def tool():
     tools = megatron_path() / "tools" / "checkpoint"
     if not (tools / "bitnet_hf_export.py").is_file():
         pytest.fail(f"{tools}/bitnet_hf_export.py missing: run `make apply-patches`")
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import bitnet_hf_export
-
-    return bitnet_hf_export
+    return checkpoint_tool("bitnet_hf_export")
 
 
 @pytest.fixture(scope="module")
-def fm(tool):
-    import falcon_h1_mapping
+def layouts():
+    return checkpoint_tool("falcon_h1_layouts")
 
-    return falcon_h1_mapping
+
+@pytest.fixture(scope="module")
+def config_mapping():
+    return checkpoint_tool("falcon_h1_config")
 
 
 @pytest.fixture(scope="module")
@@ -216,20 +215,20 @@ def _assert_logits_close(got: torch.Tensor, want: torch.Tensor, scale: float, la
     return worst / scale
 
 
-def _gpt_hf_to_megatron_ranks(fm, hf: dict, prefix: str, dims, tp: int) -> dict:
+def _gpt_hf_to_megatron_ranks(layouts, hf: dict, prefix: str, dims, tp: int) -> dict:
     """HF q/k/v/o/gate/up/down tensors of one layer -> Megatron per-rank tensors (the inverse
     layouts, written from the HF side: fused QKV per query group split into whole groups,
     [gate_r; up_r] per rank, row-parallel split on dim 1)."""
-    qkv = fm.qkv_from_hf(
+    qkv = layouts.qkv_from_hf(
         hf[prefix + "self_attn.q_proj"], hf[prefix + "self_attn.k_proj"],
         hf[prefix + "self_attn.v_proj"], dims,
     )  # fmt: skip
     fc1 = torch.cat([hf[prefix + "mlp.gate_proj"], hf[prefix + "mlp.up_proj"]], dim=0)
     return {
-        "self_attention.linear_qkv": fm.split_dim(qkv, tp, 0),
-        "self_attention.linear_proj": fm.split_dim(hf[prefix + "self_attn.o_proj"], tp, 1),
-        "mlp.linear_fc1": fm.split_segments(fc1, [dims.ffn, dims.ffn], tp),
-        "mlp.linear_fc2": fm.split_dim(hf[prefix + "mlp.down_proj"], tp, 1),
+        "self_attention.linear_qkv": layouts.split_dim(qkv, tp, 0),
+        "self_attention.linear_proj": layouts.split_dim(hf[prefix + "self_attn.o_proj"], tp, 1),
+        "mlp.linear_fc1": layouts.split_segments(fc1, [dims.ffn, dims.ffn], tp),
+        "mlp.linear_fc2": layouts.split_dim(hf[prefix + "mlp.down_proj"], tp, 1),
     }
 
 
@@ -330,7 +329,7 @@ def test_pack_layout_matches_transformers(tool, eager_transformers):
 
 @pytest.mark.parametrize("name", ["gpt_tp1", "gpt_tp2_rms"])
 def test_gpt_bitnet_export_matches_megatron(
-    tool, fm, checkpoints, references, tokens, tmp_path, eager_transformers, name
+    tool, layouts, checkpoints, references, tokens, tmp_path, eager_transformers, name
 ):
     from transformers.integrations.bitnet import BitLinear
 
@@ -363,7 +362,7 @@ def test_gpt_bitnet_export_matches_megatron(
     ternary = _unpacked(tool, tensors)
     dims = tool.check_gpt_args(_args(checkpoints(name)))
     for i in range(dims.num_layers):
-        ranks = _gpt_hf_to_megatron_ranks(fm, ternary, f"model.layers.{i}.", dims, tp)
+        ranks = _gpt_hf_to_megatron_ranks(layouts, ternary, f"model.layers.{i}.", dims, tp)
         for mg_linear, shards in ranks.items():
             for r in range(tp):
                 t_mg = reference[r]["layers"][f"decoder.layers.{i}.{mg_linear}"]["t"]
@@ -395,7 +394,7 @@ def test_gpt_autobitlinear_export(
     _check_scales_and_norms(tensors, references(name), GPT_SEGMENTS, 2, "autobitlinear")
 
 
-def test_gpt_dense_export(tool, fm, checkpoints, references, tmp_path, eager_transformers):
+def test_gpt_dense_export(tool, layouts, checkpoints, references, tmp_path, eager_transformers):
     """--format dense: a plain LlamaForCausalLM with weights beta*T (fp32 and bf16); the bf16
     export goes through the wrapper script."""
     from transformers import LlamaForCausalLM
@@ -430,7 +429,7 @@ def test_gpt_dense_export(tool, fm, checkpoints, references, tmp_path, eager_tra
             # Megatron's dequantised weight beta*T (per-row beta), in the HF layout.
             wq = entry["t"].to(torch.float32) * entry["beta"].reshape(-1, 1)
             if mg_linear.endswith("linear_qkv"):
-                parts = dict(zip("qkv", fm.qkv_to_hf(wq, dims)))
+                parts = dict(zip("qkv", layouts.qkv_to_hf(wq, dims)))
             elif mg_linear.endswith("linear_fc1"):
                 parts = {"gate": wq[: dims.ffn], "up": wq[dims.ffn :]}
             else:
@@ -492,7 +491,7 @@ def test_torch_dist_export_equals_legacy(tool, checkpoints, references, work, tm
 
 
 def test_falcon_h1_bitnet_export_matches_megatron(
-    tool, fm, checkpoints, references, tokens, tmp_path, eager_transformers
+    tool, layouts, config_mapping, checkpoints, references, tokens, tmp_path, eager_transformers
 ):
     from transformers.integrations.bitnet import BitLinear
 
@@ -513,7 +512,7 @@ def test_falcon_h1_bitnet_export_matches_megatron(
 
     tensors = _read(out)
     ternary = _unpacked(tool, tensors)
-    settings, _ = fm.settings_from_megatron_args(_args(checkpoints(name)))
+    settings, _ = config_mapping.settings_from_megatron_args(_args(checkpoints(name)))
     dims = settings.dims
     hf_linears = {m for segs in FALCON_SEGMENTS.values() for m in segs.values()}
     for i in range(dims.num_layers):
@@ -523,7 +522,7 @@ def test_falcon_h1_bitnet_export_matches_megatron(
         }
         for module in hf_linears:
             layer_tensors[module + ".weight"] = ternary[p + module]
-        (mg,) = fm.hf_layer_to_megatron(layer_tensors, dims, 1)
+        (mg,) = layouts.hf_layer_to_megatron(layer_tensors, dims, 1)
         for mg_linear in FALCON_SEGMENTS:
             t_mg = reference[0]["layers"][f"decoder.layers.{i}.{mg_linear}"]["t"]
             assert torch.equal(mg[mg_linear + ".weight"], t_mg), (i, mg_linear)

@@ -43,7 +43,7 @@ def cpu_tolerant():
     """The converter's context for Megatron's CUDA-only calls on CPU (see the tool), plus a
     CPU ``read_metadata``: upstream's all-reduces the tracker's iteration in a CUDA tensor
     whenever torch.distributed is initialized. Nothing changes on a machine with CUDA."""
-    import falcon_h1_conversion
+    from conversion_io import cpu_tolerant_megatron
     from megatron.training import checkpointing
 
     if torch.cuda.is_available():
@@ -57,7 +57,7 @@ def cpu_tolerant():
 
     checkpointing.read_metadata = read_metadata
     try:
-        with falcon_h1_conversion._cpu_tolerant_megatron():
+        with cpu_tolerant_megatron():
             yield
     finally:
         checkpointing.read_metadata = original

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, megatron_path
+from conftest import ROOT, checkpoint_tool, megatron_path
 from falcon_h1.oracle import MULTIPLIERS, TinyShape, build_hf_model
 
 pytestmark = pytest.mark.megatron
@@ -39,19 +39,17 @@ PARALLEL = [(1, 1), (2, 1), (1, 2), (2, 2)]
 @pytest.fixture(scope="module")
 def tool():
     """The converter module, imported from the patched tree's tools/checkpoint."""
-    tools = megatron_path() / "tools" / "checkpoint"
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import falcon_h1_conversion
-
-    return falcon_h1_conversion
+    return checkpoint_tool("falcon_h1_conversion")
 
 
 @pytest.fixture(scope="module")
-def fm(tool):
-    import falcon_h1_mapping
+def layouts():
+    return checkpoint_tool("falcon_h1_layouts")
 
-    return falcon_h1_mapping
+
+@pytest.fixture(scope="module")
+def parallel():
+    return checkpoint_tool("falcon_h1_parallel")
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +117,16 @@ def _inputs(shape: TinyShape, model) -> dict:
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_layout_splits_are_exact_inverses(fm, tp):
+def test_layout_splits_are_exact_inverses(layouts, tp):
     g = torch.Generator().manual_seed(0)
-    dims = fm.FalconH1Dims(
+    dims = layouts.FalconH1Dims(
         num_layers=1, hidden=16, ffn=24, heads=8, kv_heads=4, head_dim=6, vocab=50,
         mamba_heads=8, mamba_head_dim=4, mamba_groups=4, d_state=3, conv_kernel=4,
         mamba_rms_norm=True,
     )  # fmt: skip
-    layer = {k: torch.randn(s, generator=g) for k, s in _layer_shapes(fm, dims).items()}
-    shards = fm.hf_layer_to_megatron(layer, dims, tp)
-    back = fm.megatron_layer_to_hf(shards, dims)
+    layer = {k: torch.randn(s, generator=g) for k, s in _layer_shapes(layouts, dims).items()}
+    shards = layouts.hf_layer_to_megatron(layer, dims, tp)
+    back = layouts.megatron_layer_to_hf(shards, dims)
     assert set(back) == set(layer)
     for k in layer:
         assert torch.equal(back[k], layer[k]), k
@@ -147,7 +145,7 @@ def test_layout_splits_are_exact_inverses(fm, tp):
 
     # Fused QKV: per query group [its query heads; key; value].
     q, k, v = (layer[f"self_attn.{n}_proj.weight"] for n in "qkv")
-    qkv = fm.qkv_from_hf(q, k, v, dims)
+    qkv = layouts.qkv_from_hf(q, k, v, dims)
     per, d = dims.heads // dims.kv_heads, dims.head_dim
     rows = (per + 2) * d
     for grp in range(dims.kv_heads):
@@ -163,37 +161,37 @@ def test_layout_splits_are_exact_inverses(fm, tp):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_layout_with_more_ranks_than_groups(fm, tp):
+def test_layout_with_more_ranks_than_groups(layouts, parallel, tp):
     """One Mamba group and one KV head shared by ``tp`` ranks: every component is still split
     evenly (rank r holds d_state / tp rows of B and of C, and the r-th row block of the fused
     QKV), and the split is exactly inverted."""
     g = torch.Generator().manual_seed(1)
-    dims = fm.FalconH1Dims(
+    dims = layouts.FalconH1Dims(
         num_layers=1, hidden=16, ffn=24, heads=4, kv_heads=1, head_dim=6, vocab=50,
         mamba_heads=8, mamba_head_dim=4, mamba_groups=1, d_state=8, conv_kernel=4,
         mamba_rms_norm=True,
     )  # fmt: skip
-    fm.check_tensor_parallel(dims, tp)
-    layer = {k: torch.randn(s, generator=g) for k, s in _layer_shapes(fm, dims).items()}
-    shards = fm.hf_layer_to_megatron(layer, dims, tp)
-    back = fm.megatron_layer_to_hf(shards, dims)
+    parallel.check_tensor_parallel(dims, tp)
+    layer = {k: torch.randn(s, generator=g) for k, s in _layer_shapes(layouts, dims).items()}
+    shards = layouts.hf_layer_to_megatron(layer, dims, tp)
+    back = layouts.megatron_layer_to_hf(shards, dims)
     for k in layer:
         assert torch.equal(back[k], layer[k]), k
     z, x, b, c, dt = torch.split(layer["mamba.in_proj.weight"], dims.in_proj_sizes())
-    qkv = fm.qkv_from_hf(*(layer[f"self_attn.{n}_proj.weight"] for n in "qkv"), dims)
+    qkv = layouts.qkv_from_hf(*(layer[f"self_attn.{n}_proj.weight"] for n in "qkv"), dims)
     for r, shard in enumerate(shards):
         in_proj = shard["self_attention.mamba.in_proj.weight"]
         assert in_proj.shape[0] == (2 * 32 + 2 * 8 + 8) // tp
         expected = torch.cat([t.chunk(tp)[r] for t in (z, x, b, c, dt)])
         assert torch.equal(in_proj, expected)
         assert torch.equal(shard["self_attention.attention.linear_qkv.weight"], qkv.chunk(tp)[r])
-    odd = fm.FalconH1Dims(**{**dims.to_dict(), "d_state": 6})
-    with pytest.raises(fm.ConversionError, match="mamba_d_state=6 B / C rows evenly"):
-        fm.check_tensor_parallel(odd, 4)
+    odd = layouts.FalconH1Dims(**{**dims.to_dict(), "d_state": 6})
+    with pytest.raises(parallel.ConversionError, match="mamba_d_state=6 B / C rows evenly"):
+        parallel.check_tensor_parallel(odd, 4)
 
 
-def _layer_shapes(fm, dims) -> dict:
-    full = fm.hf_shapes(dims)
+def _layer_shapes(layouts, dims) -> dict:
+    full = layouts.hf_shapes(dims)
     return {
         k[len("model.layers.0.") :]: s for k, s in full.items() if k.startswith("model.layers.0.")
     }
@@ -216,6 +214,42 @@ def test_round_trip_is_bit_identical(tool, hf_models, tmp_path, fmt, tp, pp):
         assert ranks == sorted(f"mp_rank_{r:02d}{s}" for r in range(tp) for s in suffix)
     assert _mg_to_hf(tool, tmp_path / "mg", tmp_path / "hf") == 0
     _assert_same_hf(hf_dir, tmp_path / "hf")
+
+
+def test_shared_reader_merges_extra_layer_tensors(tool, hf_models, tmp_path):
+    """The reader the converter and the BitNet exporter share, at TP=2 PP=2: HF tensors equal
+    the source's, and each extra per-layer tensor (the BitNet exporter's input norms) comes back
+    whole: a replicated one as rank 0's copy, a split one concatenated along dim 0. Replicated
+    tensors that differ between ranks are refused."""
+    import conversion_io
+    from falcon_h1_checkpoint import FalconH1Checkpoint
+
+    hf_dir, model, _ = hf_models["g2"]
+    assert _hf_to_mg(tool, hf_dir, tmp_path / "mg", 2, 2, "torch") == 0
+    reader = conversion_io.open_megatron_checkpoint(tmp_path / "mg")
+    g = torch.Generator().manual_seed(5)
+    whole = {}
+    for (r, s), state in reader.models.items():
+        for local in range(2):
+            i = 2 * s + local
+            whole.setdefault(i, (torch.randn(6, generator=g), torch.randn(2, 4, generator=g)))
+            state[f"decoder.layers.{local}.rep.weight"] = whole[i][0].clone()
+            state[f"decoder.layers.{local}.split.weight"] = whole[i][1][r : r + 1].clone()
+    ckpt = FalconH1Checkpoint(reader, extra_layer_keys={"rep.weight": True, "split.weight": False})
+    source = model.state_dict()
+    for i in range(4):
+        layer, extra = ckpt.layer(i)
+        for name, tensor in layer.items():
+            assert torch.equal(tensor, source[f"model.layers.{i}.{name}"]), (i, name)
+        assert torch.equal(extra["rep.weight"], whole[i][0])
+        assert torch.equal(extra["split.weight"], whole[i][1])
+    reader.models[(1, 1)]["decoder.layers.0.rep.weight"] += 1
+    with pytest.raises(conversion_io.ConversionError, match="rep.weight differs between TP rank"):
+        ckpt.layer(2)
+    norm = "decoder.layers.1.input_layernorm.weight"  # replicated Falcon-H1 tensors too
+    reader.models[(1, 0)][norm] = reader.models[(1, 0)][norm] + 1
+    with pytest.raises(conversion_io.ConversionError, match="input_layernorm.weight differs"):
+        ckpt.layer(1)
 
 
 def test_checkpoint_args_record_the_model(tool, hf_models, tmp_path):

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import megatron_path
+from conftest import checkpoint_tool
 from falcon_h1.oracle import MULTIPLIERS, TinyShape, build_hf_model
 
 pytestmark = pytest.mark.megatron
@@ -29,12 +28,7 @@ pytestmark = pytest.mark.megatron
 
 @pytest.fixture(scope="module")
 def tool():
-    tools = megatron_path() / "tools" / "checkpoint"
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import falcon_h1_conversion
-
-    return falcon_h1_conversion
+    return checkpoint_tool("falcon_h1_conversion")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import megatron_path
+from conftest import checkpoint_tool, megatron_path
 from falcon_h1.oracle import (
     MULTIPLIERS,
     TinyShape,
@@ -55,12 +55,7 @@ def test_gated_norm_epsilon_is_the_model_norm_epsilon(single_rank_model_parallel
 
 @pytest.fixture(scope="module")
 def mapping():
-    tools = megatron_path() / "tools" / "checkpoint"
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import falcon_h1_mapping
-
-    return falcon_h1_mapping
+    return checkpoint_tool("falcon_h1_config")
 
 
 def _hf_config(**overrides):

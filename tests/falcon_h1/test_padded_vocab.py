@@ -15,11 +15,10 @@ softmax - one-hot, has L1 norm <= 2), so the mean losses may differ by up to 2e-
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
-from conftest import megatron_path
+from conftest import checkpoint_tool
 from falcon_h1.oracle import MULTIPLIERS, TinyShape, build_hf_model
 
 pytestmark = pytest.mark.megatron
@@ -31,12 +30,7 @@ LOSS_TOL = 2e-5  # see the module docstring
 
 @pytest.fixture(scope="module")
 def tool():
-    tools = megatron_path() / "tools" / "checkpoint"
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import falcon_h1_conversion
-
-    return falcon_h1_conversion
+    return checkpoint_tool("falcon_h1_conversion")
 
 
 def _convert(tool, hf_dir, save_dir, tp):

@@ -13,11 +13,10 @@ Megatron saved at TP=4 loads at TP=1 bit-identical to the TP=1 conversion
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
-from conftest import megatron_path
+from conftest import checkpoint_tool
 from falcon_h1.oracle import MULTIPLIERS, TinyShape, build_hf_model
 
 pytestmark = pytest.mark.megatron
@@ -28,12 +27,7 @@ SEQ_LEN = 21
 
 @pytest.fixture(scope="module")
 def tool():
-    tools = megatron_path() / "tools" / "checkpoint"
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    import falcon_h1_conversion
-
-    return falcon_h1_conversion
+    return checkpoint_tool("falcon_h1_conversion")
 
 
 @pytest.fixture(scope="module")

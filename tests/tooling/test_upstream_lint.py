@@ -11,14 +11,14 @@ from __future__ import annotations
 import datetime
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 from patchset_testlib import LINT_VENV, REPO_ROOT, write_files, write_pin
+from project_paths import use
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+use("scripts")
 import upstream_lint as ul  # noqa: E402
 
 YEAR = datetime.date.today().year

@@ -18,7 +18,7 @@ Models:
   norm, interleaved or scaled RoPE, MoE, MTP, muP / Falcon multipliers, tied embeddings, ...) is
   refused.
 * ``falcon-h1``: a Falcon-H1 stack of parallel hybrid ``P`` layers becomes
-  ``FalconH1ForCausalLM`` (names, layouts and config from ``falcon_h1_mapping``).
+  ``FalconH1ForCausalLM``, read by the dense converter's reader (``falcon_h1_checkpoint``).
 
 Formats:
 
@@ -81,9 +81,25 @@ for _p in (str(_HERE), str(_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import falcon_h1_conversion as fc  # noqa: E402
-import falcon_h1_mapping as fm  # noqa: E402
-from falcon_h1_mapping import ConversionError  # noqa: E402
+import falcon_h1_config as cfg  # noqa: E402
+import falcon_h1_layouts as layouts  # noqa: E402
+from conversion_io import (  # noqa: E402
+    ConversionError,
+    LegacyReader,
+    Progress,
+    SafetensorsWriter,
+    TorchDistReader,
+    arg_mismatches,
+    arg_value,
+    atomic_output_dir,
+    check_tensors,
+    gib,
+    logger,
+    merge_replicated,
+    open_megatron_checkpoint,
+    run_tool,
+)
+from falcon_h1_checkpoint import FalconH1Checkpoint  # noqa: E402
 
 Tensor = torch.Tensor
 
@@ -94,8 +110,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODULES_TO_NOT_CONVERT = ["lm_head"]
 
 
-def _log(msg: str) -> None:
-    print(f"[bitnet-hf-export] {msg}", file=sys.stderr, flush=True)
+_log = logger("bitnet-hf-export")
 
 
 def _quant():
@@ -170,33 +185,6 @@ def bitlinear_tensors(
 # --------------------------------------------------------------------------------------------
 
 
-def _short(names: Sequence[str], n: int = 6) -> str:
-    names = list(names)
-    shown = ", ".join(names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _check_keys(where: str, have: Sequence[str], expected: Sequence[str]) -> None:
-    have_set = {k for k in have if not k.endswith("._extra_state") and "/" not in k}
-    missing = sorted(set(expected) - have_set)
-    unexpected = sorted(have_set - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s): {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s): {_short(unexpected)}")
-    if problems:
-        raise ConversionError(f"{where}: " + "; ".join(problems))
-
-
-def _merge_replicated(name: str, shards: Sequence[Tensor]) -> Tensor:
-    """A tensor every TP rank holds whole (norms): all copies must be equal."""
-    for r, s in enumerate(shards[1:], start=1):
-        if not torch.equal(shards[0], s):
-            raise ConversionError(f"{name} differs between TP rank 0 and TP rank {r}")
-    return shards[0]
-
-
 #: BitNet input-norm weights (``--bitnet-rms-norm``) per Megatron linear: column-parallel ones
 #: are replicated over TP, row-parallel ones are split like the input features (dim 0).
 def _rms_key(linear: str) -> str:
@@ -230,67 +218,65 @@ GPT_HF_LINEARS = {
     GPT_FC2: ("mlp.down_proj",),
 }
 FALCON_HF_LINEARS = {
-    fm.MG_ATTN + "linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    fm.MG_ATTN + "linear_proj": ("self_attn.o_proj",),
-    fm.MG_MAMBA + "in_proj": ("mamba.in_proj",),
-    fm.MG_MAMBA + "out_proj": ("mamba.out_proj",),
+    layouts.MG_ATTN + "linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    layouts.MG_ATTN + "linear_proj": ("self_attn.o_proj",),
+    layouts.MG_MAMBA + "in_proj": ("mamba.in_proj",),
+    layouts.MG_MAMBA + "out_proj": ("mamba.out_proj",),
     "mlp.linear_fc1": ("feed_forward.gate_proj", "feed_forward.up_proj"),
     "mlp.linear_fc2": ("feed_forward.down_proj",),
 }
-FALCON_COLUMN_PARALLEL = (fm.MG_ATTN + "linear_qkv", fm.MG_MAMBA + "in_proj", "mlp.linear_fc1")
+FALCON_COLUMN_PARALLEL = (
+    layouts.MG_ATTN + "linear_qkv",
+    layouts.MG_MAMBA + "in_proj",
+    "mlp.linear_fc1",
+)
 
 
-def _arg(args, name, default=None):
-    value = getattr(args, name, default)
-    return default if value is None else value
+# Megatron arguments of a GPT that Llama represents: (name, value[, default when absent]).
+_LLAMA_ARGS = (
+    ("swiglu", True),
+    ("normalization", "RMSNorm"),
+    ("add_bias_linear", False),
+    ("add_qkv_bias", False, False),
+    ("position_embedding_type", "rope"),
+    ("rotary_percent", 1.0, 1.0),
+    ("rotary_interleaved", False, False),
+    ("use_rope_scaling", False, False),
+    ("rotary_seq_len_interpolation_factor", None),
+    ("rope_type", None),
+    ("no_rope_freq", None),
+    ("untie_embeddings_and_output_weights", True),
+    ("qk_layernorm", False, False),
+    ("qk_l2_norm", False, False),
+    ("apply_layernorm_1p", False, False),
+    ("layernorm_zero_centered_gamma", False, False),
+    ("apply_residual_connection_post_layernorm", False, False),
+    ("attention_output_gate", False, False),
+    ("softmax_type", "vanilla", "vanilla"),
+    ("glu_linear_offset", 0.0, 0.0),
+    ("activation_func_clamp_value", None),
+    ("window_size", None),
+    ("num_experts", None),
+    ("mtp_num_layers", None),
+    ("multi_latent_attention", False, False),
+    ("experimental_attention_variant", None),
+    ("heterogeneous_layers_config_path", None),
+    ("spec", None),
+    ("yaml_cfg", None),
+    ("hybrid_layer_pattern", None),
+    ("use_mup", False, False),
+    ("virtual_pipeline_model_parallel_size", None),
+)
 
 
 def check_gpt_args(args) -> SimpleNamespace:
     """Shapes of the Llama model the GPT ``args`` describe; ConversionError for anything a
     ``LlamaForCausalLM`` cannot express."""
-    problems = []
-
-    def expect(name, wanted, default=None):
-        value = getattr(args, name, default)
-        if value != wanted:
-            problems.append(f"{name}={value!r} (needs {wanted!r})")
-
-    expect("swiglu", True)
-    expect("normalization", "RMSNorm")
-    expect("add_bias_linear", False)
-    expect("add_qkv_bias", False, False)
-    expect("position_embedding_type", "rope")
-    expect("rotary_percent", 1.0, 1.0)
-    expect("rotary_interleaved", False, False)
-    expect("use_rope_scaling", False, False)
-    expect("rotary_seq_len_interpolation_factor", None)
-    expect("rope_type", None)
-    expect("no_rope_freq", None)
-    expect("untie_embeddings_and_output_weights", True)
-    expect("qk_layernorm", False, False)
-    expect("qk_l2_norm", False, False)
-    expect("apply_layernorm_1p", False, False)
-    expect("layernorm_zero_centered_gamma", False, False)
-    expect("apply_residual_connection_post_layernorm", False, False)
-    expect("attention_output_gate", False, False)
-    expect("softmax_type", "vanilla", "vanilla")
-    expect("glu_linear_offset", 0.0, 0.0)
-    expect("activation_func_clamp_value", None)
-    expect("window_size", None)
-    expect("num_experts", None)
-    expect("mtp_num_layers", None)
-    expect("multi_latent_attention", False, False)
-    expect("experimental_attention_variant", None)
-    expect("heterogeneous_layers_config_path", None)
-    expect("spec", None)
-    expect("yaml_cfg", None)
-    expect("hybrid_layer_pattern", None)
-    expect("use_mup", False, False)
-    expect("virtual_pipeline_model_parallel_size", None)
-    for name in fm.SCALAR_MULTIPLIERS:
-        if float(_arg(args, name, 1.0)) != 1.0:
+    problems = arg_mismatches(args, _LLAMA_ARGS, "needs")
+    for name in cfg.SCALAR_MULTIPLIERS:
+        if float(arg_value(args, name, 1.0)) != 1.0:
             problems.append(f"{name}={getattr(args, name)!r} (Llama has no multipliers)")
-    for name in fm.LIST_MULTIPLIERS:
+    for name in cfg.LIST_MULTIPLIERS:
         value = getattr(args, name, None)
         if value is not None and any(float(v) != 1.0 for v in value):
             problems.append(f"{name}={value!r} (Llama has no multipliers)")
@@ -312,11 +298,11 @@ def check_gpt_args(args) -> SimpleNamespace:
         ffn=int(args.ffn_hidden_size),
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=int(_arg(args, "kv_channels", hidden // heads)),
-        rms_norm_eps=float(_arg(args, "layernorm_epsilon", 1e-5)),
-        rope_theta=float(_arg(args, "rotary_base", 10000)),
+        head_dim=int(arg_value(args, "kv_channels", hidden // heads)),
+        rms_norm_eps=float(arg_value(args, "layernorm_epsilon", 1e-5)),
+        rope_theta=float(arg_value(args, "rotary_base", 10000)),
         max_position_embeddings=int(args.max_position_embeddings),
-        init_std=float(_arg(args, "init_method_std", 0.02)),
+        init_std=float(arg_value(args, "init_method_std", 0.02)),
     )
 
 
@@ -351,7 +337,7 @@ def llama_config(dims: SimpleNamespace, vocab: int) -> dict:
 class _GptLegacy:
     """Per-layer Megatron tensors of a legacy GPT checkpoint, TP shards merged to TP=1 layout."""
 
-    def __init__(self, reader: "fc.LegacyReader", dims: SimpleNamespace, rms: bool):
+    def __init__(self, reader: LegacyReader, dims: SimpleNamespace, rms: bool):
         self.reader, self.dims, self.rms = reader, dims, rms
         # Layers of each pipeline stage, from the files (handles uneven splits).
         self.stage_of: List[Tuple[int, int]] = []
@@ -391,21 +377,18 @@ class _GptLegacy:
                 expected += [p + lin + ".weight" for lin in GPT_LINEARS]
                 if self.rms:
                     expected += [p + _rms_key(lin) for lin in GPT_LINEARS]
-            _check_keys(f"TP rank {tp_rank} PP stage {s}", list(model), expected)
-
-    def shards(self, name: str, stage: int) -> List[Tensor]:
-        return [self.reader.models[(r, stage)][name] for r in range(self.reader.tp)]
+            check_tensors(f"rank TP={tp_rank} PP={s}", list(model), expected)
 
     def embedding(self) -> Tensor:
-        return torch.cat(self.shards(GPT_EMBED, 0), dim=0)
+        return torch.cat(self.reader.shards(GPT_EMBED, 0), dim=0)
 
     def final_norm(self) -> Tensor:
         last = self.reader.pp - 1
         name = self._norm_name(self.reader.models[(0, last)], "", GPT_FINAL_NORM)
-        return _merge_replicated(name, self.shards(name, last))
+        return merge_replicated(name, self.reader.shards(name, last))
 
     def output(self) -> Tensor:
-        return torch.cat(self.shards(GPT_OUTPUT, self.reader.pp - 1), dim=0)
+        return torch.cat(self.reader.shards(GPT_OUTPUT, self.reader.pp - 1), dim=0)
 
     def layer(self, i: int) -> Dict[str, Tensor]:
         """Megatron names (TP=1 layout) -> tensors of global layer ``i``."""
@@ -415,18 +398,20 @@ class _GptLegacy:
         out: Dict[str, Tensor] = {}
         for hf_name, names in GPT_NORMS.items():
             n = self._norm_name(model0, p, names)
-            out[hf_name] = _merge_replicated(p + n, self.shards(p + n, stage))
+            out[hf_name] = merge_replicated(p + n, self.reader.shards(p + n, stage))
         # Each rank holds whole query groups [q heads; k; v] -> concatenating keeps the layout.
-        out[GPT_QKV] = torch.cat(self.shards(p + GPT_QKV + ".weight", stage), dim=0)
-        out[GPT_PROJ] = torch.cat(self.shards(p + GPT_PROJ + ".weight", stage), dim=1)
+        out[GPT_QKV] = torch.cat(self.reader.shards(p + GPT_QKV + ".weight", stage), dim=0)
+        out[GPT_PROJ] = torch.cat(self.reader.shards(p + GPT_PROJ + ".weight", stage), dim=1)
         ffn = self.dims.ffn
-        out[GPT_FC1] = fm.merge_segments(self.shards(p + GPT_FC1 + ".weight", stage), [ffn, ffn])
-        out[GPT_FC2] = torch.cat(self.shards(p + GPT_FC2 + ".weight", stage), dim=1)
+        out[GPT_FC1] = layouts.merge_segments(
+            self.reader.shards(p + GPT_FC1 + ".weight", stage), [ffn, ffn]
+        )
+        out[GPT_FC2] = torch.cat(self.reader.shards(p + GPT_FC2 + ".weight", stage), dim=1)
         if self.rms:
             for lin in GPT_LINEARS:
-                shards = self.shards(p + _rms_key(lin), stage)
+                shards = self.reader.shards(p + _rms_key(lin), stage)
                 out[_rms_key(lin)] = (
-                    _merge_replicated(p + _rms_key(lin), shards)
+                    merge_replicated(p + _rms_key(lin), shards)
                     if lin in GPT_COLUMN_PARALLEL
                     else torch.cat(shards, dim=0)
                 )
@@ -437,7 +422,7 @@ class _GptTorchDist:
     """Per-layer tensors of a GPT ``torch_dist`` checkpoint (global tensors; homogeneous layers
     are stored stacked, ``decoder.layers.<name>`` with a leading layer dimension)."""
 
-    def __init__(self, reader: "fc.TorchDistReader", dims: SimpleNamespace, rms: bool):
+    def __init__(self, reader: TorchDistReader, dims: SimpleNamespace, rms: bool):
         self.dims, self.rms = dims, rms
         names = set(reader.tensors)
         L = dims.num_layers
@@ -466,7 +451,7 @@ class _GptTorchDist:
             expected += ["decoder.layers." + n for n in per_layer]
         else:
             expected += [f"decoder.layers.{i}.{n}" for i in range(L) for n in per_layer]
-        _check_keys("torch_dist checkpoint", list(names), expected)
+        reader.check(dict.fromkeys(expected))
         if self.stacked:
             for n in per_layer:
                 size = tuple(reader.tensors["decoder.layers." + n].size)
@@ -504,7 +489,7 @@ def gpt_layer_to_hf(mg: Dict[str, Tensor], dims: SimpleNamespace, rms: bool) -> 
     quantises them.
     """
     out = {k: mg[k] for k in GPT_NORMS}
-    q, k, v = fm.qkv_to_hf(mg[GPT_QKV], dims)
+    q, k, v = layouts.qkv_to_hf(mg[GPT_QKV], dims)
     out["self_attn.q_proj.weight"] = q
     out["self_attn.k_proj.weight"] = k
     out["self_attn.v_proj.weight"] = v
@@ -535,91 +520,12 @@ def _falcon_rms_to_hf(mg: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-class _FalconSource:
-    """Per-layer HF tensors of a Falcon-H1 checkpoint (legacy at any TP / PP, or torch_dist)."""
-
-    def __init__(self, reader, is_dist: bool, args, vocab: Optional[int], rms: bool):
-        self.reader, self.is_dist, self.rms = reader, is_dist, rms
-        base = fc._base_hf_config(args, None)
-        vocab = vocab or (base or {}).get("vocab_size")
-        self.settings, self.counts = fm.settings_from_megatron_args(args, vocab)
-        self.dims = self.settings.dims
-        self.base = base
-        d = self.dims
-        rms_keys = [_rms_key(lin) for lin in FALCON_HF_LINEARS] if rms else []
-        if is_dist:
-            padded_key = reader.tensors.get(fm.MG_EMBED)
-            if padded_key is None:
-                raise ConversionError(f"torch_dist checkpoint: missing tensor {fm.MG_EMBED}")
-            self.padded = int(padded_key.size[0])
-            expected = dict(fm.torch_dist_keys(d, self.padded))
-            for i in range(d.num_layers):
-                expected.update({f"decoder.layers.{i}.{k}": None for k in rms_keys})
-            _check_keys("torch_dist checkpoint", list(reader.tensors), list(expected))
-        else:
-            fm.check_tensor_parallel(d, reader.tp)
-            offsets = fm.stage_offsets(self.counts)
-            for (r, s), model in reader.models.items():
-                expected = []
-                if s == 0:
-                    expected.append(fm.MG_EMBED)
-                for local in range(self.counts[s]):
-                    p = f"decoder.layers.{local}."
-                    expected += [p + k for k in fm.mg_layer_keys(d) + rms_keys]
-                if s == reader.pp - 1:
-                    expected += [fm.MG_FINAL_NORM, fm.MG_OUTPUT]
-                _check_keys(f"TP rank {r} PP stage {s}", list(model), expected)
-            self.offsets = offsets
-            self.padded = int(sum(t.shape[0] for t in reader.embedding(fm.MG_EMBED, 0)))
-        if self.padded < d.vocab:
-            raise ConversionError(f"padded vocabulary {self.padded} < vocab_size {d.vocab}")
-        self.rms_keys = rms_keys
-
-    def config(self) -> dict:
-        return fm.hf_config_from_settings(self.settings, self.base)
-
-    def embedding(self) -> Tensor:
-        if self.is_dist:
-            full = self.reader.read([fm.MG_EMBED])[fm.MG_EMBED]
-        else:
-            full = torch.cat(self.reader.embedding(fm.MG_EMBED, 0), dim=0)
-        return fm.megatron_vocab_to_hf([full], self.dims.vocab)
-
-    def tail(self) -> Tuple[Tensor, Tensor]:
-        if self.is_dist:
-            t = self.reader.read([fm.MG_FINAL_NORM, fm.MG_OUTPUT])
-            norm, head = t[fm.MG_FINAL_NORM], [t[fm.MG_OUTPUT]]
-        else:
-            last = self.reader.pp - 1
-            norm = _merge_replicated(
-                fm.MG_FINAL_NORM, self.reader.embedding(fm.MG_FINAL_NORM, last)
-            )
-            head = self.reader.embedding(fm.MG_OUTPUT, last)
-        return norm, fm.megatron_vocab_to_hf(head, self.dims.vocab)
-
-    def layer(self, i: int) -> Dict[str, Tensor]:
-        d = self.dims
-        if self.is_dist:
-            p = f"decoder.layers.{i}."
-            keys = list(fm.torch_dist_layer_keys(d, i)) + [p + k for k in self.rms_keys]
-            tensors = self.reader.read(keys)
-            out = fm.torch_dist_layer_to_hf(tensors, d, i)
-            rms = {k: tensors[p + k] for k in self.rms_keys}
-        else:
-            stage = max(s for s in range(len(self.counts)) if self.offsets[s] <= i)
-            local = i - self.offsets[stage]
-            p = f"decoder.layers.{local}."
-            shards = self.reader.layer(stage, local, d)
-            fm.check_replicas_equal(shards, ["input_layernorm.weight", "pre_mlp_layernorm.weight"])
-            out = fm.megatron_layer_to_hf(shards, d)
-            rms = {}
-            for k in self.rms_keys:
-                parts = [self.reader.models[(r, stage)][p + k] for r in range(self.reader.tp)]
-                column = any(k.startswith(c + ".") for c in FALCON_COLUMN_PARALLEL)
-                rms[k] = _merge_replicated(p + k, parts) if column else torch.cat(parts, dim=0)
-        if self.rms:
-            out.update(_falcon_rms_to_hf(rms))
-        return out
+def _falcon_layer(ckpt: FalconH1Checkpoint, i: int, rms: bool) -> Dict[str, Tensor]:
+    """HF tensors of layer ``i``, with the per-linear input norms of ``--bitnet-rms-norm``."""
+    out, norms = ckpt.layer(i)
+    if rms:
+        out.update(_falcon_rms_to_hf(norms))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +549,7 @@ def quantization_config(opts, args) -> dict:
         "quantization_mode": "offline",
         "modules_to_not_convert": list(MODULES_TO_NOT_CONVERT),
         "use_rms_norm": bool(getattr(args, "bitnet_rms_norm", False)),
-        "rms_norm_eps": float(_arg(args, "bitnet_rms_norm_eps", 1e-6)),
+        "rms_norm_eps": float(arg_value(args, "bitnet_rms_norm_eps", 1e-6)),
     }
 
 
@@ -654,7 +560,7 @@ class _Stats:
 
 
 def _write_layer(
-    writer: "fc.SafetensorsWriter",
+    writer: SafetensorsWriter,
     prefix: str,
     layer: Dict[str, Tensor],
     linears: Sequence[str],
@@ -686,10 +592,8 @@ def export(opts: argparse.Namespace) -> None:
     load_dir = Path(opts.load_dir)
     if not load_dir.exists():
         raise ConversionError(f"--load-dir {load_dir} does not exist")
-    ckpt_dir = fc._resolve_checkpoint_dir(load_dir)
-    is_dist = (ckpt_dir / "metadata.json").is_file()
-    reader = fc.TorchDistReader(ckpt_dir) if is_dist else fc.LegacyReader(ckpt_dir)
-    args = reader.args
+    reader = open_megatron_checkpoint(load_dir)
+    ckpt_dir, is_dist, args = reader.ckpt_dir, reader.is_dist, reader.args
     if not getattr(args, "use_bitnet", False):
         raise ConversionError(
             f"{ckpt_dir} is not a BitNet checkpoint (its args have use_bitnet="
@@ -728,12 +632,15 @@ def export(opts: argparse.Namespace) -> None:
 
         embed = embed[:vocab]
     else:
-        src = _FalconSource(reader, is_dist, args, opts.vocab_size, rms)
+        # The per-linear norms: column-parallel linears' are replicated over TP, row-parallel
+        # ones' split like the input features (dim 0).
+        norms = {_rms_key(lin): lin in FALCON_COLUMN_PARALLEL for lin in FALCON_HF_LINEARS}
+        src = FalconH1Checkpoint(reader, opts.vocab_size, extra_layer_keys=norms if rms else None)
         config = src.config()
         linears = [m for mods in FALCON_HF_LINEARS.values() for m in mods]
         num_layers = src.dims.num_layers
-        get_layer = src.layer
-        names = (fm.HF_EMBED, fm.HF_FINAL_NORM, fm.HF_LM_HEAD)
+        get_layer = lambda i: _falcon_layer(src, i, rms)  # noqa: E731
+        names = (layouts.HF_EMBED, layouts.HF_FINAL_NORM, layouts.HF_LM_HEAD)
         tail = src.tail
         embed = src.embedding()
         vocab = src.dims.vocab
@@ -755,11 +662,11 @@ def export(opts: argparse.Namespace) -> None:
         f"{config['dtype']}"
     )
     stats = _Stats()
-    with fc.atomic_output_dir(Path(opts.save_dir), opts.force, [load_dir]) as out:
-        writer = fc.SafetensorsWriter(out, int(opts.max_shard_size * 2**30))
+    with atomic_output_dir(Path(opts.save_dir), opts.force, [load_dir]) as out:
+        writer = SafetensorsWriter(out, int(opts.max_shard_size * 2**30))
         writer.add(names[0], conv(embed))
         del embed
-        bar = fc._Progress(num_layers, "bitnet-hf-export", not opts.quiet)
+        bar = Progress(num_layers, "bitnet-hf-export", not opts.quiet)
         for i in range(num_layers):
             layer = get_layer(i)
             _write_layer(writer, f"model.layers.{i}.", layer, linears, opts, conv, out_dtype, stats)
@@ -774,7 +681,7 @@ def export(opts: argparse.Namespace) -> None:
             f.write("\n")
     _log(
         f"wrote {opts.save_dir}: {stats.linears} ternary linears (beta in "
-        f"[{min(stats.betas):.4g}, {max(stats.betas):.4g}]), {fc._gib(writer.total_bytes)}"
+        f"[{min(stats.betas):.4g}, {max(stats.betas):.4g}]), {gib(writer.total_bytes)}"
     )
 
 
@@ -832,13 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = build_parser().parse_args(argv)
-    try:
-        export(opts)
-    except ConversionError as exc:
-        _log(f"error: {exc}")
-        _log(f"nothing was written (--save-dir {opts.save_dir} is as it was)")
-        return 2
-    return 0
+    return run_tool(export, opts, _log)
 
 
 if __name__ == "__main__":
