@@ -20,7 +20,7 @@ ifneq ($(filter default environment,$(origin LINT)),)
 LINT := strict
 endif
 
-.PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream \
+.PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream check-base \
         dataset-helpers test test-tooling functional demo clean lint-venv format
 
 help: ## Show this help
@@ -57,9 +57,12 @@ pr-branch: ## Branch + format-patch of one feature for upstream: make pr-branch 
 	@$(PATCHSET) pr-branch --feature "$(FEATURE)" $(if $(BASE),--base "$(BASE)") \
 	    $(if $(VERIFY),--verify --python "$(VPY)" $(if $(filter tests,$(VERIFY)),--run-tests))
 
-rebase-upstream: ## Re-apply the series on another upstream commit: make rebase-upstream NEW=<sha>
-	@test -n "$(NEW)" || { echo "usage: make rebase-upstream NEW=<upstream commit sha>" >&2; exit 2; }
-	@$(PATCHSET) rebase --new "$(NEW)"
+rebase-upstream: ## Apply the series on upstream main (UPSTREAM_MAIN, or BASE=<sha>), resolve conflicts: [CONTINUE=1] [RESTART=1]
+	@$(PATCHSET) rebase $(if $(or $(BASE),$(NEW)),--base "$(or $(BASE),$(NEW))") \
+	    $(if $(CONTINUE),--continue) $(if $(RESTART),--restart)
+
+check-base: ## Check that the series (with patches/bases/ resolutions) and overlay apply on upstream main (UPSTREAM_MAIN, or BASE=<sha>)
+	@$(PATCHSET) check-base $(if $(BASE),--base "$(BASE)")
 
 # Megatron's dataset index helpers (C++); its own Makefile would use whatever python3 is on PATH.
 dataset-helpers: setup apply-patches

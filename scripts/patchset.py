@@ -384,6 +384,16 @@ def cmd_upstream(project: Project, args: argparse.Namespace) -> None:
     pin = project.pin
     cache = ensure_commit_in_cache(pin.sha, pin)
     print(f"[upstream] {pin.tag} = {pin.sha} available in {cache}")
+    main = MainBase.load(project.root)
+    if main is not None:
+        # The second base is only needed by check-base / rebase: a failure is not fatal here.
+        try:
+            source = Pin(main.url, pin.tag, main.sha)
+            ensure_commit_in_cache(main.sha, source, what=f"second base ({MAIN_BASE_FILE})")
+        except PatchsetError as exc:
+            print(f"[upstream] warning: {exc}", file=sys.stderr)
+        else:
+            print(f"[upstream] {main.branch} = {main.sha} ({MAIN_BASE_FILE}) available in {cache}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -932,7 +942,8 @@ def compare_dirs(expected: Path, actual: Path, label: str, patches_only: bool = 
             rel = p.relative_to(root).as_posix()
             if not p.is_file() or "__pycache__" in p.parts:
                 continue
-            if patches_only and not (rel == "series" or rel.endswith(".patch")):
+            # patches/bases/ (resolutions for another upstream base) is not export's output.
+            if patches_only and ("/" in rel or not (rel == "series" or rel.endswith(".patch"))):
                 continue
             out[rel] = p.read_bytes()
         return out
@@ -1414,9 +1425,12 @@ def pr_message(message: str, identity: tuple[str, str], files: list[str]) -> str
     return "\n".join(out + [""] + trailers) + "\n"
 
 
-def apply_one_patch(project: Project, tree: Path, name: str, base: str, *, three_way: bool) -> str:
-    """``git am`` one series patch without its Upstream-Status; '' or git's error on conflict."""
-    data = (project.patches_dir / name).read_bytes()
+def apply_one_patch(
+    project: Project, tree: Path, name: str, base: str, *, three_way: bool, data: bytes = b""
+) -> str:
+    """``git am`` one series patch (or ``data``, its resolution for ``base``) without its
+    Upstream-Status; '' or git's error on conflict."""
+    data = data or (project.patches_dir / name).read_bytes()
     data = re.sub(rb"(?m)^Upstream-Status: .*\n", b"", data)
     am = ["am", "-q", "--committer-date-is-author-date", "--keep-cr"]
     am.append("--3way" if three_way else "--no-3way")
@@ -1453,6 +1467,8 @@ def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
         git(build, "fetch", "-q", "--no-tags", str(cache_dir()), f"refs/falcon-mcore/pins/{base}")
     steps, warnings = pr_plan(project, features)
     on_pin = base == pin.sha
+    if not on_pin:
+        seed_series_objects(project, build)  # blobs that 3-way merges onto BASE need
     out_dir = project.root / "build" / "pr" / args.feature
     branch = f"pr/{args.feature}"
     conflicts = []
@@ -1470,9 +1486,16 @@ def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
                     f"new files of the PR branch exist upstream at {base[:12]}: " + ", ".join(clash)
                 )
             base_date = git_out(wt, "show", "-s", "--format=%cI", base)
+            # On another base (UPSTREAM_MAIN), patches that conflict there have resolutions.
+            resolutions = {} if on_pin else load_resolutions(project, base)[0]
             for step in steps:
                 if step.patch:
-                    error = apply_one_patch(project, wt, step.patch, base, three_way=not on_pin)
+                    res = resolutions.get(patch_slug(step.patch))
+                    original = (project.patches_dir / step.patch).read_bytes()
+                    data = res.path.read_bytes() if res and res.fresh(original) else b""
+                    error = apply_one_patch(
+                        project, wt, step.patch, base, three_way=not on_pin, data=data
+                    )
                     if error:
                         conflicts.append((step.patch, error))
                         continue
@@ -1497,7 +1520,7 @@ def cmd_pr_branch(project: Project, args: argparse.Namespace) -> None:
                 raise PatchsetError(
                     f"{len(conflicts)} patch(es) of {args.feature} do not apply on {base[:12]} "
                     f"(3-way merge failed); nothing was written:\n{detail}\n"
-                    f"See `make rebase-upstream NEW={base}` for a report of the whole series."
+                    f"See `make rebase-upstream BASE={base}` to resolve them for the whole series."
                 )
             head = git_out(wt, "rev-parse", "HEAD")
             git(build, "branch", "-f", branch, head)
@@ -1729,59 +1752,468 @@ def verify_pr_branch(
     print(f"[verify] {branch}: every commit imports its modules; upstream checks pass")
 
 
-def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------------------------
+# the second upstream base (UPSTREAM_MAIN) and its conflict resolutions (patches/bases/)
+
+MAIN_BASE_FILE = "UPSTREAM_MAIN"
+RESOLVES_NOTE = "Falcon-Mcore-Resolves"
+_RESOLVES_RE = re.compile(
+    rf"^{RESOLVES_NOTE}: (?P<name>\S+\.patch) fingerprint (?P<fp>[0-9a-f]{{20}})$", re.M
+)
+
+
+@dataclass
+class MainBase:
+    """The second upstream base (``UPSTREAM_MAIN``): a recent commit of upstream's main branch
+    that the series must also apply to, with resolutions where a patch conflicts."""
+
+    url: str
+    branch: str
+    sha: str
+
+    @classmethod
+    def load(cls, root: Path) -> "MainBase | None":
+        """Parse ``key = value`` lines (``#`` starts a comment); None when the file is absent."""
+        path = root / MAIN_BASE_FILE
+        if not path.is_file():
+            return None
+        values: dict[str, str] = {}
+        for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "=" not in line:
+                raise PatchsetError(f"{path}:{lineno}: expected 'key = value', got {raw!r}")
+            key, value = (part.strip() for part in line.split("=", 1))
+            values[key] = value
+        missing = [k for k in ("url", "branch", "sha") if not values.get(k)]
+        if missing:
+            raise PatchsetError(f"{path}: missing {', '.join(missing)}")
+        if not re.fullmatch(r"[0-9a-f]{40}", values["sha"]):
+            raise PatchsetError(f"{path}: sha must be a full 40-hex commit id, got {values['sha']}")
+        return cls(values["url"], values["branch"], values["sha"])
+
+
+def patch_fingerprint(data: bytes) -> str:
+    """What a resolution records of the patch it resolves: the patch's message and its diff
+    (``git patch-id --stable``: line numbers, index lines and whitespace do not count), so
+    renumbering the series keeps a resolution valid and any edit of the patch makes it stale."""
+    head = data.split(b"\n---\n", 1)[0]
+    start = head.find(b"\nSubject: ")
+    message = head[start + 1 :] if start >= 0 else head
+    proc = subprocess.run(
+        ["git", "patch-id", "--stable"], input=data, capture_output=True, env=git_env()
+    )
+    patch_id = proc.stdout.split(b" ", 1)[0]
+    return hashlib.sha256(message + b"\0" + patch_id).hexdigest()[:20]
+
+
+def resolutions_dir(project: Project, base: str) -> Path:
+    """Where the resolutions of the series on upstream commit ``base`` live."""
+    return project.patches_dir / "bases" / base[:12]
+
+
+@dataclass
+class Resolution:
+    """A resolved version of a series patch for one upstream base."""
+
+    path: Path
+    resolves: str  # the patches/ file name it was made from
+    fingerprint: str  # patch_fingerprint of that patch when it was resolved
+
+    def rel(self, project: Project) -> str:
+        return self.path.relative_to(project.root).as_posix()
+
+    def fresh(self, original: bytes) -> bool:
+        return patch_fingerprint(original) == self.fingerprint
+
+
+def load_resolutions(project: Project, base: str) -> tuple[dict[str, Resolution], list[str]]:
+    """{patch slug: resolution} of ``base``, and problems with malformed files."""
+    directory = resolutions_dir(project, base)
+    found: dict[str, Resolution] = {}
+    problems = []
+    for path in sorted(directory.glob("*.patch")) if directory.is_dir() else []:
+        rel = path.relative_to(project.root).as_posix()
+        match = _RESOLVES_RE.search(path.read_text(errors="replace").split("\ndiff --git ", 1)[0])
+        if not match:
+            problems.append(
+                f"{rel}: no '{RESOLVES_NOTE}: <patch> fingerprint <hex>' line after '---' "
+                "(write resolutions with `make rebase-upstream`)"
+            )
+            continue
+        slug = patch_slug(match.group("name"))
+        if slug in found:
+            problems.append(f"{rel} and {found[slug].rel(project)} resolve the same patch")
+            continue
+        found[slug] = Resolution(path, match.group("name"), match.group("fp"))
+    return found, problems
+
+
+def annotate_resolution(data: bytes, name: str, original: bytes, base: str) -> bytes:
+    """Add the note naming the patch (and its fingerprint) to a format-patch mail; git am
+    ignores text between '---' and the diff."""
+    note = (
+        f"{RESOLVES_NOTE}: {name} fingerprint {patch_fingerprint(original)}\n"
+        f"Falcon-Mcore-Base: {base}\n"
+    ).encode()
+    head, sep, rest = data.partition(b"\n---\n")
+    if not sep:
+        raise PatchsetError(f"format-patch output for {name} has no '---' line")
+    return head + sep + note + rest
+
+
+def am_patch(tree: Path, data: bytes, *, three_way: bool, keep_conflict: bool = False) -> str:
+    """``git am`` one mail onto ``tree``; '' on success, else git's message. The failed am is
+    aborted unless ``keep_conflict`` (then conflict markers stay for someone to resolve)."""
+    am = ["am", "-q", "--committer-date-is-author-date", "--keep-cr"]
+    am.append("--3way" if three_way else "--no-3way")
+    proc = git(tree, *am, input=data, check=False)
+    if proc.returncode == 0:
+        return ""
+    message = (proc.stdout + proc.stderr).decode(errors="replace").strip() or "git am failed"
+    unmerged = git_out(tree, "diff", "--name-only", "--diff-filter=U", check=False).split()
+    if unmerged:
+        message += "\nconflicts in: " + " ".join(unmerged)
+    if not keep_conflict:
+        git(tree, "am", "--abort", check=False)
+    return message
+
+
+def conflict_files(message: str) -> list[str]:
+    """Files left with conflict markers, as am_patch's message lists them."""
+    match = re.search(r"^conflicts in: (.*)$", message, re.M)
+    return match.group(1).split() if match else []
+
+
+def resolve_upstream_commit(project: Project, given: str | None, what: str) -> str:
+    """A full sha in the cache: ``given`` (sha or a ref the cache knows) or UPSTREAM_MAIN."""
     pin = project.pin
-    new = args.new
     ensure_commit_in_cache(pin.sha, pin)
-    cache = cache_dir()
-    if not re.fullmatch(r"[0-9a-f]{40}", new):
-        resolved = git(cache, "rev-parse", "--verify", "-q", f"{new}^{{commit}}", check=False)
-        if resolved.returncode != 0:
-            raise PatchsetError(f"NEW={new}: give a full 40-hex upstream commit id")
-        new = resolved.stdout.decode().strip()
-    ensure_commit_in_cache(new, pin, what="new upstream commit (NEW)")
-    build = project.build
-    init_checkout(build, pin.sha)
-    if not has_commit(build, new):
-        git(build, "fetch", "-q", "--no-tags", str(cache), f"refs/falcon-mcore/pins/{new}")
-    short = new[:12]
-    report_dir = project.root / "build" / "rebase" / short
-    report_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="falcon-mcore-rebase.") as tmp:
-        with with_worktree(build, Path(tmp) / "old", pin.sha) as old:
-            old_head = _apply_in_worktree(project, old, pin.sha, three_way=False)[0]
-        with with_worktree(build, Path(tmp) / "new", new) as wt:
-            new_head, failures = _apply_in_worktree(project, wt, new, three_way=True)
-    git(build, "branch", "-f", f"rebase/{short}", new_head)
-    git(build, "branch", "-f", f"rebase/{short}-old", old_head)
-    range_diff = git(
-        build, "range-diff", "--no-color", f"{pin.sha}..{old_head}", f"{new}..{new_head}"
-    ).stdout.decode()
-    lines = [f"rebase of patches/ from {pin.sha} onto {new}", ""]
-    if failures:
-        lines.append(f"{len(failures)} patch(es) conflict (3-way merge failed):")
-        for name, message in failures:
-            lines.append(f"  CONFLICT {name}")
-            lines.extend("    " + m for m in message.splitlines()[:8])
-    else:
-        lines.append("all patches apply (3-way allowed)")
-    lines += ["", f"branch rebase/{short} in {build}", "", "range-diff old..new:", range_diff]
-    report = "\n".join(lines)
-    atomic_write(report_dir / "report.txt", report.encode())
-    print(report)
-    print(f"[rebase] report: {report_dir / 'report.txt'}")
-    if failures:
-        raise PatchsetError(f"{len(failures)} patch(es) conflict on {short}; see the report above")
+    source = pin
+    if not given:
+        main = MainBase.load(project.root)
+        if main is None:
+            raise PatchsetError(
+                f"no {what} given and no {MAIN_BASE_FILE} file (url, branch, sha of the second "
+                "upstream base) in the project"
+            )
+        given = main.sha
+        source = Pin(main.url, pin.tag, main.sha)
+    if not re.fullmatch(r"[0-9a-f]{40}", given):
+        proc = git(cache_dir(), "rev-parse", "--verify", "-q", f"{given}^{{commit}}", check=False)
+        if proc.returncode != 0:
+            raise PatchsetError(f"{what}={given}: give a full 40-hex upstream commit id")
+        given = proc.stdout.decode().strip()
+    ensure_commit_in_cache(given, source, what=f"upstream commit {what}")
+    return given
 
 
-def _apply_in_worktree(
-    project: Project, tree: Path, base: str, *, three_way: bool
-) -> tuple[str, list[tuple[str, str]]]:
-    failures = apply_series(project, tree, base, three_way=three_way)
+def added_conflict_markers(tree: Path, base: str) -> list[str]:
+    """'path: line' for conflict markers that ``base..HEAD`` adds (a resolution committed with
+    its markers still in)."""
+    diff = git(tree, "diff", "-U0", "--no-color", base, "HEAD").stdout.decode(errors="replace")
+    found, current = [], "?"
+    for line in diff.splitlines():
+        if line.startswith("+++ "):
+            current = line[6:] if line.startswith("+++ b/") else line[4:]
+        elif re.match(r"^\+(<{7}|>{7})( |$)|^\+={7}$", line):
+            found.append(f"{current}: {line[1:].strip()}")
+    return found
+
+
+def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], list[str]]:
+    """Apply the series (resolutions where they exist, else 3-way) and the overlay on ``tree``
+    (checked out at ``base``); return (one line per patch, problems). Goes on after a problem,
+    so every conflicting patch and every stale resolution is named."""
+    short = base[:12]
+    resolutions, problems = load_resolutions(project, base)
+    rows = []
+    series = project.series()
+    slugs = {patch_slug(n) for n in series}
+    for name in series:
+        original = (project.patches_dir / name).read_bytes()
+        res = resolutions.get(patch_slug(name))
+        if res is not None and res.fresh(original):
+            error = am_patch(tree, res.path.read_bytes(), three_way=True)
+            if error:
+                problems.append(
+                    f"{res.rel(project)} (resolution of patches/{name}) does not apply on "
+                    f"{short}: run `make rebase-upstream BASE={base}` and resolve it again:\n    "
+                    + "\n    ".join(error.splitlines()[:6])
+                )
+                rows.append(f"  FAILED     {name}  (its resolution does not apply)")
+            else:
+                rows.append(f"  resolved   {name}  ({res.rel(project)})")
+            continue
+        if res is not None:
+            problems.append(
+                f"{res.rel(project)} is stale: it resolves {res.resolves} as it was when resolved "
+                f"(fingerprint {res.fingerprint}), and patches/{name} has changed since "
+                f"(fingerprint {patch_fingerprint(original)}): run `make rebase-upstream` and "
+                "resolve the patch again"
+            )
+        if not am_patch(tree, original, three_way=False):
+            rows.append(f"  applies    {name}" + ("  (STALE resolution)" if res else ""))
+            continue
+        error = am_patch(tree, original, three_way=True)
+        if not error:
+            rows.append(f"  3-way      {name}" + ("  (STALE resolution)" if res else ""))
+            continue
+        files = conflict_files(error)
+        where = f" in {', '.join(files)}" if files else ""
+        if res is None:
+            problems.append(
+                f"patches/{name} conflicts on upstream {short}{where} and has no resolution in "
+                f"{resolutions_dir(project, base).relative_to(project.root)}/: run `make "
+                "rebase-upstream` and resolve it"
+            )
+        rows.append(f"  CONFLICT   {name}{where}" + ("  (STALE resolution)" if res else ""))
+        if res is not None and not am_patch(tree, res.path.read_bytes(), three_way=True):
+            continue  # the stale resolution keeps the later patches' context
+    for slug, res in sorted(resolutions.items()):
+        if slug not in slugs:
+            problems.append(
+                f"{res.rel(project)} resolves {res.resolves}, which is not in patches/series: "
+                "delete it (or run `make rebase-upstream`)"
+            )
     date = git_out(tree, "show", "-s", "--format=%cI", base)
     for feature, files in overlay_assignment(project).items():
-        commit_overlay(project, tree, feature, files, base, date)
-    return git_out(tree, "rev-parse", "HEAD"), failures
+        try:
+            commit_overlay(project, tree, feature, files, base, date)
+        except PatchsetError as exc:
+            problems.append(f"overlay on {short}: {exc}")
+    problems += [
+        f"conflict marker on {short}: {marker}" for marker in added_conflict_markers(tree, base)
+    ]
+    return rows, problems
+
+
+def seed_series_objects(project: Project, repo: Path) -> str:
+    """Apply the series on the pin in a scratch worktree of ``repo``; return its tip. A 3-way
+    merge onto another base needs the blobs a patch's index lines name (the file as the earlier
+    patches left it at the pin), and only this makes sure ``repo`` has them."""
+    pin = project.pin
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-seed.") as tmp:
+        with with_worktree(repo, Path(tmp) / "pin", pin.sha) as tree:
+            apply_series(project, tree, pin.sha)
+            return git_out(tree, "rev-parse", "HEAD")
+
+
+def cmd_check_base(project: Project, args: argparse.Namespace) -> None:
+    base = resolve_upstream_commit(project, args.base, "BASE")
+    with tempfile.TemporaryDirectory(prefix="falcon-mcore-check-base.") as tmp:
+        tree = Path(tmp) / "Megatron-LM"
+        tree.mkdir()
+        git(tree, "init", "-q")
+        git(tree, "config", "core.autocrlf", "false")
+        # Borrow the cache's objects (read-only) instead of copying two upstream trees.
+        alternates = tree / ".git" / "objects" / "info" / "alternates"
+        alternates.write_text(f"{(cache_dir() / 'objects').resolve()}\n")
+        seed_series_objects(project, tree)
+        git(tree, "checkout", "-q", "-f", "--detach", base)
+        rows, problems = survey_base(project, tree, base)
+    print(f"[check-base] the series on upstream {base}:")
+    print("\n".join(rows))
+    if problems:
+        raise PatchsetError(
+            f"the series does not apply on upstream {base[:12]}:\n  " + "\n  ".join(problems)
+        )
+    used = sum(row.lstrip().startswith("resolved") for row in rows)
+    print(
+        f"[check-base] OK: {len(rows)} patches on {base[:12]} ({used} through resolutions in "
+        f"{resolutions_dir(project, base).relative_to(project.root)}/) and "
+        f"{len(project.overlay_files())} overlay files"
+    )
+
+
+def _am_in_progress(tree: Path) -> bool:
+    return Path(
+        git_out(tree, "rev-parse", "--path-format=absolute", "--git-path", "rebase-apply")
+    ).is_dir()
+
+
+def _rebase_instructions(project: Project, wt: Path, name: str, files: list[str]) -> str:
+    rel = os.path.relpath(wt, Path.cwd())
+    return (
+        f"patches/{name} conflicts; git am stopped in {rel} with conflict markers"
+        + (f" in: {', '.join(files)}" if files else "")
+        + ".\nResolve it there, keeping the patch's intent (its message says what it does; take "
+        "upstream's new code around it):\n"
+        f"  cd {rel}\n"
+        "  # edit the files, then\n"
+        "  git add -A && git am --continue\n"
+        "and go on with `make rebase-upstream CONTINUE=1` (RESTART=1 starts over).\n"
+        f"The original patch is patches/{name}; `git am --show-current-patch=diff` shows it."
+    )
+
+
+def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
+    """Apply the series on another upstream commit, one patch at a time, stopping at a patch
+    that conflicts so it can be resolved; at the end write the resolutions to patches/bases/."""
+    pin = project.pin
+    base = resolve_upstream_commit(project, args.base, "BASE")
+    short = base[:12]
+    build = project.build
+    init_checkout(build, pin.sha)
+    if not has_commit(build, base):
+        git(build, "fetch", "-q", "--no-tags", str(cache_dir()), f"refs/falcon-mcore/pins/{base}")
+    work = project.root / "build" / "rebase" / short
+    wt = work / "Megatron-LM"
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    series = project.series()
+    old_head = seed_series_objects(project, build)  # the series on the pin, for 3-way merges
+    if args.continue_:
+        if state is None or not (wt / ".git").exists():
+            raise PatchsetError(f"no rebase onto {short} in progress: run `make rebase-upstream`")
+        if _am_in_progress(wt):
+            raise PatchsetError(
+                f"git am is still in progress in {wt}: resolve the conflict, `git add -A && git "
+                "am --continue` there, then `make rebase-upstream CONTINUE=1`"
+            )
+        applied = state["applied"]
+        if [a["patch"] for a in applied] != series[: len(applied)]:
+            raise PatchsetError(
+                "patches/series changed since this rebase started: `make rebase-upstream "
+                f"RESTART=1 BASE={base}` starts over"
+            )
+        stopped = state.get("stopped")
+        if stopped:
+            head = git_out(wt, "rev-parse", "HEAD")
+            subject = git_out(wt, "show", "-s", "--format=%s", "HEAD")
+            wanted = _mail_subject((project.patches_dir / stopped).read_bytes())
+            if head == state["stopped_at"] or subject != wanted:
+                raise PatchsetError(
+                    f"{wt}: HEAD is not the resolved commit of patches/{stopped} (expected a new "
+                    f"commit '{wanted}' on {state['stopped_at'][:12]}); finish it with `git am "
+                    "--continue` there"
+                )
+            applied.append({"patch": stopped, "how": "resolved", "commit": head})
+            state["stopped"] = None
+    else:
+        if state and state.get("stopped") and (wt / ".git").exists() and not args.restart:
+            raise PatchsetError(
+                f"a rebase onto {short} stopped at patches/{state['stopped']} in {wt}: finish it "
+                "and run `make rebase-upstream CONTINUE=1`, or start over with RESTART=1 "
+                "(drops the work in that tree)"
+            )
+        git(build, "worktree", "remove", "--force", str(wt), check=False)
+        git(build, "worktree", "prune", check=False)
+        if wt.exists():
+            shutil.rmtree(wt)
+        work.mkdir(parents=True, exist_ok=True)
+        git(build, "worktree", "add", "-q", "--detach", str(wt), base)
+        state = {"base": base, "applied": [], "stopped": None}
+        with tempfile.TemporaryDirectory(prefix="falcon-mcore-rebase.") as tmp:
+            with with_worktree(build, Path(tmp) / "survey", base) as survey:
+                rows, problems = survey_base(project, survey, base)
+        print(f"[rebase] the series on upstream {base}, as committed:")
+        print("\n".join(rows))
+        for problem in problems:
+            print(f"[rebase] {problem.splitlines()[0]}")
+    resolutions, problems = load_resolutions(project, base)
+    main = MainBase.load(project.root)
+    fallback: dict[str, Resolution] = {}
+    if main and main.sha != base:  # moving to a new base: try the current base's resolutions
+        fallback = load_resolutions(project, main.sha)[0]
+    for name in series[len(state["applied"]) :]:
+        original = (project.patches_dir / name).read_bytes()
+        how = "clean"
+        for res in (resolutions.get(patch_slug(name)), fallback.get(patch_slug(name))):
+            if res is not None and res.fresh(original):
+                if not am_patch(wt, res.path.read_bytes(), three_way=True):
+                    how = "resolution"
+                    break
+        else:
+            error = am_patch(wt, original, three_way=True, keep_conflict=True)
+            if error:
+                state["stopped"] = name
+                state["stopped_at"] = git_out(wt, "rev-parse", "HEAD")
+                atomic_write(state_path, json.dumps(state, indent=1).encode())
+                stale = resolutions.get(patch_slug(name))
+                print("\n".join("    " + ln for ln in error.splitlines()[:12]))
+                raise PatchsetError(
+                    (
+                        f"{stale.rel(project)} is stale (patches/{name} changed since).\n"
+                        if stale
+                        else ""
+                    )
+                    + _rebase_instructions(project, wt, name, conflict_files(error))
+                )
+        state["applied"].append(
+            {"patch": name, "how": how, "commit": git_out(wt, "rev-parse", "HEAD")}
+        )
+        atomic_write(state_path, json.dumps(state, indent=1).encode())
+    # Every patch is on the new base: write the resolutions, then the overlay and a report.
+    out_dir = resolutions_dir(project, base)
+    keep = set()
+    written = []
+    for entry in state["applied"]:
+        if entry["how"] == "clean":
+            continue
+        name = entry["patch"]
+        data = git(wt, *FORMAT_PATCH_ARGS, "--stdout", "-1", entry["commit"]).stdout
+        data = annotate_resolution(data, name, (project.patches_dir / name).read_bytes(), base)
+        target = out_dir / name
+        keep.add(name)
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write(target, data)
+            written.append(target.relative_to(project.root).as_posix())
+    removed = []
+    for path in sorted(out_dir.glob("*.patch")) if out_dir.is_dir() else []:
+        if path.name not in keep:
+            path.unlink()
+            removed.append(path.relative_to(project.root).as_posix())
+    new_series = git_out(wt, "rev-parse", "HEAD")
+    date = git_out(wt, "show", "-s", "--format=%cI", base)
+    for feature, files in overlay_assignment(project).items():
+        commit_overlay(project, wt, feature, files, base, date)
+    new_head = git_out(wt, "rev-parse", "HEAD")
+    git(build, "branch", "-f", f"rebase/{short}", new_head)
+    git(build, "branch", "-f", f"rebase/{short}-old", old_head)
+    state["done"] = True
+    atomic_write(state_path, json.dumps(state, indent=1).encode())
+    range_diff = git(
+        build, "range-diff", "--no-color", f"{pin.sha}..{old_head}", f"{base}..{new_series}"
+    ).stdout.decode()
+    resolved = [e["patch"] for e in state["applied"] if e["how"] != "clean"]
+    lines = [f"the series of patches/ on upstream {base} (pin {pin.sha})", ""]
+    lines.append(
+        f"{len(series) - len(resolved)} patches apply as they are (3-way allowed); "
+        f"{len(resolved)} through resolutions in {out_dir.relative_to(project.root)}/:"
+    )
+    lines += [f"  {name}" for name in resolved]
+    lines += [f"  wrote {rel}" for rel in written] + [f"  removed {rel}" for rel in removed]
+    lines += [
+        "",
+        f"branch rebase/{short} in {build} (the series and the overlay on {short}); "
+        f"rebase/{short}-old: the series on the pin",
+        "",
+        "range-diff of the series, pin..new:",
+        range_diff,
+    ]
+    report = "\n".join(lines)
+    atomic_write(work / "report.txt", report.encode())
+    print(report)
+    print(f"[rebase] report: {work / 'report.txt'}")
+    if problems:
+        raise PatchsetError("\n".join(problems))
+    if written or removed:
+        print(f"[rebase] commit {out_dir.relative_to(project.root)}/ (`make test` checks it)")
+    if not main or main.sha != base:
+        print(
+            f"[rebase] to make {short} the second base, set `sha = {base}` in {MAIN_BASE_FILE} "
+            "and delete the old base's directory under patches/bases/"
+        )
+
+
+def _mail_subject(data: bytes) -> str:
+    """The commit subject git am makes of a format-patch mail (folded lines joined)."""
+    head = data.split(b"\n\n", 1)[0].decode(errors="replace")
+    match = re.search(r"^Subject: (.*(?:\n[ \t].*)*)", head, re.M)
+    subject = re.sub(r"\n[ \t]+", " ", match.group(1)) if match else ""
+    return re.sub(r"^\[PATCH[^\]]*\]\s*", "", subject).strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1815,8 +2247,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-tests", action="store_true", help="with --verify: pytest at the tip")
     p.add_argument("--python", help="interpreter for --verify (default: this one)")
     p.add_argument("--lint-venv", help="virtualenv with the lint tools (default: .venv-lint)")
-    p = sub.add_parser("rebase", help="re-apply the series on another upstream commit")
-    p.add_argument("--new", required=True)
+    p = sub.add_parser(
+        "rebase", help="apply the series on another upstream commit and resolve its conflicts"
+    )
+    p.add_argument("--base", help=f"upstream commit (default: sha of {MAIN_BASE_FILE})")
+    p.add_argument("--new", dest="base", help=argparse.SUPPRESS)  # the former name of --base
+    p.add_argument("--continue", dest="continue_", action="store_true", help="after a conflict")
+    p.add_argument("--restart", action="store_true", help="drop a stopped rebase, start over")
+    p = sub.add_parser(
+        "check-base", help="check that the series + resolutions + overlay apply on a base"
+    )
+    p.add_argument("--base", help=f"upstream commit (default: sha of {MAIN_BASE_FILE})")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     build = (args.build or root / "build" / "Megatron-LM").resolve()
@@ -1830,6 +2271,7 @@ def main(argv: list[str] | None = None) -> int:
         "guard": cmd_guard,
         "pr-branch": cmd_pr_branch,
         "rebase": cmd_rebase,
+        "check-base": cmd_check_base,
     }
     try:
         commands[args.command](project, args)
