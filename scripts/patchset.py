@@ -1922,11 +1922,18 @@ def added_conflict_markers(tree: Path, base: str) -> list[str]:
     return found
 
 
+def rebase_command(project: Project, base: str) -> str:
+    """The make command that rebases onto ``base`` (BASE= only where it is not UPSTREAM_MAIN's)."""
+    main = MainBase.load(project.root)
+    return "make rebase-upstream" + ("" if main and main.sha == base else f" BASE={base}")
+
+
 def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], list[str]]:
     """Apply the series (resolutions where they exist, else 3-way) and the overlay on ``tree``
     (checked out at ``base``); return (one line per patch, problems). Goes on after a problem,
     so every conflicting patch and every stale resolution is named."""
     short = base[:12]
+    rebase = rebase_command(project, base)
     resolutions, problems = load_resolutions(project, base)
     rows = []
     series = project.series()
@@ -1939,7 +1946,7 @@ def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], lis
             if error:
                 problems.append(
                     f"{res.rel(project)} (resolution of patches/{name}) does not apply on "
-                    f"{short}: run `make rebase-upstream BASE={base}` and resolve it again:\n    "
+                    f"{short}: run `{rebase}` and resolve it again:\n    "
                     + "\n    ".join(error.splitlines()[:6])
                 )
                 rows.append(f"  FAILED     {name}  (its resolution does not apply)")
@@ -1950,8 +1957,8 @@ def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], lis
             problems.append(
                 f"{res.rel(project)} is stale: it resolves {res.resolves} as it was when resolved "
                 f"(fingerprint {res.fingerprint}), and patches/{name} has changed since "
-                f"(fingerprint {patch_fingerprint(original)}): run `make rebase-upstream` and "
-                "resolve the patch again"
+                f"(fingerprint {patch_fingerprint(original)}): run `{rebase}` and resolve the "
+                "patch again"
             )
         if not am_patch(tree, original, three_way=False):
             rows.append(f"  applies    {name}" + ("  (STALE resolution)" if res else ""))
@@ -1965,8 +1972,8 @@ def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], lis
         if res is None:
             problems.append(
                 f"patches/{name} conflicts on upstream {short}{where} and has no resolution in "
-                f"{resolutions_dir(project, base).relative_to(project.root)}/: run `make "
-                "rebase-upstream` and resolve it"
+                f"{resolutions_dir(project, base).relative_to(project.root)}/: run `{rebase}` and "
+                "resolve it"
             )
         rows.append(f"  CONFLICT   {name}{where}" + ("  (STALE resolution)" if res else ""))
         if res is not None and not am_patch(tree, res.path.read_bytes(), three_way=True):
@@ -1975,7 +1982,7 @@ def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], lis
         if slug not in slugs:
             problems.append(
                 f"{res.rel(project)} resolves {res.resolves}, which is not in patches/series: "
-                "delete it (or run `make rebase-upstream`)"
+                f"delete it (or run `{rebase}`)"
             )
     date = git_out(tree, "show", "-s", "--format=%cI", base)
     for feature, files in overlay_assignment(project).items():
@@ -1986,6 +1993,12 @@ def survey_base(project: Project, tree: Path, base: str) -> tuple[list[str], lis
     problems += [
         f"conflict marker on {short}: {marker}" for marker in added_conflict_markers(tree, base)
     ]
+    for rel in sorted(series_changes(tree, base)):
+        if rel.endswith(".py") and (tree / rel).is_file():
+            try:
+                compile((tree / rel).read_bytes(), rel, "exec")
+            except (SyntaxError, ValueError) as exc:
+                problems.append(f"{rel} on {short} does not compile: {exc}")
     return rows, problems
 
 
@@ -2033,7 +2046,7 @@ def _am_in_progress(tree: Path) -> bool:
     ).is_dir()
 
 
-def _rebase_instructions(project: Project, wt: Path, name: str, files: list[str]) -> str:
+def _rebase_instructions(wt: Path, name: str, files: list[str], again: str) -> str:
     rel = os.path.relpath(wt, Path.cwd())
     return (
         f"patches/{name} conflicts; git am stopped in {rel} with conflict markers"
@@ -2043,7 +2056,7 @@ def _rebase_instructions(project: Project, wt: Path, name: str, files: list[str]
         f"  cd {rel}\n"
         "  # edit the files, then\n"
         "  git add -A && git am --continue\n"
-        "and go on with `make rebase-upstream CONTINUE=1` (RESTART=1 starts over).\n"
+        f"and go on with `{again} CONTINUE=1` (RESTART=1 starts over).\n"
         f"The original patch is patches/{name}; `git am --show-current-patch=diff` shows it."
     )
 
@@ -2054,6 +2067,7 @@ def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
     pin = project.pin
     base = resolve_upstream_commit(project, args.base, "BASE")
     short = base[:12]
+    again = rebase_command(project, base)
     build = project.build
     init_checkout(build, pin.sha)
     if not has_commit(build, base):
@@ -2066,17 +2080,17 @@ def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
     old_head = seed_series_objects(project, build)  # the series on the pin, for 3-way merges
     if args.continue_:
         if state is None or not (wt / ".git").exists():
-            raise PatchsetError(f"no rebase onto {short} in progress: run `make rebase-upstream`")
+            raise PatchsetError(f"no rebase onto {short} in progress: run `{again}`")
         if _am_in_progress(wt):
             raise PatchsetError(
                 f"git am is still in progress in {wt}: resolve the conflict, `git add -A && git "
-                "am --continue` there, then `make rebase-upstream CONTINUE=1`"
+                f"am --continue` there, then `{again} CONTINUE=1`"
             )
         applied = state["applied"]
         if [a["patch"] for a in applied] != series[: len(applied)]:
             raise PatchsetError(
-                "patches/series changed since this rebase started: `make rebase-upstream "
-                f"RESTART=1 BASE={base}` starts over"
+                f"patches/series changed since this rebase started: `{again} RESTART=1` "
+                "starts over"
             )
         stopped = state.get("stopped")
         if stopped:
@@ -2095,7 +2109,7 @@ def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
         if state and state.get("stopped") and (wt / ".git").exists() and not args.restart:
             raise PatchsetError(
                 f"a rebase onto {short} stopped at patches/{state['stopped']} in {wt}: finish it "
-                "and run `make rebase-upstream CONTINUE=1`, or start over with RESTART=1 "
+                f"and run `{again} CONTINUE=1`, or start over with RESTART=1 "
                 "(drops the work in that tree)"
             )
         git(build, "worktree", "remove", "--force", str(wt), check=False)
@@ -2119,28 +2133,37 @@ def cmd_rebase(project: Project, args: argparse.Namespace) -> None:
         fallback = load_resolutions(project, main.sha)[0]
     for name in series[len(state["applied"]) :]:
         original = (project.patches_dir / name).read_bytes()
-        how = "clean"
-        for res in (resolutions.get(patch_slug(name)), fallback.get(patch_slug(name))):
-            if res is not None and res.fresh(original):
-                if not am_patch(wt, res.path.read_bytes(), three_way=True):
-                    how = "resolution"
-                    break
+        own = resolutions.get(patch_slug(name))
+        moved = fallback.get(patch_slug(name))  # the current base's, when moving to a new one
+        # This base's resolution; else the patch itself; else the current base's resolution.
+        if (
+            own is not None
+            and own.fresh(original)
+            and not am_patch(wt, own.path.read_bytes(), three_way=True)
+        ):
+            how = "resolution"
+        elif not am_patch(wt, original, three_way=True):
+            how = "clean"
+        elif (
+            moved is not None
+            and moved.fresh(original)
+            and not am_patch(wt, moved.path.read_bytes(), three_way=True)
+        ):
+            how = "resolution"
         else:
             error = am_patch(wt, original, three_way=True, keep_conflict=True)
-            if error:
-                state["stopped"] = name
-                state["stopped_at"] = git_out(wt, "rev-parse", "HEAD")
-                atomic_write(state_path, json.dumps(state, indent=1).encode())
-                stale = resolutions.get(patch_slug(name))
-                print("\n".join("    " + ln for ln in error.splitlines()[:12]))
-                raise PatchsetError(
-                    (
-                        f"{stale.rel(project)} is stale (patches/{name} changed since).\n"
-                        if stale
-                        else ""
-                    )
-                    + _rebase_instructions(project, wt, name, conflict_files(error))
+            state["stopped"] = name
+            state["stopped_at"] = git_out(wt, "rev-parse", "HEAD")
+            atomic_write(state_path, json.dumps(state, indent=1).encode())
+            note = ""
+            if own is not None:
+                note = (
+                    f"{own.rel(project)} is stale (patches/{name} changed since it was made).\n"
+                    if not own.fresh(original)
+                    else f"{own.rel(project)} no longer applies on {short}.\n"
                 )
+            print("\n".join("    " + ln for ln in error.splitlines()[:12]))
+            raise PatchsetError(note + _rebase_instructions(wt, name, conflict_files(error), again))
         state["applied"].append(
             {"patch": name, "how": how, "commit": git_out(wt, "rev-parse", "HEAD")}
         )

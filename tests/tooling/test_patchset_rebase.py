@@ -243,3 +243,30 @@ def test_rebase_onto_commit_already_in_cache(proj):
     proc = p.ok("rebase", "--new", new)
     assert "0 through resolutions" in proc.stdout
     assert p.bgit("show", f"rebase/{new[:12]}:README.md") == "# v3"
+
+
+def test_broken_resolution_is_named(proj):
+    """A resolution committed with a syntax error (or markers) fails the check."""
+    p = proj
+    new = conflicting_main(p)
+    write_main(p, new)
+    resolve_p1(p, new)
+    res = p.root / "patches" / "bases" / new[:12] / P1
+    res.write_text(
+        res.read_text().replace("+    layers = alpha_hook(layers)\n", "+    layers = (\n")
+    )
+    proc = p.fails("check-base")
+    assert f"megatron/core/layers.py on {new[:12]} does not compile" in proc.stderr
+
+
+def test_moving_to_a_newer_main_reuses_the_resolutions(proj):
+    p = proj
+    new = conflicting_main(p)
+    write_main(p, new)
+    resolve_p1(p, new)
+    newer = upstream_commit(p, {"README.md": "# Toy upstream, later\n"}, "upstream: later")
+    proc = p.ok("rebase", "--base", newer)  # no stop: the current base's resolution applies
+    assert f"1 through resolutions in patches/bases/{newer[:12]}/" in proc.stdout
+    assert f"set `sha = {newer}` in UPSTREAM_MAIN" in proc.stdout
+    assert (p.root / "patches" / "bases" / newer[:12] / P1).is_file()
+    p.ok("check-base", "--base", newer)
