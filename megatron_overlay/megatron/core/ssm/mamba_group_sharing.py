@@ -248,7 +248,7 @@ def check_mamba_parallel_sizes(
     """Why a Mamba layer of ``nheads`` heads in ``ngroups`` groups of ``d_state`` channels
     cannot run at tensor-parallel size ``tp_size`` and context-parallel size ``cp_size``, naming
     the flags and the sizes that would work; None when it can."""
-    if nheads % ngroups != 0:
+    if nheads % tp_size == 0 and nheads % ngroups != 0:
         return (
             f"--mamba-num-heads {nheads} must be a multiple of --mamba-num-groups {ngroups} "
             "(every group has the same number of heads)"
