@@ -8,6 +8,10 @@ architecture field and multiplier is read from it instead (recommended for all s
 
     python scripts/falcon_h1/falcon_h1_args.py --preset 0.5b
     python scripts/falcon_h1/falcon_h1_args.py --hf-config Falcon-H1-7B-Base/config.json
+
+``--tensor-model-parallel-size`` / ``--context-parallel-size`` (not printed: the launchers pass
+them to Megatron) check that the shapes split at those sizes; any size that divides the
+attention and Mamba heads works, including more TP ranks than Mamba groups or KV heads.
 """
 
 from __future__ import annotations
@@ -89,8 +93,46 @@ def shape_flags(layers, hidden, heads, kv, head_dim, m_heads, m_dim, d_state, gr
     ] + ([] if rms_norm else ["--no-mamba-rms-norm"])
 
 
-def from_preset(name: str) -> list[str]:
+def parallel_problems(heads, kv, m_heads, groups, d_state, ffn, tp: int, cp: int) -> list[str]:
+    """Why a Falcon-H1 shape cannot run at tensor-parallel size ``tp`` and context-parallel
+    size ``cp`` (Megatron's own rules, checked before a launch); empty when it can."""
+    problems = []
+    if tp < 1 or cp < 1:
+        return [f"parallel sizes must be >= 1, got TP {tp}, CP {cp}"]
+    if heads % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} must divide the {heads} attention heads "
+            "(--num-attention-heads)"
+        )
+    if kv % tp and tp % kv:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} must divide or be a multiple of the {kv} KV heads "
+            "(--num-query-groups)"
+        )
+    if ffn is not None and ffn % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} must divide --ffn-hidden-size {ffn}"
+        )
+    mapping()  # puts the patched tree on sys.path
+    from megatron.core.ssm.mamba_group_sharing import check_mamba_parallel_sizes
+
+    mamba = check_mamba_parallel_sizes(m_heads, groups, d_state, tp, cp)
+    if mamba is not None:
+        problems.append(mamba)
+    return problems
+
+
+def check_parallel(shape: tuple, tp: int, cp: int) -> None:
+    """Exit with the problems of ``shape`` (heads, kv, mamba heads, groups, d_state, ffn) at
+    TP ``tp`` and CP ``cp``."""
+    problems = parallel_problems(*shape, tp, cp)
+    if problems:
+        sys.exit("error: " + "; ".join(problems))
+
+
+def from_preset(name: str, tp: int = 1, cp: int = 1) -> list[str]:
     layers, hidden, heads, kv, hd, mh, md, ds, g, ffn, vocab, rms = PRESETS[name]
+    check_parallel((heads, kv, mh, g, ds, ffn), tp, cp)
     if name not in VERIFIED:
         sys.exit(
             f"error: preset {name}: the multipliers (and {'ffn/vocab ' if ffn is None else ''}"
@@ -105,7 +147,7 @@ def from_preset(name: str) -> list[str]:
     )
 
 
-def from_hf_config(path: Path) -> list[str]:
+def from_hf_config(path: Path, tp: int = 1, cp: int = 1) -> list[str]:
     """Flags from a release config.json, via the checkpoint converter's config mapping (one
     implementation: it validates the config and refuses what Megatron cannot express)."""
     table = mapping()
@@ -114,7 +156,9 @@ def from_hf_config(path: Path) -> list[str]:
         flags = table.megatron_model_flags(settings, [settings.dims.num_layers])
     except (table.ConversionError, KeyError, ValueError) as exc:
         sys.exit(f"error: {path}: {exc}")
-    return flags + ["--vocab-size", str(settings.dims.vocab)]
+    d = settings.dims
+    check_parallel((d.heads, d.kv_heads, d.mamba_heads, d.mamba_groups, d.d_state, d.ffn), tp, cp)
+    return flags + ["--vocab-size", str(d.vocab)]
 
 
 def main() -> int:
@@ -122,8 +166,16 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--preset", choices=sorted(PRESETS))
     group.add_argument("--hf-config", type=Path)
+    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1,
+                        help="check that the model splits over this many TP ranks")
+    parser.add_argument("--context-parallel-size", "--cp", type=int, default=1,
+                        help="check that the model splits over this many CP ranks")
     args = parser.parse_args()
-    flags = from_preset(args.preset) if args.preset else from_hf_config(args.hf_config)
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if args.preset:
+        flags = from_preset(args.preset, tp, cp)
+    else:
+        flags = from_hf_config(args.hf_config, tp, cp)
     print("\n".join(flags))
     return 0
 

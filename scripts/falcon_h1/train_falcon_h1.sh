@@ -2,7 +2,12 @@
 # Single-node Falcon-H1 pre-training through pretrain_mamba.py (torchrun).
 #
 #   PRESET=0.5b NPROC=8 TP=1 PP=1 bash scripts/falcon_h1/train_falcon_h1.sh [extra Megatron flags]
-#   HF_CONFIG=/path/Falcon-H1-7B-Base/config.json NPROC=8 TP=2 bash scripts/falcon_h1/train_falcon_h1.sh ...
+#   HF_CONFIG=/path/Falcon-H1-7B-Base/config.json NPROC=8 TP=4 SP=1 bash scripts/falcon_h1/train_falcon_h1.sh ...
+#
+# Parallel sizes: TP (any size that divides the attention and Mamba heads, also more ranks than
+# Mamba groups / KV heads; checked by falcon_h1_args.py before the launch), SP=1 (sequence
+# parallelism, with either spec), CP (context parallelism: with the local spec the attention
+# all-gathers keys and values over the CP ranks), PP (layers split evenly over the stages).
 #
 # Model flags come from scripts/falcon_h1/falcon_h1_args.py (PRESET, or HF_CONFIG: recommended,
 # it reads every shape and multiplier from the release config). Data: set DATA_PATH (Megatron
@@ -24,10 +29,11 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 megatron=${MEGATRON:-$root/build/Megatron-LM}
 python=${PYTHON:-python3}
+sizes=(--tensor-model-parallel-size "${TP:-1}" --context-parallel-size "${CP:-1}")
 if [ -n "${HF_CONFIG:-}" ]; then
-    mapfile -t model < <("$python" "$root/scripts/falcon_h1/falcon_h1_args.py" --hf-config "$HF_CONFIG")
+    mapfile -t model < <("$python" "$root/scripts/falcon_h1/falcon_h1_args.py" --hf-config "$HF_CONFIG" "${sizes[@]}")
 else
-    mapfile -t model < <("$python" "$root/scripts/falcon_h1/falcon_h1_args.py" --preset "${PRESET:-0.5b}")
+    mapfile -t model < <("$python" "$root/scripts/falcon_h1/falcon_h1_args.py" --preset "${PRESET:-0.5b}" "${sizes[@]}")
 fi
 [ ${#model[@]} -gt 0 ] || exit 1
 if [ -n "${DATA_PATH:-}" ]; then
@@ -35,8 +41,12 @@ if [ -n "${DATA_PATH:-}" ]; then
 else
     data=(--mock-data --tokenizer-type NullTokenizer)
 fi
-parallel=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
-# Sequence parallelism needs fused norms (apex/TE) upstream; add --sequence-parallel yourself.
+parallel=("${sizes[@]}" --pipeline-model-parallel-size "${PP:-1}")
+case ${SP:-0} in
+    0) ;;
+    1) parallel+=(--sequence-parallel) ;;
+    *) echo "SP must be 0 or 1, got '$SP'" >&2; exit 2 ;;
+esac
 impl=${IMPL:-auto}
 have() { "$python" -c "import $1" >/dev/null 2>&1; }
 if [ "$impl" = auto ]; then

@@ -58,14 +58,51 @@ def test_flags_from_hf_config(tmp_path):
     assert "--key-multiplier 0.43" in text and "--rotary-base 100000000000" in text
 
 
+def _args_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("falcon_h1_args", ARGS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.megatron
+def test_every_preset_accepts_more_tp_ranks_than_mamba_groups(megatron_tree):
+    """Every preset (released models have 1 or 2 Mamba groups and 2 or 4 KV heads) takes every
+    TP size of 1, 2, 4, 8 that divides its attention heads, Mamba heads and FFN width: the
+    groups and KV heads never limit TP. A size that does not divide the heads is refused."""
+    module = _args_module()
+    for name, row in module.PRESETS.items():
+        _, _, heads, kv, _, m_heads, _, d_state, groups, ffn, _, _ = row
+        shape = (heads, kv, m_heads, groups, d_state, ffn)
+        accepted = [tp for tp in (1, 2, 4, 8) if not module.parallel_problems(*shape, tp, 1)]
+        divides = [tp for tp in (1, 2, 4, 8)
+                   if heads % tp == 0 and m_heads % tp == 0 and (ffn or tp) % tp == 0]
+        assert accepted == divides, (name, accepted, divides)
+        assert max(accepted) > groups, (name, accepted)
+        bad = module.parallel_problems(*shape, 3, 1)
+        assert bad and all("--tensor-model-parallel-size 3" in p for p in bad), (name, bad)
+    # The 0.5B at TP=4 x CP=2 (4 ranks on one Mamba group, 2 on each KV head).
+    assert "--mamba-num-groups" in _flags("--preset", "0.5b", "--tp", "4", "--cp", "2")
+    out = subprocess.run([sys.executable, str(ARGS), "--preset", "0.5b", "--tp", "16"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "allowed tensor-parallel sizes" in out.stderr, out.stderr
+    # 24 Mamba heads / TP 8 = 3 per rank: CP=2 cannot split them.
+    out = subprocess.run([sys.executable, str(ARGS), "--preset", "0.5b", "--tp", "8", "--cp", "2"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "--context-parallel-size 2 must divide" in out.stderr
+
+
 @pytest.mark.megatron
 def test_train_script_runs_a_tiny_model_on_cpu(tmp_path, megatron_tree):
+    """The launcher at TP=2 with sequence parallelism: two ranks share the one Mamba group."""
     shape = TinyShape(mamba_groups=1, rms_norm=False)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(hf_config(shape, MULTIPLIERS).to_dict()))
     env = dict(os.environ)
     env.update(
-        HF_CONFIG=str(path), NPROC="1", SEQ_LEN="32", MBS="2", GBS="2", TRAIN_ITERS="3",
+        HF_CONFIG=str(path), NPROC="2", TP="2", SP="1", SEQ_LEN="32", MBS="2", GBS="2", TRAIN_ITERS="3",
         WARMUP="1", PYTHON=sys.executable, MEGATRON=str(megatron_tree), CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1", MASTER_PORT="29611",
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]),
@@ -77,6 +114,8 @@ def test_train_script_runs_a_tiny_model_on_cpu(tmp_path, megatron_tree):
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    assert re.search(r"tensor_model_parallel_size \.+ 2\b", output), output[-3000:]
+    assert re.search(r"sequence_parallel \.+ True\b", output), output[-3000:]
     assert len(re.findall(r"iteration\s+\d+/\s*3 \|.*lm loss", output)) == 3, output[-3000:]
 
 

@@ -92,7 +92,8 @@ TRAINING_ARGS=(
     --use-distributed-optimizer
 )
 
-# Mamba splits its B/C groups over tensor-parallel ranks: n_groups=1 allows TP=1 only.
+# Any TP that divides the 8 attention and 24 Mamba heads (1, 2, 4, 8): with more TP ranks than
+# the one Mamba group, the ranks sharing it gather its B/C channels.
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size 1
     --pipeline-model-parallel-size 1

@@ -107,7 +107,7 @@ class MambaGroupSharing:
         tp_group: tensor-parallel group.
 
     Raises:
-        ValueError: see :func:`check_mamba_group_sharing`.
+        ValueError: see :func:`check_mamba_parallel_sizes`.
     """
 
     def __init__(
@@ -118,8 +118,9 @@ class MambaGroupSharing:
         self.tp_size = tp
         self.d_state = d_state
         self.d_inner_local = d_inner_local
+        self.nheads = nheads
         self.nheads_local = nheads // tp
-        problem = check_mamba_group_sharing(ngroups, d_state, tp)
+        problem = check_mamba_parallel_sizes(nheads, ngroups, d_state, tp)
         if problem is not None:
             raise ValueError(problem)
         #: Ranks holding the heads of one group (1: every rank holds whole groups).
@@ -191,9 +192,18 @@ class MambaGroupSharing:
         if self.shared:
             norm.share_group_across_ranks(self.group_sum, self.d_inner_local * self.ranks_per_group)
 
-    def context_parallel(self, **kwargs) -> MambaContextParallel:
-        """``MambaContextParallel`` for this rank, fed the group's gathered conv1d weights."""
-        return _GroupSharingContextParallel(self, **kwargs)
+    def context_parallel(self, cp_group, **kwargs) -> MambaContextParallel:
+        """``MambaContextParallel`` for this rank, fed the group's gathered conv1d weights.
+
+        Raises:
+            ValueError: the heads or groups cannot be split over the context-parallel ranks.
+        """
+        problem = check_mamba_parallel_sizes(
+            self.nheads, self.ngroups, self.d_state, self.tp_size, get_pg_size(cp_group)
+        )
+        if problem is not None:
+            raise ValueError(problem)
+        return _GroupSharingContextParallel(self, cp_group=cp_group, **kwargs)
 
 
 class _GroupSharingContextParallel(MambaContextParallel):
@@ -228,5 +238,50 @@ def check_mamba_group_sharing(ngroups: int, d_state: int, tp_size: int) -> Optio
             f"--tensor-model-parallel-size {tp_size} shares each of the {ngroups} Mamba "
             f"group(s) between {share} ranks, which split its B / C channels evenly: "
             f"--mamba-state-dim {d_state} must be divisible by {share}"
+        )
+    return None
+
+
+def check_mamba_parallel_sizes(
+    nheads: int, ngroups: int, d_state: int, tp_size: int, cp_size: int = 1
+) -> Optional[str]:
+    """Why a Mamba layer of ``nheads`` heads in ``ngroups`` groups of ``d_state`` channels
+    cannot run at tensor-parallel size ``tp_size`` and context-parallel size ``cp_size``, naming
+    the flags and the sizes that would work; None when it can."""
+    if nheads % tp_size == 0 and nheads % ngroups != 0:
+        return (
+            f"--mamba-num-heads {nheads} must be a multiple of --mamba-num-groups {ngroups} "
+            "(every group has the same number of heads)"
+        )
+    if nheads % tp_size != 0 or check_mamba_group_sharing(ngroups, d_state, tp_size):
+        allowed = [
+            t
+            for t in range(1, nheads + 1)
+            if nheads % t == 0 and check_mamba_group_sharing(ngroups, d_state, t) is None
+        ]
+        reason = check_mamba_group_sharing(ngroups, d_state, tp_size)
+        if nheads % tp_size != 0:
+            reason = (
+                f"--tensor-model-parallel-size {tp_size} must divide --mamba-num-heads {nheads} "
+                "(every rank holds the same number of Mamba heads)"
+            )
+        return f"{reason}; allowed tensor-parallel sizes for this Mamba layer: {allowed}"
+    if cp_size == 1:
+        return None
+    heads_local = nheads // tp_size
+    if heads_local % cp_size != 0:
+        allowed = [c for c in range(1, heads_local + 1) if heads_local % c == 0]
+        return (
+            f"--context-parallel-size {cp_size} must divide the {heads_local} Mamba heads of a "
+            f"tensor-parallel rank (--mamba-num-heads {nheads} / --tensor-model-parallel-size "
+            f"{tp_size}): context parallelism gives each rank a share of them; allowed "
+            f"context-parallel sizes at this TP: {allowed}"
+        )
+    groups_local = max(ngroups // tp_size, 1)
+    if groups_local % cp_size != 0 and cp_size % groups_local != 0:
+        return (
+            f"--context-parallel-size {cp_size} must divide or be a multiple of the "
+            f"{groups_local} Mamba groups of a tensor-parallel rank (--mamba-num-groups "
+            f"{ngroups} / --tensor-model-parallel-size {tp_size})"
         )
     return None

@@ -9,7 +9,14 @@ Supports causal and padding masks (Megatron's boolean convention: ``True`` = mas
 causal attention of fewer queries than keys (KV-cache decode and chunked prefill: the mask is
 aligned to the last key, as in HF), grouped-query attention, additive attention bias, dropout,
 and packed sequences in THD layout (a block-diagonal causal mask built from ``cu_seqlens``;
-memory is quadratic in the packed length). Context parallelism is not supported.
+memory is quadratic in the packed length).
+
+Context parallelism (``--context-parallel-size``) with Megatron's load-balanced sequence split
+(CP rank ``r`` holds chunks ``r`` and ``2 * cp - 1 - r`` of ``2 * cp``): the keys and values of
+the CP ranks are all-gathered (backward: reduce-scattered) and put back in sequence order, and
+each rank's queries attend to them with a causal mask built from their positions in the whole
+sequence. Memory is quadratic in the local query length times the whole sequence length; packed
+sequences (THD) and inference are not supported under context parallelism (clear errors).
 
 On GPUs, plain causal self-attention (as many queries as keys, no extra mask or bias) passes
 ``is_causal=True`` and no mask, so PyTorch can take its flash kernel, and grouped-query
@@ -51,12 +58,17 @@ class SDPADotProductAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "SDPADotProductAttention does not support context parallelism "
-                f"(--context-parallel-size {config.context_parallel_size}); use the Transformer "
-                "Engine spec for CP."
-            )
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            if pg_collection is None:
+                pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
+            self.cp_group = pg_collection.cp
+            if cp_comm_type not in (None, "p2p", "all_gather"):
+                raise ValueError(
+                    f"--cp-comm-type {cp_comm_type} is not supported by SDPADotProductAttention "
+                    "(it all-gathers keys and values across the context-parallel ranks); use "
+                    "the default p2p or all_gather, or the Transformer Engine spec"
+                )
         if attention_type != "self":
             raise ValueError(
                 f"SDPADotProductAttention supports self-attention only, got {attention_type}"
@@ -100,6 +112,22 @@ class SDPADotProductAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         dropout = self.dropout_p if self.training else 0.0
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        cp_positions = None
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            if packed:
+                raise ValueError(
+                    "SDPADotProductAttention does not support packed sequences (THD) with "
+                    f"--context-parallel-size {self.cp_group.size()}; use the Transformer "
+                    "Engine spec, or --context-parallel-size 1"
+                )
+            if query.shape[0] != key.shape[0]:
+                raise ValueError(
+                    "SDPADotProductAttention with --context-parallel-size "
+                    f"{self.cp_group.size()} computes training / prefill attention only "
+                    f"({query.shape[0]} queries, {key.shape[0]} keys); run inference with "
+                    "--context-parallel-size 1"
+                )
+            key, value, cp_positions = _gather_context_parallel_kv(key, value, self.cp_group)
         if packed:
             # [t, n, d] -> [1, n, t, d]
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
@@ -114,7 +142,12 @@ class SDPADotProductAttention(MegatronModule):
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
             mask = None
             if mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal):
-                mask = self._causal_mask(q.shape[2], k.shape[2], q.device)
+                if cp_positions is None:
+                    mask = self._causal_mask(q.shape[2], k.shape[2], q.device)
+                else:
+                    # This rank's queries at their positions in the whole sequence.
+                    keys = torch.arange(k.shape[2], device=q.device)
+                    mask = keys.unsqueeze(0) <= cp_positions.to(q.device).unsqueeze(1)
             if attention_mask is not None:
                 # Megatron masks are True where attention is NOT allowed; a causal mask from the
                 # data pipeline combines with the causal mask type to the same result.
@@ -133,6 +166,7 @@ class SDPADotProductAttention(MegatronModule):
             and attention_mask is None
             and attention_bias is None
             and q.shape[2] == k.shape[2]
+            and cp_positions is None
         )
         if plain_causal:
             out = F.scaled_dot_product_attention(
@@ -163,3 +197,42 @@ class SDPADotProductAttention(MegatronModule):
         # [b, n, s, d] -> [s, b, n * d]
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+def context_parallel_positions(local_len: int, cp_size: int, cp_rank: int) -> Tensor:
+    """Positions in the whole sequence of the ``local_len`` tokens that context-parallel rank
+    ``cp_rank`` holds: chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of ``2 * cp_size``
+    (Megatron's load-balanced split, ``get_batch_on_this_cp_rank``)."""
+    if local_len % 2 != 0:
+        raise ValueError(
+            f"a context-parallel rank holds two equal chunks, got {local_len} tokens: "
+            f"--seq-length must be a multiple of 2 x --context-parallel-size ({2 * cp_size})"
+        )
+    chunk = local_len // 2
+    first = torch.arange(chunk) + cp_rank * chunk
+    second = torch.arange(chunk) + (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([first, second])
+
+
+def _gather_context_parallel_kv(key: Tensor, value: Tensor, cp_group):
+    """All-gather ``[s_local, b, ng, hn]`` keys and values over ``cp_group`` into
+    ``[s_local * cp, b, ng, hn]`` in sequence order (backward: each rank's slice gets the sum of
+    every rank's gradient); also returns this rank's query positions."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    local = key.shape[0]
+    chunk = local // 2
+    positions = context_parallel_positions(local, cp_size, cp_rank)
+    # Gathered chunk 2 * r + h (rank r, half h) is chunk r (h = 0) or 2 cp - 1 - r (h = 1) of
+    # the sequence: pick them in sequence order.
+    order = [2 * c if c < cp_size else 2 * (2 * cp_size - 1 - c) + 1 for c in range(2 * cp_size)]
+    index = torch.tensor(order, device=key.device)
+    out = []
+    for tensor in (key, value):
+        gathered = gather_from_sequence_parallel_region(
+            tensor.contiguous(), tensor_parallel_output_grad=True, group=cp_group
+        )
+        chunks = gathered.view(2 * cp_size, chunk, *tensor.shape[1:])
+        out.append(chunks.index_select(0, index).reshape(cp_size * local, *tensor.shape[1:]))
+    return out[0], out[1], positions

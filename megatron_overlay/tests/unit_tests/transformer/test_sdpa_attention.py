@@ -3,6 +3,7 @@
 """SDPADotProductAttention against a naive softmax(QK^T)V reference (CPU, fp64)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,9 +106,75 @@ def test_packed_thd_equals_sequences_run_separately():
         assert torch.allclose(out[start:end], one[:, 0], atol=1e-12)
 
 
-def test_context_parallel_is_refused():
+class _CPGroup:
+    """Stand-in for a context-parallel process group (size and rank only)."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def _cp_module(cp_size, cp_rank, cp_comm_type=None):
     config = TransformerConfig(
-        num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=8,
+        attention_dropout=0.0,
+        context_parallel_size=cp_size,
     )
-    with pytest.raises(ValueError, match="context parallelism"):
-        SDPADotProductAttention(config, 1, AttnMaskType.causal, "self")
+    pgs = SimpleNamespace(cp=_CPGroup(cp_size, cp_rank))
+    return SDPADotProductAttention(
+        config, 1, AttnMaskType.causal, "self", cp_comm_type=cp_comm_type, pg_collection=pgs
+    )
+
+
+def _cp_split(x, cp_size, rank):
+    """Megatron's load-balanced split: chunks rank and 2 cp - 1 - rank of 2 cp."""
+    chunks = x.chunk(2 * cp_size, dim=0)
+    return torch.cat([chunks[rank], chunks[2 * cp_size - 1 - rank]])
+
+
+@pytest.mark.parametrize("cp_size", [2, 3])
+def test_context_parallel_equals_whole_sequence(monkeypatch, cp_size):
+    """Each CP rank's output (its keys / values all-gathered over the ranks, emulated here)
+    equals the whole-sequence attention at that rank's positions."""
+    from megatron.core.tensor_parallel import mappings
+
+    seq = 4 * cp_size
+    q, k, v = _qkv(seq, seq)
+    full = _module()(q, k, v, None)
+
+    def all_gather(tensor, tensor_parallel_output_grad=True, group=None):
+        whole = k if torch.equal(tensor, _cp_split(k, cp_size, group.rank())) else v
+        return torch.cat([_cp_split(whole, cp_size, r) for r in range(cp_size)])
+
+    monkeypatch.setattr(mappings, "gather_from_sequence_parallel_region", all_gather)
+    for rank in range(cp_size):
+        local = [_cp_split(x, cp_size, rank) for x in (q, k, v)]
+        out = _cp_module(cp_size, rank)(*local, None)
+        assert torch.allclose(out, _cp_split(full, cp_size, rank), atol=1e-12), rank
+
+
+def test_context_parallel_refusals():
+    """What the SDPA context-parallel path cannot do stops with the flag in the message."""
+    with pytest.raises(ValueError, match="--cp-comm-type a2a"):
+        _cp_module(2, 0, cp_comm_type="a2a")
+    module = _cp_module(2, 0)
+    q, k, v = _qkv(4, 4, b=1)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    with pytest.raises(ValueError, match="packed sequences .* --context-parallel-size 2"):
+        module(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=params)
+    q, k, v = _qkv(1, 4)
+    with pytest.raises(ValueError, match="run inference with --context-parallel-size 1"):
+        module(q, k, v, None)
+    q, k, v = _qkv(3, 3)
+    with pytest.raises(ValueError, match="--seq-length must be a multiple of 2 x"):
+        module(q, k, v, None)
