@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +105,31 @@ def test_ratios_only_between_runs_of_one_call():
     assert entry["systems"]["ours_te_graph_opt"]["over_hf"] == 3.5
     assert "over_hf" not in entry["systems"]["ours_te_graph"]  # another call: not comparable
     assert entry["best_ours"] == "ours_te_graph_opt" and entry["ours_over_hf"] == 3.5
+
+
+_OPTION_STRINGS = """
+import json, sys
+sys.argv = ["pretrain_mamba.py"]
+import megatron.training.arguments as arguments
+parser = arguments.argparse.ArgumentParser(allow_abbrev=False)
+parser = arguments.add_megatron_arguments(parser)
+print("OPTIONS " + json.dumps(sorted(parser._option_string_actions)))
+"""
+
+
+@pytest.mark.megatron
+def test_every_system_flag_exists_in_the_patched_tree(megatron_tree):
+    """A misspelt flag would only show on the GPU (a failed run after minutes of device time)."""
+    import subprocess
+
+    bench = _load("bench_falcon_h1", ROOT / "scripts" / "gpu" / "bench_falcon_h1.py")
+    proc = subprocess.run(
+        [sys.executable, "-c", _OPTION_STRINGS], capture_output=True, text=True, timeout=300,
+        cwd=megatron_tree, env={**os.environ, "PYTHONPATH": str(megatron_tree)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("OPTIONS "))
+    options = set(json.loads(line[len("OPTIONS "):]))
+    used = {f for flags, _ in bench.OURS.values() for f in flags if f.startswith("--")}
+    assert "--mamba-batch-first" in used
+    assert used - options == set()

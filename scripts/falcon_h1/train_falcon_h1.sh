@@ -23,6 +23,9 @@
 #   OPTIMIZER_GRAPH=0|1   1 also captures the optimizer step (upstream --optimizer-cuda-graph;
 #   needs CUDA_GRAPHS=full_iteration and Transformer Engine's multi-tensor ops). Measured only
 #   without the distributed optimizer this script uses, so it is off by default.
+#   BATCH_FIRST=auto|0|1   --mamba-batch-first (Mamba layers transpose the hidden states
+#   instead of their wider in_proj and scan outputs; same math); auto: on unless SP=1 or CP>1,
+#   which it cannot serve
 # The local spec uses torch norms (--no-persist-layer-norm) and, without TE, unfused RoPE;
 # without apex, gradient-accumulation fusion is off.
 set -euo pipefail
@@ -75,6 +78,20 @@ case ${OPTIMIZER_GRAPH:-0} in
        fi
        speed+=(--optimizer-cuda-graph) ;;
     *) echo "OPTIMIZER_GRAPH must be 0 or 1, got '${OPTIMIZER_GRAPH}'" >&2; exit 2 ;;
+esac
+batch_first=${BATCH_FIRST:-auto}
+if [ "$batch_first" = auto ]; then
+    batch_first=1
+    { [ "${SP:-0}" = 1 ] || [ "${CP:-1}" != 1 ]; } && batch_first=0
+fi
+case $batch_first in
+    0) ;;
+    1) if [ "${SP:-0}" = 1 ] || [ "${CP:-1}" != 1 ]; then
+           echo "BATCH_FIRST=1 cannot run with SP=1 or CP>1 (use BATCH_FIRST=auto or 0)" >&2
+           exit 2
+       fi
+       speed+=(--mamba-batch-first) ;;
+    *) echo "BATCH_FIRST must be auto, 0 or 1, got '${BATCH_FIRST}'" >&2; exit 2 ;;
 esac
 training=(
     "${speed[@]}" --bf16 --use-distributed-optimizer

@@ -12,7 +12,8 @@ optimizer, gradient clipping 1.0, random tokens, on one GPU:
 * ``ours_*``: ``pretrain_mamba.py`` of the patched tree with the same model (flags derived from
   the same HF config by the checkpoint converter's mapping), mixed precision (bf16 compute, fp32
   master weights and gradients), Adam; variants: local / Transformer Engine spec, eager /
-  full-iteration CUDA graph, BitNet (per-layer graphs are refused for Falcon-H1 layers).
+  full-iteration CUDA graph (+ optimizer graph), batch-first Mamba layers (``_bf``), the
+  distributed optimizer (``_dist``), BitNet (per-layer graphs are refused for Falcon-H1 layers).
 
 Per run: median step time after warm-up (and after graph capture), tokens/s, peak allocated
 memory, the loss of every step, GPU-busy fraction of two profiled steps (torch profiler:
@@ -95,6 +96,11 @@ OPT_GRAPH = ["--optimizer-cuda-graph"]
 # Upstream's fused (torch.compile'd) vocabulary-parallel cross entropy: fewer passes over the
 # fp32 logits (tokens x vocabulary). Its TE variant is disabled upstream.
 CE_FUSION = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"]
+# Mamba layers transpose the narrow hidden states instead of the wide in_proj / scan outputs.
+BATCH_FIRST = ["--mamba-batch-first"]
+# The launcher's optimizer (scripts/falcon_h1/train_falcon_h1.sh): is the optimizer graph as
+# fast with it?
+DIST_OPT = ["--use-distributed-optimizer"]
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
     "ours_local_graph": (LOCAL + FULL_GRAPH, False),
@@ -103,6 +109,10 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_te_graph": (TE + FULL_GRAPH, True),
     "ours_te_graph_opt": (TE + FULL_GRAPH + OPT_GRAPH, True),
     "ours_te_graph_opt_ce": (TE + FULL_GRAPH + OPT_GRAPH + CE_FUSION, True),
+    "ours_te_bf": (TE + BATCH_FIRST, True),
+    "ours_te_graph_opt_bf": (TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST, True),
+    "ours_te_graph_opt_bf_dist": (TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + DIST_OPT, True),
+    "ours_local_graph_opt_bf": (LOCAL + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST, True),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
     "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),

@@ -40,6 +40,10 @@ NOT_RESTORED = {
     "bitnet_dgrad",
     "bitnet_wgrad",
     "bitnet_weight_cache",
+    # A memory layout of the Mamba mixer's training step (mamba-batch-first feature): the same
+    # model either way, and whether it can be used depends on the resuming run's parallelism
+    # (it refuses sequence and context parallelism), like upstream's --sequence-parallel.
+    "mamba_batch_first",
 }
 
 # Added TransformerConfig fields that are deliberately not command-line arguments (so they

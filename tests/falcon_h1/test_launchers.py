@@ -130,3 +130,36 @@ def test_optimizer_graph_refused_where_it_cannot_run(value, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "OPTIMIZER_GRAPH" in proc.stderr
+
+
+def _launch_args(tmp_path, **env_vars) -> subprocess.CompletedProcess:
+    """Run the launcher with a stand-in ``torchrun`` that prints the arguments it gets."""
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, **env_vars)
+    env["PATH"] = os.pathsep.join([str(fake.parent), env["PATH"]])
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "falcon_h1" / "train_falcon_h1.sh")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env_vars,expected",
+    [({}, True), ({"SP": "1", "TP": "2"}, False), ({"CP": "2"}, False), ({"BATCH_FIRST": "0"}, False),
+     ({"BATCH_FIRST": "1"}, True)],
+    ids=["auto", "auto_sp", "auto_cp", "off", "on"],
+)  # fmt: skip
+def test_batch_first_follows_the_parallel_layout(tmp_path, env_vars, expected):
+    proc = _launch_args(tmp_path, **env_vars)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("--mamba-batch-first" in proc.stdout.splitlines()) == expected, proc.stdout
+
+
+@pytest.mark.parametrize("env_vars", [{"BATCH_FIRST": "1", "SP": "1", "TP": "2"}, {"BATCH_FIRST": "yes"}])
+def test_batch_first_refused_where_it_cannot_run(tmp_path, env_vars):
+    proc = _launch_args(tmp_path, **env_vars)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "BATCH_FIRST" in proc.stderr

@@ -1,0 +1,145 @@
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
+"""Batch-first Mamba training (``mamba_batch_first``) computes what the sequence-first layout
+computes (CPU, single rank)."""
+
+import pytest
+import torch
+
+from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
+from megatron.core.models.hybrid.hybrid_backend_specs import hybrid_stack_spec_local
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.transformer.transformer_config import TransformerConfig
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
+
+MULTIPLIERS = dict(
+    embedding_multiplier=1.7,
+    lm_head_multiplier=0.61,
+    key_multiplier=0.43,
+    attention_in_multiplier=1.13,
+    attention_out_multiplier=0.87,
+    ssm_in_multiplier=1.29,
+    ssm_out_multiplier=0.37,
+    mlp_multipliers=[0.79, 1.41],
+    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
+)
+
+
+def _config(**kwargs):
+    values = dict(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=12,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        is_hybrid_model=True,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_num_groups=2,
+        mamba_state_dim=8,
+        mamba_chunk_size=4,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+    )
+    values.update(kwargs)
+    return TransformerConfig(**values)
+
+
+def _run(config, spec, pattern, tokens, state=None):
+    """Logits, loss gradients by parameter name, the state dict and the shapes in_proj saw."""
+    torch.manual_seed(7)
+    model = HybridModel(
+        config=config,
+        hybrid_stack_spec=spec,
+        vocab_size=64,
+        max_sequence_length=64,
+        hybrid_layer_pattern=pattern,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+    if state is not None:
+        model.load_state_dict(state)
+    seen = []
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            module.in_proj.register_forward_hook(
+                lambda _m, args, _out: seen.append(tuple(args[0].shape))
+            )
+    batch, seq = tokens.shape
+    position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    logits = model(tokens, position_ids, attention_mask=None)
+    logits.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logits.detach(), grads, model.state_dict(), seen
+
+
+@pytest.mark.parametrize(
+    "pattern,rms_norm",
+    [("PP", False), ("PP", True), ("M*", True)],
+    ids=["falcon_h1_plain_norm", "falcon_h1_gated_norm", "mamba_gated_norm"],
+)
+def test_batch_first_matches_sequence_first(single_rank, pattern, rms_norm):
+    extra = MULTIPLIERS if pattern == "PP" else {}
+    spec = falcon_h1_stack_spec if pattern == "PP" else hybrid_stack_spec_local
+    tokens = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(3))
+
+    ref_logits, ref_grads, state, ref_seen = _run(
+        _config(mamba_rms_norm=rms_norm, **extra), spec, pattern, tokens
+    )
+    logits, grads, _, seen = _run(
+        _config(mamba_rms_norm=rms_norm, mamba_batch_first=True, **extra),
+        spec,
+        pattern,
+        tokens,
+        state,
+    )
+
+    # The option must change the layout in_proj sees ([s, b, h] -> [b, s, h]) ...
+    assert ref_seen and all(shape[:2] == (10, 3) for shape in ref_seen)
+    assert seen and all(shape[:2] == (3, 10) for shape in seen)
+    # ... and nothing else. The same fp32 values meet in another order: GEMM rows are permuted
+    # and weight gradients sum the tokens batch-major, so results agree to fp32 round-off
+    # (a wrong transpose or a lost multiplier differs by O(1)).
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_batch_first_micro_batch_one_is_bit_identical(single_rank):
+    """With one sequence per micro-batch both layouts are the same memory: equal bits."""
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    ref_logits, ref_grads, state, _ = _run(
+        _config(**MULTIPLIERS), falcon_h1_stack_spec, "PP", tokens
+    )
+    logits, grads, _, _ = _run(
+        _config(mamba_batch_first=True, **MULTIPLIERS), falcon_h1_stack_spec, "PP", tokens, state
+    )
+    assert torch.equal(logits, ref_logits)
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
+
+
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        (dict(use_mamba_mem_eff_path=False), "--disable-mamba-mem-eff-path"),
+        (dict(sequence_parallel=True, tensor_model_parallel_size=2), "--sequence-parallel"),
+        (dict(context_parallel_size=2), "--context-parallel-size"),
+    ],
+)
+def test_batch_first_refuses_layouts_it_cannot_serve(kwargs, flag):
+    with pytest.raises(ValueError, match="--mamba-batch-first") as error:
+        _config(mamba_batch_first=True, **kwargs)
+    assert flag in str(error.value)
