@@ -152,3 +152,14 @@ def test_parity_tolerance():
     later = d.parity_problems(reference, {1: 4.0, 2: 3.0 * 1.03})
     assert len(later) == 1 and later[0].startswith("step 2:"), later
     assert d.parity_problems(reference, {1: 4.0}) != [], "a missing step fails"
+
+
+def test_unknown_parity_case_and_golden_bundle_are_refused(tmp_path):
+    d = _driver()
+    with pytest.raises(SystemExit, match="--parity-cases: unknown 'tp3'; choose from tp2, tp4"):
+        d.plan_parity({"tp_training": importlib.import_module("falcon_h1.test_tp_training")},
+                      tmp_path, tmp_path, 8, ["tp3"])  # fmt: skip
+    bundle = tmp_path / "functional_goldens_h200_x2.json"
+    bundle.write_text('{"platform": "h200_x2", "goldens": {"gpt/no_such_case": {}}}')
+    with pytest.raises(SystemExit, match="no functional case 'gpt/no_such_case'"):
+        d.install_goldens(bundle)

@@ -259,11 +259,22 @@ def convert_wide_argv(megatron: Path, hf_dir: Path, ckpt: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def plan_parity(mods: dict, megatron: Path, work: Path, num_gpus: int) -> Plan:
+def plan_parity(
+    mods: dict, megatron: Path, work: Path, num_gpus: int, only: Optional[list[str]] = None
+) -> Plan:
+    """Conversions, one-GPU references and layouts (``only``: these layouts)."""
     tp = mods["tp_training"]
     plan: Plan = []
     references: dict[tuple, str] = {}
-    for name, (ckpt, ref_args, ranks, args) in parity_cases(tp).items():
+    cases = parity_cases(tp)
+    for name in only or []:
+        if name not in cases:
+            raise SystemExit(
+                f"error: --parity-cases: unknown {name!r}; choose from {', '.join(cases)}"
+            )
+    for name, (ckpt, ref_args, ranks, args) in cases.items():
+        if only and name not in only:
+            continue
         if not fits(ranks, num_gpus):
             plan.append(Skip("parity", name, ranks, f"needs {ranks} GPUs > NUM_GPUS {num_gpus}"))
             continue
@@ -714,6 +725,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--record", action="store_true", help="functional: write the goldens")
     parser.add_argument("--platform", help="functional goldens suffix (default h200_x{N})")
+    parser.add_argument(
+        "--parity-cases", default="", help="parity layouts (default: all; a call lasts 10 min)"
+    )
     parser.add_argument("--cases", default="", help="functional cases (default: all)")
     parser.add_argument(
         "--scaling-cases", default="0.5b_s2048_b4", help="bench_falcon_h1.py cases to scale"
@@ -763,7 +777,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace, mods: dict, work: Path) -> Plan:
     plan: Plan = []
     if "parity" in args.steps:
-        plan += plan_parity(mods, args.megatron, work, args.num_gpus)
+        only = [c for c in args.parity_cases.split(",") if c]
+        plan += plan_parity(mods, args.megatron, work, args.num_gpus, only)
     if "functional" in args.steps:
         functional = mods["functional"]
         cases = [c for c in args.cases.split(",") if c] or functional.known_cases()
@@ -808,6 +823,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get(key) != value:
             raise SystemExit(f"error: {key} must be {value} (NVLink multicast off; "
                              "scripts/gpu/multi_gpu.sh exports it)")  # fmt: skip
+    # Every child inherits these (scripts/functional.py starts its runs from os.environ).
+    os.environ.update(CHILD_ENV)
     import torch
 
     have = torch.cuda.device_count()
