@@ -5,11 +5,16 @@ the GPU count (larger layouts are listed as skipped, none dropped), every parity
 tests/falcon_h1/test_tp_training.py is planned at its world size on CUDA / NCCL, and NVLink
 multicast is off in the children's environment. A NUM_GPUS outside 1/2/4/8 is refused with a
 message naming it. The scaling efficiency and MFU arithmetic is checked on fabricated step times.
+
+tests/falcon_h1/test_tp_training.py is read in a child interpreter (:func:`_tp_training_cases`),
+never imported into this pytest process: see there why.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import os
 import re
 import shlex
@@ -36,11 +41,33 @@ def _env() -> dict:
     return env
 
 
-def _dry_run(num_gpus: str, out: Path) -> subprocess.CompletedProcess:
+def _dry_run(num_gpus: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(SCRIPT), num_gpus, str(out), "--dry-run"],
+        ["bash", str(SCRIPT), num_gpus, str(out), "--dry-run", *extra],
         capture_output=True, text=True, env=_env(), timeout=600,
     )  # fmt: skip
+
+
+@functools.cache
+def _tp_training_cases() -> dict:
+    """``CASES`` of tests/falcon_h1/test_tp_training.py, imported in a fresh interpreter the way
+    multi_gpu.py imports it (tests/ first on sys.path).
+
+    Not imported here: pytest registers that file as ``tests.falcon_h1.test_tp_training``, so an
+    import as ``falcon_h1.test_tp_training`` executes it a second time, and its ``from conftest
+    import megatron_path`` then takes whichever conftest.py comes first on sys.path. When pytest
+    collects all of tests/ (``make test``, CI) that is tests/tooling/conftest.py, which puts its
+    own folder first on sys.path and has no ``megatron_path``: ImportError."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from project_paths import use; "
+        "use('tests'); from falcon_h1 import test_tp_training as t; print(json.dumps(t.CASES))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "scripts" / "lib")],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 @pytest.mark.megatron
@@ -71,11 +98,11 @@ def test_dry_run_plans_fit_the_gpus(num_gpus, tmp_path):
     steps = {step for step, _ in planned}
     assert steps == {"parity", "functional", "scaling"}, steps
 
-    tp_training = importlib.import_module("falcon_h1.test_tp_training")
     parity = {name: v for (step, name), v in planned.items() if step == "parity"}
-    layouts = dict(tp_training.CASES, bitnet_tp2=(None, None, 2), bitnet_tp4=(None, None, 4),
+    layouts = dict(_tp_training_cases(), bitnet_tp2=(None, None, 2), bitnet_tp4=(None, None, 4),
                    tp8=(None, None, 8))  # fmt: skip
     for name, case in layouts.items():
+        assert name in parity, f"layout {name} not planned"
         kind, nproc, rest = parity[name]
         assert nproc == case[2], (name, nproc)
         assert kind == ("RUN" if case[2] <= num_gpus else "SKIP"), (name, kind)
@@ -154,11 +181,13 @@ def test_parity_tolerance():
     assert d.parity_problems(reference, {1: 4.0}) != [], "a missing step fails"
 
 
+@pytest.mark.megatron
 def test_unknown_parity_case_and_golden_bundle_are_refused(tmp_path):
+    proc = _dry_run("8", tmp_path / "out", "--steps", "parity", "--parity-cases", "tp2,tp3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "--parity-cases: unknown 'tp3'; choose from tp2, tp4" in proc.stderr, proc.stderr
+    assert "RUN " not in proc.stdout and not (tmp_path / "out").exists(), proc.stdout
     d = _driver()
-    with pytest.raises(SystemExit, match="--parity-cases: unknown 'tp3'; choose from tp2, tp4"):
-        d.plan_parity({"tp_training": importlib.import_module("falcon_h1.test_tp_training")},
-                      tmp_path, tmp_path, 8, ["tp3"])  # fmt: skip
     bundle = tmp_path / "functional_goldens_h200_x2.json"
     bundle.write_text('{"platform": "h200_x2", "goldens": {"gpt/no_such_case": {}}}')
     with pytest.raises(SystemExit, match="no functional case 'gpt/no_such_case'"):
