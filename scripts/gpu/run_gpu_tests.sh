@@ -16,6 +16,8 @@
 #   falconh1  Falcon-H1 training step, HF transformers vs ours (scripts/gpu/bench_falcon_h1.py;
 #             TE=1 unpacks the carried Transformer Engine kit for its TE runs). Not in the
 #             default list: it needs more than one device call (use its --deadline-s/--resume)
+# Multi-GPU runs (NCCL parity, functional goldens on N GPUs, DP scaling) are a job of their own:
+#   bash scripts/gpu/multi_gpu.sh NUM_GPUS OUT_DIR [--dry-run]
 #
 # Green or named: the exit status is 0 only if every step exited 0 (a check script exits 0 only
 # when its checks passed or failed in a declared, named way: see its report). Every step's
