@@ -4,6 +4,8 @@
 # Writes JSON/markdown results to $1 (default: $OUT, else gpu-results/). Steps can be chosen:
 # run_gpu_tests.sh DIR mamba parity ...
 #   mamba     pure-PyTorch Mamba-2 ops and mamba_ssm / causal_conv1d kernels vs a naive reference
+#             (MAMBA_ARGS: extra arguments, e.g. "--dtypes float32 --no-timing" to split it over
+#             device calls: all of it took more than 230 s on a warm H200)
 #   parity    Megatron Falcon-H1 vs HF FalconH1ForCausalLM (fp32 + bf16, kernels)
 #   parity_te the same with Megatron's Transformer Engine Falcon-H1 spec (needs TE=1)
 #             (PARITY_ARGS: extra arguments of both parity steps, e.g. "--cases g1_norm0_memeff")
@@ -58,7 +60,7 @@ run() {  # name, report (JSON the step writes, or -), command...
 }
 for step in $steps; do
     case $step in
-        mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py --out "$results/mamba2_torch_vs_kernels.json" ;;
+        mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py ${MAMBA_ARGS:-} --out "$results/mamba2_torch_vs_kernels.json" ;;
         parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" ${PARITY_ARGS:-} --out "$results/falcon_h1_hf_parity.json" \
                     --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )) ;;  # traceback before the kill
         parity_te) run parity_te "$results/falcon_h1_hf_parity_te.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --transformer-impl transformer_engine ${PARITY_ARGS:-} \
