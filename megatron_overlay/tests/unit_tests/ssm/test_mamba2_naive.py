@@ -26,6 +26,16 @@ import pytest
 import torch
 
 from megatron.core.ssm import mamba2_torch as m2
+from tests.unit_tests.ssm.mamba2_cases import (
+    conv_inputs,
+    fresh_leaves,
+    naive_conv_gradcheck_problem,
+    naive_scan_gradcheck_problem,
+    packed,
+    reference_grads,
+)
+from tests.unit_tests.ssm.mamba2_cases import scan_inputs as shared_scan_inputs
+from tests.unit_tests.ssm.mamba2_cases import split_inputs
 from tests.unit_tests.ssm.mamba2_naive import (
     naive_conv,
     naive_rmsnorm,
@@ -41,30 +51,9 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def scan_inputs(b=2, l=11, h=4, p=3, g=2, n=5, seed=0):
-    gen = _gen(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
-    return dict(
-        x=r(b, l, h, p),
-        dt=r(b, l, h) * 0.5,
-        A=-(torch.rand(h, generator=gen, dtype=F64) * 2 + 0.2),
-        B=r(b, l, g, n),
-        C=r(b, l, g, n),
-        D_h=r(h),
-        D_hp=r(h, p),
-        z=r(b, l, h, p),
-        dt_bias=r(h) * 0.3,
-        init=r(b, h, p, n),
-    )
-
-
-def packed(lengths_per_row, pad=0):
-    """seq_idx rows of consecutive sequences (ids 0, 1, ...) followed by ``pad`` ids of -1."""
-    rows = []
-    for lengths in lengths_per_row:
-        ids = [i for i, n in enumerate(lengths) for _ in range(n)] + [-1] * pad
-        rows.append(torch.tensor(ids, dtype=torch.int32))
-    return torch.stack(rows)
+def scan_inputs(l=11, **kw):
+    """The shared scan inputs with a signed pre-softplus dt (``signed_dt``)."""
+    return shared_scan_inputs(l=l, signed_dt=True, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,46 +130,13 @@ def test_naive_conv_hand_computed():
 @pytest.mark.parametrize("g", [1, 2])
 @pytest.mark.parametrize("variant", ["plain", "seq_idx_limit_dhp"])
 def test_naive_scan_gradients_match_finite_differences(g, variant):
-    t = scan_inputs(b=2, l=5, h=2, p=2, g=g, n=2, seed=3)
-    seq_idx = packed([[2, 3], [5]]) if variant != "plain" else None
-    D = t["D_hp"] if variant != "plain" else t["D_h"]
-    # the limit clamps some dt values and leaves others (no value within eps of a bound)
-    limit = (0.0, 0.6) if variant != "plain" else (0.0, math.inf)
-
-    def fn(x, dt, A, B, C, D, z, dt_bias, init):
-        return naive_scan(
-            x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, dt_limit=limit,
-            initial_states=init, seq_idx=seq_idx,
-        )  # fmt: skip
-
-    inputs = [t["x"], t["dt"], t["A"], t["B"], t["C"], D, t["z"], t["dt_bias"], t["init"]]
-    inputs = [v.clone().requires_grad_(True) for v in inputs]
+    fn, inputs = naive_scan_gradcheck_problem(naive_scan, g, variant)
     assert torch.autograd.gradcheck(fn, inputs)
-
-
-def conv_inputs(b=2, d=3, l=9, w=4, seed=1):
-    gen = _gen(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
-    return dict(x=r(b, d, l), weight=r(d, w), bias=r(d), init=r(b, d, w - 1))
 
 
 @pytest.mark.parametrize("variant", ["plain", "init_final", "seq_idx_pad_init"])
 def test_naive_conv_gradients_match_finite_differences(variant):
-    t = conv_inputs()
-    seq_idx = packed([[3, 4], [7]], pad=2) if variant == "seq_idx_pad_init" else None
-
-    def fn(x, weight, bias, init):
-        return naive_conv(
-            x,
-            weight,
-            bias,
-            seq_idx=seq_idx,
-            initial_states=None if variant == "plain" else init,
-            activation="silu",
-            return_final_states=variant == "init_final",
-        )
-
-    inputs = [t[k].clone().requires_grad_(True) for k in ("x", "weight", "bias", "init")]
+    fn, inputs = naive_conv_gradcheck_problem(naive_conv, variant)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -250,24 +206,6 @@ def test_scan_varlen_states_match_naive():
     torch.testing.assert_close(varlen, states[0, cu[1:].long() - 1], **TOL)
 
 
-def _leaves(values):
-    return [v.detach().clone().requires_grad_(True) for v in values]
-
-
-def _reference_grads(fn_ours, fn_ref, values, seed=9):
-    """Gradients of sum(out * w) for fixed random w: ours vs the reference's autograd."""
-    gen = _gen(seed)
-    grads = []
-    for fn in (fn_ours, fn_ref):
-        leaves = _leaves(values)
-        outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        gen.manual_seed(seed)
-        loss = sum((o * torch.randn(o.shape, generator=gen, dtype=F64)).sum() for o in outs)
-        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
-    return grads
-
-
 @pytest.mark.parametrize("variant", ["softplus_limit_D_hp_init", "seq_idx_init"])
 @pytest.mark.parametrize("g", [1, 2])
 def test_scan_gradients(variant, g):
@@ -291,8 +229,8 @@ def test_scan_gradients(variant, g):
 
     ours, ref = call(m2.mamba_chunk_scan_combined, chunk=4), call(naive_scan)
     values = [t[k] for k in names]
-    assert torch.autograd.gradcheck(ours, _leaves(values), fast_mode=True)
-    g_ours, g_ref = _reference_grads(ours, ref, values)
+    assert torch.autograd.gradcheck(ours, fresh_leaves(values), fast_mode=True)
+    g_ours, g_ref = reference_grads(ours, ref, values)
     for name, a, b in zip(names, g_ours, g_ref):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad {name}: {m}")
 
@@ -326,7 +264,7 @@ def _conv_call(fn, variant, seq_idx):
 @pytest.mark.parametrize("variant", list(CONV_VARIANTS))
 @pytest.mark.parametrize("width", [2, 4])
 def test_conv_values_and_gradients(variant, width):
-    t = conv_inputs(w=width)
+    t = conv_inputs(d=3, l=9, w=width)
     spec = CONV_VARIANTS[variant][4]
     seq_idx = packed(*spec) if spec else None
     ours = _conv_call(m2.causal_conv1d_fn, variant, seq_idx)
@@ -334,8 +272,8 @@ def test_conv_values_and_gradients(variant, width):
     values = [t["x"], t["weight"], t["bias"], t["init"]]
     out, out_ref = ours(*values), ref(*values)
     torch.testing.assert_close(out, out_ref, **TOL)
-    assert torch.autograd.gradcheck(ours, _leaves(values), fast_mode=True)
-    g_ours, g_ref = _reference_grads(ours, ref, values)
+    assert torch.autograd.gradcheck(ours, fresh_leaves(values), fast_mode=True)
+    g_ours, g_ref = reference_grads(ours, ref, values)
     for name, a, b in zip(("x", "weight", "bias", "init"), g_ours, g_ref):
         if a is None or b is None:
             assert a is None and b is None or torch.count_nonzero(a if b is None else b) == 0
@@ -346,7 +284,7 @@ def test_conv_values_and_gradients(variant, width):
 def test_conv_update_matches_naive():
     """Decode steps continue the convolution from the state: one token at a time equals the
     reference over the whole sequence preceded by the initial state."""
-    t = conv_inputs(w=4)
+    t = conv_inputs(d=3, l=9, w=4)
     state = t["init"].clone()
     steps = [
         m2.causal_conv1d_update(t["x"][:, :, s], state, t["weight"], t["bias"], "silu")
@@ -393,28 +331,9 @@ def test_rmsnorm_values_and_gradients(norm_before_gate, group_size):
     )
     ref = lambda x, z, w: naive_rmsnorm(x, w, z, 1e-5, group_size, norm_before_gate)  # noqa: E731
     torch.testing.assert_close(ours(*values), ref(*values), **TOL)
-    assert torch.autograd.gradcheck(ours, _leaves(values), fast_mode=True)
-    for a, b in zip(*_reference_grads(ours, ref, values)):
+    assert torch.autograd.gradcheck(ours, fresh_leaves(values), fast_mode=True)
+    for a, b in zip(*reference_grads(ours, ref, values)):
         torch.testing.assert_close(a, b, **TOL)
-
-
-def split_inputs(h=2, p=2, g=2, n=2, b=2, l=7, w=4, d_nonssm=0, seed=7):
-    gen = _gen(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
-    dim, conv_dim = h * p, h * p + 2 * g * n
-    return dict(
-        zxbcdt=r(b, l, 2 * d_nonssm + 2 * dim + 2 * g * n + h),
-        conv_w=r(conv_dim, w) * 0.5,
-        conv_b=r(conv_dim) * 0.1,
-        dt_bias=r(h) * 0.3,
-        A=-(torch.rand(h, generator=gen, dtype=F64) + 0.2),
-        D_h=r(h),
-        D_hp=r(h, p),
-        norm_w=1 + 0.2 * r(dim),
-        out_w=r(3, d_nonssm + dim),
-        out_b=r(3),
-        init=r(b, h, p, n),
-    )
 
 
 @pytest.mark.parametrize("variant", ["megatron_seq_idx", "norm_outproj_states", "d_nonssm"])
@@ -422,7 +341,8 @@ def test_split_path_values_and_gradients(variant):
     """The fused path as MambaMixer calls it (seq_idx, no norm / out_proj) and with everything
     (gated norm, out_proj with bias, initial and final states, D per channel, d_nonssm)."""
     g, p = 2, 2
-    t = split_inputs(g=g, p=p, d_nonssm=2 if variant == "d_nonssm" else 0)
+    d_nonssm = 2 if variant == "d_nonssm" else 0
+    t = split_inputs(h=2, p=p, g=g, n=2, d_nonssm=d_nonssm, l=7, seed=7, near_one_norm=True)
     full = variant != "megatron_seq_idx"
     seq_idx = None if full else packed([[3, 4], [7]])
     names = ["zxbcdt", "conv_w", "conv_b", "dt_bias", "A", "D_hp" if full else "D_h"]
@@ -448,6 +368,6 @@ def test_split_path_values_and_gradients(variant):
     values = [t[k] for k in names]
     for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (ours(*values), ref(*values)))):
         torch.testing.assert_close(a, b, **TOL)
-    assert torch.autograd.gradcheck(ours, _leaves(values), fast_mode=True)
-    for name, a, b in zip(names, *_reference_grads(ours, ref, values)):
+    assert torch.autograd.gradcheck(ours, fresh_leaves(values), fast_mode=True)
+    for name, a, b in zip(names, *reference_grads(ours, ref, values)):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad {name}: {m}")

@@ -19,32 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.ssm import mamba2_torch as m2
+from tests.unit_tests.ssm.mamba2_cases import (
+    conv_inputs,
+    grads_of,
+    packed,
+    scan_inputs,
+    split_inputs,
+)
 from tests.unit_tests.ssm.mamba2_naive import naive_conv, naive_rmsnorm, naive_scan
 
 F64 = torch.float64
-
-
-def scan_inputs(b=2, l=37, h=4, p=3, g=2, n=5, dtype=F64, seed=0):
-    """Random scan inputs with moderate magnitudes (dt > 0, A < 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
-    return dict(
-        x=r(b, l, h, p),
-        dt=torch.rand(b, l, h, generator=gen, dtype=dtype) * 0.6 + 0.05,
-        A=-(torch.rand(h, generator=gen, dtype=dtype) * 1.5 + 0.1),
-        B=r(b, l, g, n),
-        C=r(b, l, g, n),
-        D_h=r(h),
-        D_hp=r(h, p),
-        z=r(b, l, h, p),
-        dt_bias=r(h) * 0.5,
-        init=r(b, h, p, n),
-    )
-
-
-def packed_ids(lengths, dtype=torch.int32):
-    """seq_idx row for consecutive sequences of the given lengths."""
-    return torch.cat([torch.full((n,), i, dtype=dtype) for i, n in enumerate(lengths)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +131,7 @@ def test_scan_seq_idx_matches_naive_and_separate_runs(chunk_size):
     lengths = [[7, 8, 1, 16, 5], [16, 21]]  # boundaries inside and exactly at chunk edges
     l = sum(lengths[0])
     t = scan_inputs(l=l)
-    seq_idx = torch.stack([packed_ids(row) for row in lengths])
+    seq_idx = packed(lengths)
     kw = dict(D=t["D_hp"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True)
     y, final = m2.mamba_chunk_scan_combined(
         t["x"],
@@ -194,7 +178,7 @@ def test_scan_seq_idx_matches_naive_and_separate_runs(chunk_size):
 def test_scan_varlen_states():
     lengths = [5, 11, 16, 3, 9]
     t = scan_inputs(b=1, l=sum(lengths))
-    seq_idx = packed_ids(lengths).unsqueeze(0)
+    seq_idx = packed([lengths])
     cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     y, final, varlen = m2.mamba_chunk_scan_combined(
         t["x"],
@@ -228,13 +212,6 @@ def test_scan_varlen_states():
     torch.testing.assert_close(v_only, varlen)
 
 
-def _grads(fn, tensors):
-    for v in tensors.values():
-        v.grad = None
-    fn().backward()
-    return {k: None if v.grad is None else v.grad.clone() for k, v in tensors.items()}
-
-
 @pytest.mark.parametrize("use_seq_idx", [False, True])
 def test_scan_gradients_match_naive(use_seq_idx):
     t = scan_inputs(l=23, g=2)
@@ -251,7 +228,7 @@ def test_scan_gradients_match_naive(use_seq_idx):
         "init": t["init"],
     }
     leaves = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
-    seq_idx = packed_ids([6, 9, 8]).expand(2, -1) if use_seq_idx else None
+    seq_idx = packed([[6, 9, 8]]).expand(2, -1) if use_seq_idx else None
     limit = (0.1, 1.5)
     wy = torch.randn(t["x"].shape, dtype=F64)
     wf = torch.randn(t["init"].shape, dtype=F64)
@@ -298,8 +275,8 @@ def test_scan_gradients_match_naive(use_seq_idx):
             seq_idx=seq_idx,
         )
 
-    g_chunk = _grads(loss(chunked), leaves)
-    g_ref = _grads(loss(naive), leaves)
+    g_chunk = grads_of(loss(chunked), leaves)
+    g_ref = grads_of(loss(naive), leaves)
     for k in leaves:
         assert torch.isfinite(g_chunk[k]).all(), k
         torch.testing.assert_close(g_chunk[k], g_ref[k], rtol=1e-9, atol=1e-9, msg=k)
@@ -426,17 +403,11 @@ def test_no_host_sync_meta_device():
 # --------------------------------------------------------------------------------------------
 
 
-def conv_inputs(b=2, d=6, l=21, w=4, dtype=F64, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
-    return r(b, d, l), r(d, w), r(d), r(b, d, w - 1)
-
-
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu", "swish"])
 def test_conv_matches_loop(width, use_bias, activation):
-    x, w, bias, _ = conv_inputs(w=width)
+    x, w, bias, _ = conv_inputs(w=width).values()
     bias = bias if use_bias else None
     out = m2.causal_conv1d_fn(x, w, bias, activation=activation)
     ref = naive_conv(x, w, bias, activation=activation)
@@ -444,7 +415,7 @@ def test_conv_matches_loop(width, use_bias, activation):
 
 
 def test_conv_initial_and_final_states():
-    x, w, bias, init = conv_inputs()
+    x, w, bias, init = conv_inputs().values()
     out, final = m2.causal_conv1d_fn(
         x, w, bias, initial_states=init, return_final_states=True, activation="silu"
     )
@@ -467,7 +438,7 @@ def test_conv_initial_and_final_states():
 
 
 def test_conv_channel_last_and_fp32():
-    x, w, bias, init = conv_inputs(l=33)
+    x, w, bias, init = conv_inputs(l=33).values()
     x_cl = x.transpose(1, 2).contiguous().transpose(1, 2)  # (b, d, l) view with stride(1) == 1
     assert x_cl.stride(1) == 1
     out = m2.causal_conv1d_fn(x_cl.float(), w.float(), bias.float(), activation="silu")
@@ -479,9 +450,9 @@ def test_conv_channel_last_and_fp32():
 
 
 def test_conv_seq_idx_no_leakage():
-    x, w, bias, init = conv_inputs(l=21)
+    x, w, bias, init = conv_inputs(l=21).values()
     lengths = [[1, 6, 2, 12], [9, 12]]
-    seq_idx = torch.stack([packed_ids(r) for r in lengths])
+    seq_idx = packed(lengths)
     seq_idx[0, -4:] = -1  # padding tokens
     for use_init in (False, True):
         kw = dict(initial_states=init if use_init else None, activation="silu")
@@ -499,8 +470,8 @@ def test_conv_seq_idx_no_leakage():
 
 
 def test_conv_gradients_match_loop():
-    x, w, bias, init = conv_inputs(l=15)
-    seq_idx = packed_ids([4, 11]).expand(2, -1)
+    x, w, bias, init = conv_inputs(l=15).values()
+    seq_idx = packed([[4, 11]]).expand(2, -1)
     leaves = {k: v.clone().requires_grad_(True) for k, v in dict(x=x, w=w, b=bias, i=init).items()}
     wt = torch.randn(x.shape, dtype=F64)
     for sid in (None, seq_idx):
@@ -512,20 +483,20 @@ def test_conv_gradients_match_loop():
                 * wt
             ).sum()
 
-        g1 = _grads(run(m2.causal_conv1d_fn), leaves)
-        g2 = _grads(run(naive_conv), leaves)
+        g1 = grads_of(run(m2.causal_conv1d_fn), leaves)
+        g2 = grads_of(run(naive_conv), leaves)
         for k in leaves:
             torch.testing.assert_close(g1[k], g2[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
 def test_conv_rejects_unknown_activation():
-    x, w, bias, _ = conv_inputs()
+    x, w, bias, _ = conv_inputs().values()
     with pytest.raises(NotImplementedError):
         m2.causal_conv1d_fn(x, w, bias, activation="relu")
 
 
 def test_conv_update_steps_equal_full_conv():
-    x, w, bias, init = conv_inputs(l=9)
+    x, w, bias, init = conv_inputs(l=9).values()
     full = m2.causal_conv1d_fn(x, w, bias, initial_states=init, activation="silu")
     state = torch.cat([torch.zeros(2, 6, 1, dtype=F64), init], -1)  # state_len = width
     steps = [m2.causal_conv1d_update(x[:, :, t], state, w, bias, "silu") for t in range(4)]
@@ -743,26 +714,6 @@ def test_rmsnorm_gated_module_interface():
 # --------------------------------------------------------------------------------------------
 
 
-def split_inputs(h=4, p=3, g=2, n=5, d_nonssm=0, b=2, l=19, w=4, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
-    dim = h * p
-    conv_dim = dim + 2 * g * n
-    return dict(
-        zxbcdt=r(b, l, 2 * d_nonssm + 2 * dim + 2 * g * n + h),
-        conv_w=r(conv_dim, w) * 0.5,
-        conv_b=r(conv_dim) * 0.1,
-        dt_bias=r(h) * 0.5,
-        A=-(torch.rand(h, generator=gen, dtype=F64) + 0.2),
-        D_h=r(h),
-        D_hp=r(h, p),
-        norm_w=r(dim),
-        out_w=r(7, d_nonssm + dim),
-        out_b=r(7),
-        init=r(b, h, p, n),
-    )
-
-
 def split_by_hand(
     t,
     D,
@@ -838,7 +789,7 @@ def test_split_path_equals_composition(case):
     d_nonssm = case.get("d_nonssm", 0)
     t = split_inputs(h=h, p=p, g=g, n=n, d_nonssm=d_nonssm)
     D = t["D_hp"] if case.get("d_hp") else t["D_h"]
-    seq_idx = packed_ids([5, 9, 5]).expand(2, -1) if case.get("packed") else None
+    seq_idx = packed([[5, 9, 5]]).expand(2, -1) if case.get("packed") else None
     init = t["init"] if case.get("init") else None
     rmsnorm = case.get("rmsnorm", False)
     nbg = case.get("norm_before_gate", True)
@@ -894,8 +845,8 @@ def test_split_path_equals_composition(case):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(final, ref_final, rtol=1e-12, atol=1e-12)
     wt = torch.randn(out.shape, dtype=F64)
-    g1 = _grads(lambda: (fused()[0] * wt).sum() + fused()[1].sum(), leaves)
-    g2 = _grads(lambda: (by_hand()[0] * wt).sum() + by_hand()[1].sum(), leaves)
+    g1 = grads_of(lambda: (fused()[0] * wt).sum() + fused()[1].sum(), leaves)
+    g2 = grads_of(lambda: (by_hand()[0] * wt).sum() + by_hand()[1].sum(), leaves)
     for k in leaves:
         if g2[k] is None:  # input not used by this configuration
             assert g1[k] is None, k
