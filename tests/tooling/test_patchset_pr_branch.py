@@ -343,3 +343,29 @@ def test_pr_branch_on_another_base(proj):
     assert "0001-layers-call-the-alpha-hook.patch" in proc.stderr
     assert f"do not apply on {conflicting[:12]}" in proc.stderr
     assert p.bgit("rev-parse", "pr/alpha~1") == newer  # the earlier branch is untouched
+
+
+def test_verify_accepts_a_test_module_that_skips_itself(proj):
+    """A test module that calls pytest.skip(allow_module_level=True) (GPU-only tests on a CPU
+    machine) is skipped, as pytest reports it, not an import failure; a real import error in the
+    same commit still fails."""
+    p = proj
+    skip = 'import pytest\n\npytest.skip("needs a GPU", allow_module_level=True)\n'
+    add_patch(p, {"tests/unit_tests/test_gpu_only.py": skip}, "tests: a GPU-only test")
+    features = p.root / "patches/features.toml"
+    features.write_text(
+        features.read_text().replace(
+            'overlay = ["megatron/core/beta.py"]',
+            'overlay = ["megatron/core/beta.py", "tests/unit_tests/test_gpu_only.py"]',
+        )
+    )
+    args = ["pr-branch", "--feature", "beta", "--verify", "--python", sys.executable]
+    args += ["--lint-venv", str(p.tmp / "no-lint-tools")]
+    proc = p.ok(*args)
+    assert "tests/unit_tests/test_gpu_only.py: skipped itself (Skipped: needs a GPU)" in proc.stdout
+    assert "every commit imports its modules" in proc.stdout
+
+    broken = skip.replace("import pytest\n", "import pytest\nimport no_such_module  # noqa\n")
+    add_patch(p, {"tests/unit_tests/test_gpu_only.py": broken}, "tests: break it")
+    proc = p.fails(*args)
+    assert "import tests/unit_tests/test_gpu_only.py: ModuleNotFoundError" in proc.stderr
