@@ -14,15 +14,17 @@
 # indexed dataset prefix) and TOKENIZER_MODEL (HF tokenizer dir), or leave DATA_PATH unset for
 # --mock-data. Everything after the script name is passed through (and wins over defaults).
 #
-# Speed defaults (results/README.md: on one H200 the TE spec with a whole-iteration CUDA graph
-# ran the 0.5B step 2.56x faster than HF transformers, eager 0.93x; adding the optimizer graph,
-# 3.28-3.44x):
+# Speed defaults (results/README.md: on one H200 the 0.5B step with the TE spec, a whole-iteration
+# CUDA graph, the optimizer graph and batch-first Mamba layers ran 3.1-3.5x the tokens/s of HF
+# transformers; TE eager 0.6x, host-bound):
 #   IMPL=auto|transformer_engine|local   auto: Transformer Engine when it imports, else local
 #   CUDA_GRAPHS=full_iteration|none   default full_iteration on GPUs (none without CUDA); per-layer
 #   graphs (--cuda-graph-impl local) are refused for P layers (they trained wrongly)
-#   OPTIMIZER_GRAPH=0|1   1 also captures the optimizer step (upstream --optimizer-cuda-graph;
-#   needs CUDA_GRAPHS=full_iteration and Transformer Engine's multi-tensor ops). Measured only
-#   without the distributed optimizer this script uses, so it is off by default.
+#   OPTIMIZER_GRAPH=auto|0|1   1 also captures the optimizer step (upstream --optimizer-cuda-graph;
+#   needs CUDA_GRAPHS=full_iteration and Transformer Engine's multi-tensor ops). auto: on when
+#   both are there and the run has one data-parallel rank (NPROC x NNODES = TP x PP x CP): with
+#   the distributed optimizer this script uses it measured as fast as without (110.8 vs 110.2 ms
+#   on one H200); with more data-parallel ranks it has not been measured yet
 #   BATCH_FIRST=auto|0|1   --mamba-batch-first (Mamba layers transpose the hidden states
 #   instead of their wider in_proj and scan outputs; same math); auto: on unless SP=1 or CP>1,
 #   which it cannot serve
@@ -70,14 +72,23 @@ case $graphs in
     full_iteration) speed+=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad) ;;
     *) echo "CUDA_GRAPHS must be full_iteration or none, got '$graphs'" >&2; exit 2 ;;
 esac
-case ${OPTIMIZER_GRAPH:-0} in
+optimizer_graph=${OPTIMIZER_GRAPH:-auto}
+if [ "$optimizer_graph" = auto ]; then
+    optimizer_graph=0
+    world=$(( ${NPROC:-8} * ${NNODES:-1} )) model_ranks=$(( ${TP:-1} * ${PP:-1} * ${CP:-1} ))
+    if [ "$graphs" = full_iteration ] && [ "$world" -eq "$model_ranks" ] \
+            && have transformer_engine.pytorch; then
+        optimizer_graph=1
+    fi
+fi
+case $optimizer_graph in
     0) ;;
     1) if [ "$graphs" != full_iteration ] || ! have transformer_engine.pytorch; then
            echo "OPTIMIZER_GRAPH=1 needs CUDA_GRAPHS=full_iteration (a GPU) and Transformer Engine" >&2
            exit 2
        fi
        speed+=(--optimizer-cuda-graph) ;;
-    *) echo "OPTIMIZER_GRAPH must be 0 or 1, got '${OPTIMIZER_GRAPH}'" >&2; exit 2 ;;
+    *) echo "OPTIMIZER_GRAPH must be auto, 0 or 1, got '${OPTIMIZER_GRAPH}'" >&2; exit 2 ;;
 esac
 batch_first=${BATCH_FIRST:-auto}
 if [ "$batch_first" = auto ]; then

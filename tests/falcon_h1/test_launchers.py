@@ -138,7 +138,8 @@ def _launch_args(tmp_path, **env_vars) -> subprocess.CompletedProcess:
     fake.parent.mkdir(exist_ok=True)
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, **env_vars)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
+    env.update(env_vars)
     env["PATH"] = os.pathsep.join([str(fake.parent), env["PATH"]])
     return subprocess.run(
         ["bash", str(ROOT / "scripts" / "falcon_h1" / "train_falcon_h1.sh")],
@@ -163,3 +164,45 @@ def test_batch_first_refused_where_it_cannot_run(tmp_path, env_vars):
     proc = _launch_args(tmp_path, **env_vars)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "BATCH_FIRST" in proc.stderr
+
+
+def _python_with_transformer_engine(tmp_path) -> str:
+    """A ``PYTHON`` for the launcher that answers its ``import transformer_engine.pytorch``
+    probe with success and runs everything else with this interpreter (a fake TE package on
+    ``PYTHONPATH`` would also fool Megatron's own imports in ``falcon_h1_args.py``)."""
+    shim = tmp_path / "python_with_te"
+    shim.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -c ] && [ "$2" = "import transformer_engine.pytorch" ]; then exit 0; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    shim.chmod(0o755)
+    return str(shim)
+
+
+@pytest.mark.parametrize(
+    "env_vars,expected",
+    [({"NPROC": "1"}, True), ({"NPROC": "2", "TP": "2"}, True), ({"NPROC": "8"}, False),
+     ({"NPROC": "1", "NNODES": "2"}, False), ({"NPROC": "1", "CUDA_GRAPHS": "none"}, False),
+     ({"NPROC": "1", "OPTIMIZER_GRAPH": "0"}, False), ({"NPROC": "8", "OPTIMIZER_GRAPH": "1"}, True)],
+    ids=["auto_one_rank", "auto_tp2", "auto_dp8", "auto_two_nodes", "auto_no_graphs", "off", "on_dp8"],
+)  # fmt: skip
+def test_optimizer_graph_auto_with_one_data_parallel_rank(tmp_path, env_vars, expected):
+    """auto captures the optimizer step only where it was measured: a whole-iteration graph,
+    Transformer Engine, one data-parallel rank. ``CUDA_GRAPHS=full_iteration`` stands in for a
+    GPU (the launcher keeps an explicit setting)."""
+    env_vars = {"CUDA_GRAPHS": "full_iteration", "PYTHON": _python_with_transformer_engine(tmp_path),
+                **env_vars}  # fmt: skip
+    proc = _launch_args(tmp_path, **env_vars)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = proc.stdout.splitlines()
+    assert ("--optimizer-cuda-graph" in args) == expected, proc.stdout
+    assert ("--cuda-graph-impl" in args) == (env_vars["CUDA_GRAPHS"] == "full_iteration")
+
+
+def test_optimizer_graph_auto_needs_transformer_engine(tmp_path):
+    """Without Transformer Engine (the local spec), auto leaves the optimizer step eager."""
+    proc = _launch_args(tmp_path, NPROC="1", CUDA_GRAPHS="full_iteration", IMPL="local")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = proc.stdout.splitlines()
+    assert "--cuda-graph-impl" in args and "--optimizer-cuda-graph" not in args, proc.stdout
