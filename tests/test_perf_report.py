@@ -1,0 +1,73 @@
+"""README's performance table and plot come from the committed benchmark results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report():
+    if "perf_report" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("perf_report", ROOT / "scripts" / "perf_report.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["perf_report"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["perf_report"]
+
+
+def test_readme_table_and_plot_are_current(capsys):
+    """Fails when a results file changed (or was added to RESULTS) without regenerating."""
+    assert _report().main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_every_system_in_the_results_has_a_label():
+    report = _report()
+    systems = {row.system for row in report.load_rows()}
+    assert systems and systems <= set(report.LABELS), systems - set(report.LABELS)
+
+
+def test_a_changed_result_changes_table_and_plot(tmp_path):
+    """A different measurement gives a different row, and the README check would see it."""
+    report = _report()
+    names = report.RESULTS
+    for name in names:
+        shutil.copy(report.RESULTS_DIR / name, tmp_path / name)
+    path = tmp_path / names[0]
+    data = json.loads(path.read_text())
+    case = next(iter(data["cases"]))
+    ours = data["cases"][case]["systems"]["ours_te_graph_opt_bf"]
+    ours["median_ms"] *= 2
+    ours["tok_s"] /= 2
+    path.write_text(json.dumps(data))
+    before, after = report.load_rows(), report.load_rows(tmp_path, names)
+    assert report.table(before) != report.table(after)
+    assert report.plot(before) != report.plot(after)
+    readme = report.README.read_text()
+    assert report.readme_with_table(readme, after) != readme
+    changed = [(b, a) for b, a in zip(before, after) if a != b]
+    assert len(changed) == 1, changed
+    old_row, new_row = changed[0]
+    assert new_row.system == "ours_te_graph_opt_bf"
+    assert new_row.over_hf == pytest.approx(old_row.over_hf / 2)
+
+
+def test_ratio_only_against_hf_of_the_same_file():
+    """The distributed-optimizer file has no HF run: its rows show no ratio rather than one
+    against another call's HF."""
+    report = _report()
+    rows = [r for r in report.load_rows() if r.source == "bench_falcon_h1_dist.json"]
+    assert rows and all(r.over_hf is None for r in rows)
+    assert all(f"| - | {r.mfu:.1%}" in report.table(rows) for r in rows)
+
+
+def test_missing_markers_are_an_error_naming_the_readme():
+    report = _report()
+    with pytest.raises(SystemExit, match="README.md needs exactly one"):
+        report.readme_with_table("no markers here\n", report.load_rows())
