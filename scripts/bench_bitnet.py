@@ -16,6 +16,12 @@ Cases (all bf16 activations/weights, one GPU, ``--tokens`` rows):
                        micro-batch per step).
 * ``bitnet_mg``     -- cached, with gradient-accumulation fusion into an fp32 ``main_grad``
                        (Megatron's configuration).
+* ``torchao``       -- the peer: torchao's BitNet b1.58 training linear
+                       (``torchao.prototype.quantized_training.bitnet_training``): the same
+                       quantisers (checked against ours on CPU in tests/test_bench_bitnet.py),
+                       re-quantising the weight on every call, INT8 tensor-core GEMM forward,
+                       bf16 backward. Skipped, and recorded as skipped, where torchao does not
+                       import.
 
 Shapes (Llama-3-8B-like layer): qkv 4096->6144, proj 4096->4096, fc1 4096->28672,
 fc2 14336->4096; "layer" is the sum of the four.  Timing: CUDA events around fwd+bwd, after
@@ -52,7 +58,7 @@ SHAPES = {  # name: (in_features K, out_features N)
     "fc1": (4096, 28672),
     "fc2": (14336, 4096),
 }
-ALL_CASES = ["bf16", "pr3002", "bitnet", "bitnet_nocache", "bitnet_mg"]
+ALL_CASES = ["bf16", "pr3002", "bitnet", "bitnet_nocache", "bitnet_mg", "torchao"]
 # Variants of the cached BitNet case: the bf16 beta*T input-gradient operand kept in the weight
 # cache for the whole step (dgrad="cublas_cached", --bitnet-dgrad) instead of dequantised per
 # backward, and the backward GEMMs on our Triton kernels instead of cuBLAS (how the defaults of
@@ -72,6 +78,29 @@ def _import_bitnet():
         use("overlay")
         importlib.invalidate_caches()
         return importlib.import_module("megatron.core.bitnet")
+
+
+def torchao_bitnet_weight(weight):
+    """``weight`` (out x in) as the parameter of torchao's BitNet b1.58 training linear: what
+    ``quantize_(linear, bitnet_training())`` puts into an ``nn.Linear``; ``F.linear(x, w, None)``
+    on it runs torchao's quantised forward and backward. Raises ImportError without torchao."""
+    import torch
+    from torchao.prototype.quantized_training import bitnet_training
+    from torchao.quantization import quantize_
+
+    linear = torch.nn.Linear(
+        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    quantize_(linear, bitnet_training())
+    return linear.weight
+
+
+def _storage_ptr(tensor) -> int:
+    """Data pointer of a plain tensor or of the tensor a torchao wrapper parameter holds."""
+    inner = getattr(tensor, "_data", None)
+    return tensor.data_ptr() if inner is None else inner.data_ptr()
 
 
 def _parse():
@@ -310,6 +339,14 @@ def main() -> int:
     for c in cases:
         if c not in ALL_CASES + EXTRA_CASES:
             raise SystemExit(f"unknown case {c!r}; choose from {ALL_CASES + EXTRA_CASES}")
+    skipped_cases = {}
+    if "torchao" in cases:
+        try:
+            importlib.import_module("torchao.prototype.quantized_training")
+        except ImportError as err:
+            skipped_cases["torchao"] = f"torchao does not import: {err}"
+            cases.remove("torchao")
+            print(f"NOTE: case torchao skipped ({skipped_cases['torchao']})", flush=True)
 
     dev = torch.device("cuda")
     dt = torch.bfloat16
@@ -320,6 +357,8 @@ def main() -> int:
         cache = BF.BitNetWeightCache()
         if case == "bf16":
             return (lambda: F.linear(x, w).backward(dy)), None
+        if case == "torchao":  # w is torchao's weight (torchao_bitnet_weight); None: its bias
+            return (lambda: F.linear(x, w, None).backward(dy)), None
         if case == "pr3002":
             return (lambda: pr3002_linear(x, w).backward(dy)), None
         if case == "bitnet":
@@ -346,7 +385,7 @@ def main() -> int:
     def saved_per_microbatch_mib(step, w, cache):
         """MiB of tensors autograd saves for backward in one step, excluding the parameter and
         the per-step weight cache (what each in-flight micro-batch keeps alive)."""
-        persistent = {w.data_ptr()}
+        persistent = {_storage_ptr(w)}
         v = getattr(cache, "_value", None)
         if v is not None:
             persistent |= {t.data_ptr() for t in (v.t, v.beta, v.dense) if t is not None}
@@ -380,6 +419,8 @@ def main() -> int:
         for case in cases:  # build, warm up (incl. autotuning) and measure memory per case
             x = (torch.randn(m, k, device=dev) * 2).to(dt).requires_grad_(True)
             w = torch.nn.Parameter((torch.randn(n, k, device=dev) * 0.02).to(dt))
+            if case == "torchao":
+                w = torchao_bitnet_weight(w.detach())
             dy = torch.randn(m, n, device=dev).to(dt)
             step, cache = make_step(case, x, w, dy)
 
@@ -488,6 +529,7 @@ def main() -> int:
         "quick": args.quick,
         "shapes": {s: {"in": SHAPES[s][0], "out": SHAPES[s][1]} for s in shapes},
         "results": results,
+        "skipped_cases": skipped_cases,
         "layer": layer,
         "breakdown_ms": breakdown,
         "ratios_vs_bf16": {
@@ -511,6 +553,7 @@ def main() -> int:
         f"- tokens {m}, warm-up {args.warmup}, iters {args.iters}"
         + (" (QUICK)" if args.quick else ""),
         f"- timing: {report['timing']}; median of iters",
+        *(f"- skipped: {c}: {why}" for c, why in skipped_cases.items()),
         "",
         "| shape | "
         + " | ".join(f"{c} ms" for c in cases)

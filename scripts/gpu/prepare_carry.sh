@@ -3,7 +3,7 @@
 #   .carry/megatron.tar.xz  the patched tree's files (git archive of build/Megatron-LM HEAD, + the
 #                           compiled dataset helpers), unpacked there by scripts/gpu/setup_env.sh
 #   .carry/wheels           mamba_ssm / causal_conv1d wheels (from ../shared/wheels or $WHEELS_DIR)
-#                           and liger-kernel (downloaded here from PyPI once)
+#                           and liger-kernel / torchao (downloaded here from PyPI once)
 #   .carry/te               the Transformer Engine kit (../shared/te or $TE_DIR), if present
 #   .carry/provenance.json  the commit, dirty flag and `git describe` of this checkout, and a
 #                           fingerprint of its files: the GPU machine gets the tree without .git;
@@ -26,6 +26,11 @@ if [ -d "$wheels" ]; then cp "$wheels"/*.whl .carry/wheels/; fi
 LIGER=liger_kernel-0.8.5-py3-none-any.whl
 if [ ! -f ".carry/wheels/$LIGER" ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: -d .carry/wheels liger-kernel==0.8.5
+fi
+# torchao: the BitNet training peer of scripts/bench_bitnet.py (its case "torchao").
+if ! ls .carry/wheels/torchao-0.18.0-*.whl >/dev/null 2>&1; then
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        -d .carry/wheels torchao==0.18.0
 fi
 te=${TE_DIR:-../shared/te}
 if [ -d "$te" ]; then rm -rf .carry/te && mkdir -p .carry/te && cp "$te"/te_site.tar.xz "$te"/*.whl "$te"/te_env.sh .carry/te/; fi

@@ -61,6 +61,7 @@ VERSION_MODULES = {
     "mamba_ssm": ("mamba_ssm", "mamba-ssm"),
     "causal_conv1d": ("causal_conv1d", "causal-conv1d"),
     "transformer_engine": ("transformer_engine", "transformer-engine"),
+    "torchao": ("torchao",),
 }
 
 
