@@ -10,50 +10,13 @@ from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_sp
 from megatron.core.models.hybrid.hybrid_backend_specs import hybrid_stack_spec_local
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.ssm.mamba_mixer import MambaMixer
-from megatron.core.transformer.transformer_config import TransformerConfig
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
-
-MULTIPLIERS = dict(
-    embedding_multiplier=1.7,
-    lm_head_multiplier=0.61,
-    key_multiplier=0.43,
-    attention_in_multiplier=1.13,
-    attention_out_multiplier=0.87,
-    ssm_in_multiplier=1.29,
-    ssm_out_multiplier=0.37,
-    mlp_multipliers=[0.79, 1.41],
-    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
-)
+from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
 
 
-def _config(**kwargs):
-    values = dict(
-        num_layers=2,
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=12,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        apply_rope_fusion=False,
-        is_hybrid_model=True,
-        mamba_num_heads=4,
-        mamba_head_dim=16,
-        mamba_num_groups=2,
-        mamba_state_dim=8,
-        mamba_chunk_size=4,
-        use_cpu_initialization=True,
-        transformer_impl="local",
-    )
-    values.update(kwargs)
-    return TransformerConfig(**values)
+def _config(**overrides):
+    """The shared tiny hybrid config with wider Mamba heads (head dim 16)."""
+    return tiny_hybrid_config(**{"mamba_head_dim": 16, **overrides})
 
 
 def _run(config, spec, pattern, tokens, state=None):

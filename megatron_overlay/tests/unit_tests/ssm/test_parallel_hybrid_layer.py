@@ -14,50 +14,8 @@ from megatron.core.models.hybrid.parallel_hybrid_layer import (
     ParallelHybridLayer,
     ParallelHybridMixer,
 )
-from megatron.core.transformer.transformer_config import TransformerConfig
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
-
-MULTIPLIERS = dict(
-    embedding_multiplier=1.7,
-    lm_head_multiplier=0.61,
-    key_multiplier=0.43,
-    attention_in_multiplier=1.13,
-    attention_out_multiplier=0.87,
-    ssm_in_multiplier=1.29,
-    ssm_out_multiplier=0.37,
-    mlp_multipliers=[0.79, 1.41],
-    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
-)
-
-
-def _config(**kwargs):
-    values = dict(
-        num_layers=2,
-        hidden_size=32,
-        ffn_hidden_size=48,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=12,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        apply_rope_fusion=False,
-        is_hybrid_model=True,
-        mamba_num_heads=4,
-        mamba_head_dim=8,
-        mamba_num_groups=2,
-        mamba_state_dim=8,
-        mamba_chunk_size=4,
-        use_cpu_initialization=True,
-        transformer_impl="local",
-    )
-    values.update(kwargs)
-    return TransformerConfig(**values)
+from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
 
 
 def _model(config, spec=falcon_h1_stack_spec, pattern="PP", vocab=64):
@@ -73,7 +31,7 @@ def _model(config, spec=falcon_h1_stack_spec, pattern="PP", vocab=64):
 
 
 def test_layer_structure(single_rank):
-    model = _model(_config(**MULTIPLIERS))
+    model = _model(tiny_hybrid_config(**MULTIPLIERS))
     layer = model.decoder.layers[0]
     assert isinstance(layer, ParallelHybridLayer)
     assert isinstance(layer.self_attention, ParallelHybridMixer)
@@ -97,7 +55,7 @@ def test_layer_structure(single_rank):
 
 def test_every_block_runs_once_and_outputs_sum(single_rank):
     """The mixer output is attention(u) + mamba(u); no block of the layer runs twice."""
-    model = _model(_config(**MULTIPLIERS)).eval()
+    model = _model(tiny_hybrid_config(**MULTIPLIERS)).eval()
     layer = model.decoder.layers[0]
     calls = {}
     for name in ("input_layernorm", "pre_mlp_layernorm", "mlp"):
@@ -132,12 +90,12 @@ def test_every_block_runs_once_and_outputs_sum(single_rank):
 
 def test_spec_without_parallel_layer_fails_clearly(single_rank):
     with pytest.raises(ValueError, match="parallel_hybrid_layer"):
-        _model(_config(), spec=hybrid_stack_spec_local, pattern="P*")
+        _model(tiny_hybrid_config(), spec=hybrid_stack_spec_local, pattern="P*")
 
 
 def test_per_layer_cuda_graphs_are_refused(single_rank):
     """Per-layer graphs trained P layers wrongly on GPU (measured): refused, not silent."""
-    config = _config()
+    config = tiny_hybrid_config()
     config.cuda_graph_impl = "local"  # set after validation: the config checks need a GPU
     with pytest.raises(ValueError, match="--cuda-graph-impl local"):
         _model(config)
@@ -146,7 +104,7 @@ def test_per_layer_cuda_graphs_are_refused(single_rank):
 def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
     """With every multiplier at 1.0 the Falcon-H1 spec computes exactly what the local spec
     computes for M / * / - layers."""
-    config = _config()
+    config = tiny_hybrid_config()
     torch.manual_seed(5)
     plain = _model(config, spec=hybrid_stack_spec_local, pattern="M*-M").eval()
     falcon = _model(config, spec=falcon_h1_stack_spec, pattern="M*-M").eval()
@@ -161,7 +119,7 @@ def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
 
 def test_static_inference_prefill_then_decode_matches_full_forward(single_rank):
     """Prefill + one decode step (separate KV and Mamba caches) give the full-sequence logits."""
-    model = _model(_config(**MULTIPLIERS), pattern="PP").eval()
+    model = _model(tiny_hybrid_config(**MULTIPLIERS), pattern="PP").eval()
     tokens = torch.randint(0, 64, (1, 9))
     positions = torch.arange(9).unsqueeze(0)
     with torch.no_grad():

@@ -1,0 +1,53 @@
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
+"""Tiny Falcon-H1 settings shared by the CPU tests of the parallel hybrid ('P') layer and of
+batch-first Mamba training: the forward multipliers and the model config, written once."""
+
+import torch
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+# The 14 forward multipliers, all distinct and != 1, so a lost or swapped one changes results.
+MULTIPLIERS = dict(
+    embedding_multiplier=1.7,
+    lm_head_multiplier=0.61,
+    key_multiplier=0.43,
+    attention_in_multiplier=1.13,
+    attention_out_multiplier=0.87,
+    ssm_in_multiplier=1.29,
+    ssm_out_multiplier=0.37,
+    mlp_multipliers=[0.79, 1.41],
+    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
+)
+
+
+def tiny_hybrid_config(**overrides):
+    """A two-layer hybrid TransformerConfig (attention, SwiGLU MLP and Mamba-2, local
+    implementation, CPU initialisation, no dropout or fusions); ``overrides`` replace fields."""
+    values = dict(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=12,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        is_hybrid_model=True,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        mamba_num_groups=2,
+        mamba_state_dim=8,
+        mamba_chunk_size=4,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
