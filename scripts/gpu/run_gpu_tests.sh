@@ -26,8 +26,11 @@
 # status, time and pass/fail counts (from its report's "summary") go to DIR/summary.json, with
 # the provenance (commit, dirty tree, versions) that every report also carries
 # (scripts/lib/provenance.py; DIR/environment.json is the same record for the job).
-# Time limit per step: STEP_TIMEOUT (default 300 s), or STEP_TIMEOUT_<step> for one step.
+# Time limit per step: STEP_TIMEOUT (default 300 s), or STEP_TIMEOUT_<step> for one step. The
+# mamba step's own default is 1200 s: on a warm H200 its fp32 half alone ran past 240 s
+# (results/h200/falcon_h1/logs/), so 300 s could only ever end it red.
 set -uo pipefail
+: "${STEP_TIMEOUT_mamba:=1200}"
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 results=${1:-${OUT:-gpu-results}}
 shift || true
