@@ -48,6 +48,32 @@ def test_gpu_busy_fraction_counts_overlaps_once():
     assert top[0]["name"] == "gemm" and top[0]["us_per_step"] == 20
 
 
+def test_host_hotspots_rank_inclusive_host_time_per_step(tmp_path):
+    """Python functions and torch ops inside the profiled steps, per step, most time first;
+    startup outside the steps is left out. A kept trace writes them beside it."""
+    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    data = _trace()
+    data["traceEvents"] += [
+        {"ph": "X", "name": "module.py(1): forward", "ts": 5, "dur": 60, "cat": "python_function"},
+        {"ph": "X", "name": "module.py(1): forward", "ts": 105, "dur": 80, "cat": "python_function"},
+        {"ph": "X", "name": "launch", "ts": 10, "dur": 90, "cat": "python_function"},
+        {"ph": "X", "name": "aten::mm", "ts": 12, "dur": 8, "cat": "cpu_op"},
+        {"ph": "X", "name": "startup", "ts": -900, "dur": 800, "cat": "python_function"},
+    ]
+    hot = trace.host_hotspots(data)
+    assert [r["name"] for r in hot["python_function"]] == ["module.py(1): forward", "launch"]
+    assert hot["python_function"][0] == {
+        "name": "module.py(1): forward", "us_per_step": 70.0, "calls_per_step": 1.0
+    }
+    assert hot["cpu_op"] == [{"name": "aten::mm", "us_per_step": 4.0, "calls_per_step": 0.5}]
+    raw = tmp_path / "trace.json"
+    raw.write_text(json.dumps(data))
+    kept = _bench().keep_trace(raw, tmp_path, "c", "s")
+    assert (tmp_path / kept).is_file()
+    side = json.loads((tmp_path / "traces" / "trace_c_s.host.json").read_text())
+    assert side == json.loads(json.dumps(hot))
+
+
 def test_gpu_track_copies_of_the_step_annotations_are_not_steps():
     """torch puts each ProfilerStep# on the GPU track too; counting those doubled the steps and
     halved every per-step figure (the first H200 results had this defect)."""

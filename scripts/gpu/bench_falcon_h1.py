@@ -53,8 +53,13 @@ from project_paths import use  # noqa: E402
 use("overlay_checkpoint_tools", "falcon_h1_scripts")
 from falcon_h1_args import MULTIPLIERS_0_5B  # noqa: E402
 from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
-from gpu_trace import gpu_busy_fraction, kernel_names, load_trace, top_kernels  # noqa: E402
-
+from gpu_trace import (  # noqa: E402
+    gpu_busy_fraction,
+    host_hotspots,
+    kernel_names,
+    load_trace,
+    top_kernels,
+)
 
 
 def _hf_config(layers, hidden, heads, kv, head_dim, m_heads, m_dim, d_state, groups, ffn,
@@ -287,11 +292,15 @@ def megatron_flags(case: str) -> list[str]:
 
 
 def keep_trace(trace: Path, out_dir: Path, case: str, name: str) -> str:
-    """Gzip a profiler trace to ``out_dir/traces/trace_<case>_<name>.json.gz``; its path."""
+    """Gzip a profiler trace to ``out_dir/traces/trace_<case>_<name>.json.gz`` and write its host
+    hotspots (``gpu_trace.host_hotspots``) beside it as ``...host.json``, small enough to bring
+    back where the trace is not (a kept trace with Python stacks reaches ~20 MB); its path."""
     target = out_dir / "traces" / f"trace_{case}_{name}.json.gz"
     target.parent.mkdir(parents=True, exist_ok=True)
     raw = trace.read_bytes()
     target.write_bytes(raw if trace.suffix == ".gz" else gzip.compress(raw, 6))
+    hotspots = target.with_name(f"trace_{case}_{name}.host.json")
+    hotspots.write_text(json.dumps(host_hotspots(load_trace(trace)), indent=1) + "\n")
     return str(target.relative_to(out_dir))
 
 
@@ -464,7 +473,7 @@ def main() -> int:
         "--keep-traces",
         default="",
         help="comma-separated systems whose profiler traces (with Python call stacks for ours) "
-        "are kept as OUT_DIR/traces/*.json.gz",
+        "are kept as OUT_DIR/traces/*.json.gz, with their host hotspots in *.host.json",
     )
     parser.add_argument(
         "--resume",

@@ -103,3 +103,32 @@ def top_kernels(trace: dict, count: int = 25) -> list[dict]:
         {"name": name[:160], "us_per_step": t / steps, "calls_per_step": n / steps}
         for name, (t, n) in ranked
     ]
+
+
+HOST_CATEGORIES = ("python_function", "cpu_op")
+
+
+def host_hotspots(trace: dict, count: int = 40) -> dict[str, list[dict]]:
+    """Where the host spends a profiled step: per host event category (Python functions, which
+    need ``with_stack``, and torch ops), the names with the most *inclusive* time per step inside
+    the profiled steps' window (a function's time contains its callees', so rows nest; events of
+    every thread count, the autograd engine's backward thread included)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    start, end, steps = step_window(events)
+    out: dict[str, list[dict]] = {}
+    for category in HOST_CATEGORIES:
+        totals: dict[str, list[float]] = {}
+        for e in events:
+            if e.get("cat") != category or e.get("ph") != "X":
+                continue
+            if not start <= float(e["ts"]) <= end:
+                continue
+            entry = totals.setdefault(str(e.get("name"))[:160], [0.0, 0])
+            entry[0] += float(e.get("dur", 0.0))
+            entry[1] += 1
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
+        out[category] = [
+            {"name": name, "us_per_step": t / steps, "calls_per_step": n / steps}
+            for name, (t, n) in ranked
+        ]
+    return out
