@@ -20,7 +20,7 @@ ifneq ($(filter default environment,$(origin LINT)),)
 LINT := strict
 endif
 
-.PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream check-base \
+.PHONY: help setup upstream apply-patches export-patches check-patches pr-branch rebase-upstream check-base perf-report \
         dataset-helpers test test-tooling functional demo clean lint-venv format
 
 help: ## Show this help
@@ -79,6 +79,9 @@ test-tooling: lint-venv ## Only the patch-set tooling tests
 functional: setup apply-patches dataset-helpers ## Run one functional case: make functional CASE=<model>/<case> PLATFORM=cpu|h100 [RECORD=1]
 	@test -n "$(CASE)" || { echo "usage: make functional CASE=<model>/<case> [PLATFORM=cpu] [RECORD=1]" >&2; exit 2; }
 	@$(VPY) scripts/functional.py --case "$(CASE)" --platform "$(or $(PLATFORM),cpu)" $(if $(RECORD),--record)
+
+perf-report: ## Regenerate README's performance table and results/h200/falcon_h1/throughput.svg from the results files
+	@python3 scripts/perf_report.py
 
 demo: setup apply-patches dataset-helpers ## Train a tiny model for ~50 steps on whatever device exists
 	@bash scripts/demo.sh
