@@ -8,33 +8,23 @@ int8 activations, per-tensor absmean ternary weights) and the same input and wei
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from project_paths import load_script
 
 pytestmark = pytest.mark.megatron
 
 
 def _bench():
-    if "bench_bitnet" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_bitnet", ROOT / "scripts" / "bench_bitnet.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_bitnet"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_bitnet"]
+    return load_script("scripts/bench_bitnet.py")
 
 
-def _both(megatron_tree, weight_scale: float = 0.02):
+def _both(megatron_tree):
     import torch
     import torch.nn.functional as F
     from megatron.core.bitnet import functional as BF
 
     torch.manual_seed(0)
-    w0 = torch.randn(96, 160) * weight_scale
+    w0 = torch.randn(96, 160) * 0.02
     x0 = torch.randn(48, 160) * 2
     dy = torch.randn(48, 96)
     peer = _bench().torchao_bitnet_weight(w0.clone())

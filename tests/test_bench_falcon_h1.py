@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from project_paths import load_script
 
 
 def _trace():
@@ -38,7 +26,7 @@ def _trace():
 
 
 def test_gpu_busy_fraction_counts_overlaps_once():
-    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    trace = load_script("scripts/lib/gpu_trace.py")
     busy = trace.gpu_busy_fraction(_trace())
     assert busy["window_us"] == 200 and busy["steps"] == 2
     assert busy["busy_us"] == 40 + 20 + 10
@@ -51,7 +39,7 @@ def test_gpu_busy_fraction_counts_overlaps_once():
 def test_host_hotspots_rank_inclusive_host_time_per_step(tmp_path):
     """Python functions and torch ops inside the profiled steps, per step, most time first;
     startup outside the steps is left out. A kept trace writes them beside it."""
-    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    trace = load_script("scripts/lib/gpu_trace.py")
     data = _trace()
     data["traceEvents"] += [
         {"ph": "X", "name": "module.py(1): forward", "ts": 5, "dur": 60, "cat": "python_function"},
@@ -68,7 +56,7 @@ def test_host_hotspots_rank_inclusive_host_time_per_step(tmp_path):
     assert hot["cpu_op"] == [{"name": "aten::mm", "us_per_step": 4.0, "calls_per_step": 0.5}]
     raw = tmp_path / "trace.json"
     raw.write_text(json.dumps(data))
-    kept = _bench().keep_trace(raw, tmp_path, "c", "s")
+    kept = _bench().keep_trace(raw, data, tmp_path, "c", "s")
     assert (tmp_path / kept).is_file()
     side = json.loads((tmp_path / "traces" / "trace_c_s.host.json").read_text())
     assert side == json.loads(json.dumps(hot))
@@ -77,7 +65,7 @@ def test_host_hotspots_rank_inclusive_host_time_per_step(tmp_path):
 def test_gpu_track_copies_of_the_step_annotations_are_not_steps():
     """torch puts each ProfilerStep# on the GPU track too; counting those doubled the steps and
     halved every per-step figure (the first H200 results had this defect)."""
-    trace = _load("gpu_trace", ROOT / "scripts/lib/gpu_trace.py")
+    trace = load_script("scripts/lib/gpu_trace.py")
     data = _trace()
     data["traceEvents"] += [
         {"ph": "X", "name": "ProfilerStep#7", "ts": 5, "dur": 100, "cat": "gpu_user_annotation"},
@@ -91,7 +79,7 @@ def test_gpu_track_copies_of_the_step_annotations_are_not_steps():
 
 
 def _bench():
-    return _load("bench_falcon_h1", ROOT / "scripts/gpu/bench_falcon_h1.py")
+    return load_script("scripts/gpu/bench_falcon_h1.py")
 
 
 def test_mamba_path_is_read_from_kernel_names():
@@ -148,7 +136,7 @@ def test_every_system_flag_exists_in_the_patched_tree(megatron_tree):
     """A misspelt flag would only show on the GPU (a failed run after minutes of device time)."""
     import subprocess
 
-    bench = _load("bench_falcon_h1", ROOT / "scripts" / "gpu" / "bench_falcon_h1.py")
+    bench = load_script("scripts/gpu/bench_falcon_h1.py")
     proc = subprocess.run(
         [sys.executable, "-c", _OPTION_STRINGS], capture_output=True, text=True, timeout=300,
         cwd=megatron_tree, env={**os.environ, "PYTHONPATH": str(megatron_tree)},

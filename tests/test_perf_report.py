@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from project_paths import load_script
 
 
 def _report():
-    if "perf_report" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("perf_report", ROOT / "scripts" / "perf_report.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["perf_report"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["perf_report"]
+    return load_script("scripts/perf_report.py")
 
 
 def test_readme_table_and_plot_are_current(capsys):

@@ -170,8 +170,7 @@ def mamba_path(names: set[str]) -> str:
     return " + ".join(found) if found else "no mamba_ssm/causal_conv1d kernels (torch path)"
 
 
-def trace_summary(path: Path) -> dict:
-    trace = load_trace(path)
+def trace_summary(trace: dict) -> dict:
     busy = gpu_busy_fraction(trace)
     return {
         "gpu_busy": busy["busy_fraction"],
@@ -260,9 +259,10 @@ def run_hf(name: str, case: str, iters: int, out_dir: Path, keep: bool = False) 
     if proc.returncode != 0 or not match:
         return {"error": "\n".join(text.splitlines()[-15:])}
     result = json.loads(match.group(1))
-    result.update(trace_summary(trace))
+    data = load_trace(trace)
+    result.update(trace_summary(data))
     if keep:
-        result["trace"] = keep_trace(trace, out_dir, case, name)
+        result["trace"] = keep_trace(trace, data, out_dir, case, name)
     trace.unlink()
     return result
 
@@ -291,16 +291,17 @@ def megatron_flags(case: str) -> list[str]:
     ]  # fmt: skip
 
 
-def keep_trace(trace: Path, out_dir: Path, case: str, name: str) -> str:
-    """Gzip a profiler trace to ``out_dir/traces/trace_<case>_<name>.json.gz`` and write its host
-    hotspots (``gpu_trace.host_hotspots``) beside it as ``...host.json``, small enough to bring
-    back where the trace is not (a kept trace with Python stacks reaches ~20 MB); its path."""
+def keep_trace(trace: Path, data: dict, out_dir: Path, case: str, name: str) -> str:
+    """Gzip the profiler trace file ``trace`` (``data``: its loaded events) to
+    ``out_dir/traces/trace_<case>_<name>.json.gz`` and write its host hotspots
+    (``gpu_trace.host_hotspots``) beside it as ``...host.json``, small enough to bring back where
+    the trace is not (a kept trace with Python stacks reaches ~20 MB); its path."""
     target = out_dir / "traces" / f"trace_{case}_{name}.json.gz"
     target.parent.mkdir(parents=True, exist_ok=True)
     raw = trace.read_bytes()
     target.write_bytes(raw if trace.suffix == ".gz" else gzip.compress(raw, 6))
     hotspots = target.with_name(f"trace_{case}_{name}.host.json")
-    hotspots.write_text(json.dumps(host_hotspots(load_trace(trace)), indent=1) + "\n")
+    hotspots.write_text(json.dumps(host_hotspots(data), indent=1) + "\n")
     return str(target.relative_to(out_dir))
 
 
@@ -361,9 +362,10 @@ def run_ours(
     }
     traces = sorted((work / "torch_profile").glob("rank-0.json*"))
     if traces:
-        result.update(trace_summary(traces[0]))
+        data = load_trace(traces[0])
+        result.update(trace_summary(data))
         if stacks:
-            result["trace"] = keep_trace(traces[0], out_dir, case, name)
+            result["trace"] = keep_trace(traces[0], data, out_dir, case, name)
             result["trace_has_stacks"] = True
     return result
 

@@ -16,9 +16,11 @@ The patched tree is ``megatron`` when given, else ``$FALCON_MCORE_BUILD``, else
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Optional, Union
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +63,17 @@ def use(*names: str, megatron: Optional[Union[str, Path]] = None) -> None:
         path = str(place(name, megatron))
         if path not in sys.path:
             sys.path.insert(0, path)
+
+
+def load_script(path: Union[str, Path], name: Optional[str] = None) -> ModuleType:
+    """The project file ``path`` (absolute, or relative to the checkout) as a module named
+    ``name`` (default: its stem), loaded once: later calls return the same module from
+    ``sys.modules``. For scripts that are not importable packages (``scripts/*.py``)."""
+    path = Path(path) if Path(path).is_absolute() else ROOT / path
+    name = name or path.stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
