@@ -6,7 +6,8 @@ ParallelHybridLayer stack, weights mapped 1:1 and loaded strictly: a missing or 
 fails the run and is listed), with the oracle's 14 distinct multipliers, all != 1
 (tests/falcon_h1/oracle.py, the same config as the CPU parity test). It runs all 8 combinations
 of n_groups 1 / 2 x mamba_rms_norm off / on x Megatron's memory-efficient / plain Mamba path on
-CUDA, in fp32 (logits and every parameter gradient, TF32 off) and bf16 (logits), and checks
+CUDA, in fp32 (logits and every parameter gradient; TF32 off in torch and, by default, in the
+Triton kernels: --kernel-fp32) and bf16 (logits), and checks
 that Megatron's Mamba ops really ran on the kernels (mamba_ssm / causal_conv1d), not on the
 PyTorch fallback.
 
@@ -140,6 +141,14 @@ def main() -> int:
         help="Megatron's Falcon-H1 spec: local modules or Transformer Engine (needs TE, CUDA)",
     )
     parser.add_argument(
+        "--kernel-fp32",
+        choices=("ieee", "tf32"),
+        default="ieee",
+        help="precision of fp32 tl.dot in the Triton kernels (mamba_ssm's SSD scan, both models; "
+        "sets TRITON_F32_DEFAULT): ieee (default) makes the fp32 checks true fp32, as torch's "
+        "TF32 switch does not reach Triton; tf32 is Triton's own default",
+    )
+    parser.add_argument(
         "--cases",
         default="",
         help="comma-separated case names, e.g. g1_norm0_memeff,g2_norm1_plain (default: all 8)",
@@ -152,6 +161,8 @@ def main() -> int:
     # (it would retry downloads); HF then uses the installed mamba_ssm / causal_conv1d.
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Before anything imports triton: its tl.dot reads the default precision from here.
+    os.environ["TRITON_F32_DEFAULT"] = args.kernel_fp32
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     _install_selective_scan_placeholder()
     use("tests", "megatron", megatron=args.megatron)
@@ -382,6 +393,7 @@ def main() -> int:
         **provenance(sys.argv),
         "run_device": str(device),
         "transformer_impl": args.transformer_impl,
+        "kernel_fp32": args.kernel_fp32,
         "cpu_smoke": args.cpu_smoke,
         "multipliers": MULTIPLIERS,
         "tolerances": {
