@@ -149,6 +149,14 @@ def main() -> int:
         "TF32 switch does not reach Triton; tf32 is Triton's own default",
     )
     parser.add_argument(
+        "--autotune",
+        choices=("all", "smallest"),
+        default="all",
+        help="smallest: mamba_ssm's autotuned kernels compile only their smallest-tile "
+        "configuration (scripts/lib/triton_configs.py; a cold Triton cache with IEEE fp32 dots "
+        "otherwise spends minutes per case compiling)",
+    )
+    parser.add_argument(
         "--cases",
         default="",
         help="comma-separated case names, e.g. g1_norm0_memeff,g2_norm1_plain (default: all 8)",
@@ -198,6 +206,11 @@ def main() -> int:
     if os.environ.get(mamba2_dispatch.FORCE_TORCH_ENV, "0") == "1":
         sys.exit(f"{mamba2_dispatch.FORCE_TORCH_ENV}=1 would bypass the kernels: unset it")
     calls = count_kernel_calls(mamba2_dispatch)
+    autotune = {"mode": args.autotune}
+    if args.autotune == "smallest" and need_kernels:
+        from triton_configs import keep_smallest_config  # scripts/lib
+
+        autotune.update(keep_smallest_config("mamba_ssm.ops.triton"))
     init_file = Path(tempfile.mkdtemp()) / "init"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=1, rank=0)
     parallel_state.initialize_model_parallel(1, 1)
@@ -394,6 +407,7 @@ def main() -> int:
         "run_device": str(device),
         "transformer_impl": args.transformer_impl,
         "kernel_fp32": args.kernel_fp32,
+        "autotune": autotune,
         "cpu_smoke": args.cpu_smoke,
         "multipliers": MULTIPLIERS,
         "tolerances": {

@@ -262,6 +262,14 @@ def main():
         "do not use TF32, and use tighter float32 tolerances",
     )
     parser.add_argument(
+        "--autotune",
+        choices=("all", "smallest"),
+        default="all",
+        help="smallest: mamba_ssm's autotuned kernels compile only their smallest-tile "
+        "configuration (scripts/lib/triton_configs.py), to fit a cold Triton cache into a "
+        "device call; what the kernels compute is unchanged",
+    )
+    parser.add_argument(
         "--dry-run-cpu",
         action="store_true",
         help="CPU, small shapes, torch ops on both sides (tests this script)",
@@ -269,6 +277,7 @@ def main():
     args = parser.parse_args()
 
     tolerances = {k: dict(v) for k, v in TOLERANCES.items()}
+    autotune = {"mode": args.autotune}
     if args.kernel_fp32_ieee:
         # must happen before Triton compiles anything; a separate cache avoids reusing TF32
         # binaries compiled by earlier runs
@@ -289,6 +298,10 @@ def main():
             sys.exit("CUDA is required (use --dry-run-cpu to exercise the script on CPU)")
         device = torch.device("cuda")
         kernel = kernel_ops()
+        if args.autotune == "smallest":
+            from triton_configs import keep_smallest_config  # scripts/lib
+
+            autotune.update(keep_smallest_config("mamba_ssm.ops.triton"))
         S = Shapes(args.batch, args.seqlen, args.nheads, args.headdim, args.dstate, args.chunk_size)
         # the torch ops must run true fp32 matmuls; record the setting in the report
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -458,6 +471,7 @@ def main():
             "(megatron_overlay/tests/unit_tests/ssm/mamba2_naive.py)",
             metric="rel = max|impl - reference| / max|reference|",
             kernel_fp32_ieee=args.kernel_fp32_ieee,
+            autotune=autotune,
             kernel_tolerances=tolerances,
             torch_tolerances=TORCH_TOLERANCES,
         ),

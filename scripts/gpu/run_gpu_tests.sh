@@ -18,6 +18,10 @@
 #   falconh1  Falcon-H1 training step, HF transformers vs ours (scripts/gpu/bench_falcon_h1.py;
 #             TE=1 unpacks the carried Transformer Engine kit for its TE runs). Not in the
 #             default list: it needs more than one device call (use its --deadline-s/--resume)
+# MAMBA_SHARDS / PARITY_SHARDS ("case,case;case,..."): run the mamba / parity step as parallel
+# processes over these case subsets (scripts/gpu/run_shards.py): a cold Triton cache otherwise
+# spends the step compiling autotuned kernels one at a time (the 8-case fp32-IEEE parity step
+# had not finished its first case after 290 s on an H200).
 # Multi-GPU runs (NCCL parity, functional goldens on N GPUs, DP scaling) are a job of their own:
 #   bash scripts/gpu/multi_gpu.sh NUM_GPUS OUT_DIR [--dry-run]
 #
@@ -63,9 +67,15 @@ run() {  # name, report (JSON the step writes, or -), command...
 }
 for step in $steps; do
     case $step in
-        mamba) run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py ${MAMBA_ARGS:-} --out "$results/mamba2_torch_vs_kernels.json" ;;
-        parity) run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" ${PARITY_ARGS:-} --out "$results/falcon_h1_hf_parity.json" \
-                    --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )) ;;  # traceback before the kill
+        mamba) if [ -n "${MAMBA_SHARDS:-}" ]; then
+                   run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/run_shards.py --shards "$MAMBA_SHARDS" --out "$results/mamba2_torch_vs_kernels.json" \
+                       -- python3 scripts/gpu/check_mamba2_torch.py ${MAMBA_ARGS:-}
+               else run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py ${MAMBA_ARGS:-} --out "$results/mamba2_torch_vs_kernels.json"; fi ;;
+        parity) parity_cmd=(python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" ${PARITY_ARGS:-}
+                            --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )))  # traceback before the kill
+                if [ -n "${PARITY_SHARDS:-}" ]; then
+                    run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/run_shards.py --shards "$PARITY_SHARDS" --out "$results/falcon_h1_hf_parity.json" -- "${parity_cmd[@]}"
+                else run parity "$results/falcon_h1_hf_parity.json" "${parity_cmd[@]}" --out "$results/falcon_h1_hf_parity.json"; fi ;;
         parity_te) run parity_te "$results/falcon_h1_hf_parity_te.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --transformer-impl transformer_engine ${PARITY_ARGS:-} \
                     --out "$results/falcon_h1_hf_parity_te.json" --timeout $(( ${STEP_TIMEOUT_parity_te:-${STEP_TIMEOUT:-300}} - 10 )) ;;
         bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
