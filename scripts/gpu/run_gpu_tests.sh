@@ -18,7 +18,7 @@
 #   falconh1  Falcon-H1 training step, HF transformers vs ours (scripts/gpu/bench_falcon_h1.py;
 #             TE=1 unpacks the carried Transformer Engine kit for its TE runs). Not in the
 #             default list: it needs more than one device call (use its --deadline-s/--resume)
-# MAMBA_SHARDS / PARITY_SHARDS ("case,case;case,..."): run the mamba / parity step as parallel
+# MAMBA_SHARDS / PARITY_SHARDS ("case,case;case,..."): run the mamba / parity(_te) step as parallel
 # processes over these case subsets (scripts/gpu/run_shards.py): a cold Triton cache otherwise
 # spends the step compiling autotuned kernels one at a time (the 8-case fp32-IEEE parity step
 # had not finished its first case after 290 s on an H200).
@@ -71,13 +71,15 @@ for step in $steps; do
                    run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/run_shards.py --shards "$MAMBA_SHARDS" --out "$results/mamba2_torch_vs_kernels.json" \
                        -- python3 scripts/gpu/check_mamba2_torch.py ${MAMBA_ARGS:-}
                else run mamba "$results/mamba2_torch_vs_kernels.json" python3 scripts/gpu/check_mamba2_torch.py ${MAMBA_ARGS:-} --out "$results/mamba2_torch_vs_kernels.json"; fi ;;
-        parity) parity_cmd=(python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" ${PARITY_ARGS:-}
-                            --timeout $(( ${STEP_TIMEOUT_parity:-${STEP_TIMEOUT:-300}} - 10 )))  # traceback before the kill
+        parity|parity_te)
+                report="$results/falcon_h1_hf_$step.json"  # falcon_h1_hf_parity[_te].json
+                parity_cmd=(python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" ${PARITY_ARGS:-})
+                [ "$step" = parity_te ] && parity_cmd+=(--transformer-impl transformer_engine)
+                limit_var="STEP_TIMEOUT_$step"
+                parity_cmd+=(--timeout $(( ${!limit_var:-${STEP_TIMEOUT:-300}} - 10 )))  # traceback before the kill
                 if [ -n "${PARITY_SHARDS:-}" ]; then
-                    run parity "$results/falcon_h1_hf_parity.json" python3 scripts/gpu/run_shards.py --shards "$PARITY_SHARDS" --out "$results/falcon_h1_hf_parity.json" -- "${parity_cmd[@]}"
-                else run parity "$results/falcon_h1_hf_parity.json" "${parity_cmd[@]}" --out "$results/falcon_h1_hf_parity.json"; fi ;;
-        parity_te) run parity_te "$results/falcon_h1_hf_parity_te.json" python3 scripts/gpu/check_falcon_h1_hf_parity.py --megatron "$megatron" --transformer-impl transformer_engine ${PARITY_ARGS:-} \
-                    --out "$results/falcon_h1_hf_parity_te.json" --timeout $(( ${STEP_TIMEOUT_parity_te:-${STEP_TIMEOUT:-300}} - 10 )) ;;
+                    run "$step" "$report" python3 scripts/gpu/run_shards.py --shards "$PARITY_SHARDS" --out "$report" -- "${parity_cmd[@]}"
+                else run "$step" "$report" "${parity_cmd[@]}" --out "$report"; fi ;;
         bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
         bench) run bench "$results/bench_bitnet.json" python3 scripts/bench_bitnet.py --out-dir "$results" ;;
         gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;

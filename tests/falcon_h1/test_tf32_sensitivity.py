@@ -1,6 +1,6 @@
 """Why the GPU parity check's fp32 logits miss only with the gated RMSNorm (CPU diagnosis).
 
-On the H200 (``results/h200/falcon_h1/falcon_h1_hf_parity.json``) the local spec's fp32 logits
+On the H200 (``results/h200/hf_parity/falcon_h1_hf_parity_kernel_tf32.json``) the local spec's fp32 logits
 differ from HF's by 4.2e-4 (1 Mamba group) and 2.3e-4 (2 groups) of the logit scale when
 ``mamba_rms_norm`` is on, but by 2-4e-5 when it is off. Both models run the scan in mamba_ssm's
 Triton kernels, whose ``tl.dot`` on fp32 inputs uses TF32 (10-bit mantissa) unless told
