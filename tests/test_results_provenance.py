@@ -19,19 +19,8 @@ RESULTS = ROOT / "results"
 # fails test_legacy_list_is_current.
 LEGACY_WITHOUT_PROVENANCE = {
     # 2026-11-26/27 H100 runs (results/README.md, "Legacy"): no commit, no dirty flag.
-    "h100-legacy/bitnet/bench_bitnet.json",
-    "h100-legacy/bitnet/bench_bitnet_gpt_step.json",
     "h100-legacy/bitnet/bench_bitnet_gpt_step_falcon_h1_0.5b.json",
-    "h100-legacy/bitnet/bench_bitnet_gpt_step_mb4.json",
     "h100-legacy/bitnet/bench_bitnet_noprefill.json",
-    "h100-legacy/bitnet/bitnet_kernels_h100.json",
-    "h100-legacy/bitnet/bitnet_kernels_vector_beta_quick.json",
-    "h100-legacy/falcon_h1/falcon_h1_conversion.json",
-    # also used the 0.5B multipliers (several equal, attention_in = 1), 2 of 4 combinations:
-    "h100-legacy/falcon_h1/falcon_h1_hf_parity.json",
-    "h100-legacy/mamba2/environment.json",
-    # also compared against our own op in fp64, not an independent reference:
-    "h100-legacy/mamba2/mamba2_torch_vs_kernels.json",
 }
 SHA = re.compile(r"[0-9a-f]{40}")
 

@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT / "scripts" / "lib"))
 from project_paths import use  # noqa: E402
 from provenance import provenance  # noqa: E402  (scripts/lib: commit, dirty tree, versions)
 
-# Tolerances. fp32 (TF32 off): kernel reduction order only; relative to the logit scale
-# (max |HF logits|); measured 1e-6..1e-5 on an H100 with the 0.5B multipliers. Gradients: max
-# over parameters of max|diff| / max|HF grad| (measured <= 1.4e-4). bf16: both models round
+# Tolerances. fp32 (TF32 off in torch and Triton): kernel reduction order only; relative to the
+# logit scale (max |HF logits|); measured 1.5e-6..3.5e-6 on an H200 with the 14 distinct
+# multipliers (with Triton's TF32 dots the gated-norm cases reached 4.2e-4). Gradients: max over
+# parameters of max|diff| / max|HF grad| (measured <= 9.4e-6). bf16: both models round
 # activations to bf16 at different points, so Megatron in bf16 is judged by its distance from HF
 # in fp32, which must stay within BF16_VS_HF_FACTOR x HF's own bf16 distance from its fp32
 # logits (about 1.5e-2 to 3e-2 of the logit scale here), and below BF16_LOGITS_REL_MAX.

@@ -19,7 +19,7 @@ exits non-zero if any check fails.
 
 Usage::
 
-    python scripts/gpu/test_bitnet_kernels.py --out results/bitnet_kernels_h100.json [--quick]
+    python scripts/gpu/test_bitnet_kernels.py --out bitnet_kernels.json [--quick]
 """
 
 from __future__ import annotations
