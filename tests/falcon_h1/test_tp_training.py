@@ -137,8 +137,8 @@ def references(tmp_path_factory) -> _References:
 
 
 _CP2 = ["--context-parallel-size", "2"]
-# name: (checkpoint, reference args (one rank), ranks, args). Every printed digit must match,
-# except in LAST_DIGIT cases (see the test).
+# name: (checkpoint, reference args (one rank), ranks, args). Printed losses must match to one
+# unit of the last digit (MAX_LAST_DIGIT_UNITS).
 CASES = {
     "tp2": ("g1", _SGD, 2, _SGD + _TP2),
     "tp4": ("g1", _SGD, 4, _SGD + _TP4),
@@ -154,9 +154,14 @@ CASES = {
 }
 
 
-# Context parallelism sums each sequence's loss over the CP ranks' halves: a different
-# summation order than one rank's, which can move the 7th printed digit by one.
-LAST_DIGIT = {"cp2", "tp2_cp2_sp"}
+# Every parallel layout sums in a different order than one rank: tensor parallelism adds the
+# row-parallel linears' partial products across ranks (one rank adds them inside one GEMM),
+# context parallelism sums each sequence's loss over the CP ranks' halves. The fp32 round-off
+# this causes (~1e-7 relative) moves the 7th printed digit by one when a loss lies that close
+# to a rounding boundary: on this CI machine step 3's 4.404087|5 printed 4.404088 at TP=2 and
+# TP=4 (the same code matched exactly in an earlier CI run), so one unit is allowed, never more.
+# A lost multiplier or a wrong shard moves the losses by far more (test_multipliers_matter).
+MAX_LAST_DIGIT_UNITS = 1
 
 
 def _last_digit_units(a: str, b: str) -> int:
@@ -168,19 +173,16 @@ def _last_digit_units(a: str, b: str) -> int:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_losses_equal_one_rank(request, references, case):
-    """Every printed loss of the 6 steps equals the one-rank run's (LAST_DIGIT cases: within
-    one unit of the last printed digit)."""
+    """Every printed loss of the 6 steps equals the one-rank run's to within one unit of the
+    last printed digit (MAX_LAST_DIGIT_UNITS says why not exactly)."""
     ckpt_name, ref_args, ranks, args = CASES[case]
     ckpt = request.getfixturevalue(f"ckpt_{ckpt_name}")
     reference = references.get(ckpt, ref_args)
     losses = _train(ckpt, ranks, args)
     print(f"{case}: one rank {reference}\n{case}: {losses}")
     assert sorted(losses) == sorted(reference), losses
-    if case in LAST_DIGIT:
-        units = {s: _last_digit_units(reference[s], losses[s]) for s in reference}
-        assert max(units.values()) <= 1, (reference, losses, units)
-    else:
-        assert losses == reference
+    units = {s: _last_digit_units(reference[s], losses[s]) for s in reference}
+    assert max(units.values()) <= MAX_LAST_DIGIT_UNITS, (reference, losses, units)
 
 
 def test_checkpoint_resumes_across_tp_sizes(ckpt_g1, references, tmp_path):
@@ -204,7 +206,8 @@ def test_checkpoint_resumes_across_tp_sizes(ckpt_g1, references, tmp_path):
     assert sorted(resumed) == [4, 5, 6], resumed
     # Upstream's log after a resume prints at step 5 the mean of steps 4 and 5 (also at TP=1),
     # so steps 4 and 6 are compared: step 6 follows from the weights after step 5.
-    assert (resumed[4], resumed[6]) == (reference[4], reference[6]), (reference, resumed)
+    units = [_last_digit_units(reference[s], resumed[s]) for s in (4, 6)]
+    assert max(units) <= MAX_LAST_DIGIT_UNITS, (reference, resumed, units)
 
     again = _train(
         tp4_save, 1, _ADAM + ["--no-load-rng", "--save", str(back), "--save-interval", "1000"],
