@@ -17,11 +17,8 @@ RESULTS = ROOT / "results"
 # GPU job is re-run from a recorded commit: delete the file and its line here then. Listed one by
 # one so that a new file without provenance cannot slip in; a listed file that no longer exists
 # fails test_legacy_list_is_current.
-LEGACY_WITHOUT_PROVENANCE = {
-    # 2026-11-26/27 H100 runs (results/README.md, "Legacy"): no commit, no dirty flag.
-    "h100-legacy/bitnet/bench_bitnet_gpt_step_falcon_h1_0.5b.json",
-    "h100-legacy/bitnet/bench_bitnet_noprefill.json",
-}
+# None remain since the 2026-12-04 H200 re-runs.
+LEGACY_WITHOUT_PROVENANCE: set[str] = set()
 SHA = re.compile(r"[0-9a-f]{40}")
 
 
