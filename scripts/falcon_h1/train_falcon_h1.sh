@@ -113,6 +113,14 @@ training=(
     --attention-dropout 0.0 --hidden-dropout 0.0
     --log-interval 10 --log-throughput --eval-interval 1000 --eval-iters 10
 )
+# The data loader's [b, 1, s, s] causal mask repeats what the causal mask type computes (unless
+# --reset-attention-mask makes it document-wise): building it costs host time every step, and with
+# a mask the local spec's attention cannot take its flash kernel (on one H200 the 0.5B local step
+# spent 48 ms per step in memory-efficient attention, results/README.md).
+case " $* " in
+    *" --reset-attention-mask "*) ;;
+    *) training+=(--no-create-attention-mask-in-dataloader) ;;
+esac
 [ -n "${SAVE:-}" ] && training+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-1000}")
 [ -n "${LOAD:-}" ] && training+=(--load "$LOAD")
 export PYTHONPATH=$megatron${PYTHONPATH:+:$PYTHONPATH}

@@ -132,8 +132,9 @@ def test_optimizer_graph_refused_where_it_cannot_run(value, tmp_path):
     assert "OPTIMIZER_GRAPH" in proc.stderr
 
 
-def _launch_args(tmp_path, **env_vars) -> subprocess.CompletedProcess:
-    """Run the launcher with a stand-in ``torchrun`` that prints the arguments it gets."""
+def _launch_args(tmp_path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run the launcher (extra flags ``args``) with a stand-in ``torchrun`` that prints the
+    arguments it gets."""
     fake = tmp_path / "bin" / "torchrun"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
@@ -142,7 +143,7 @@ def _launch_args(tmp_path, **env_vars) -> subprocess.CompletedProcess:
     env.update(env_vars)
     env["PATH"] = os.pathsep.join([str(fake.parent), env["PATH"]])
     return subprocess.run(
-        ["bash", str(ROOT / "scripts" / "falcon_h1" / "train_falcon_h1.sh")],
+        ["bash", str(ROOT / "scripts" / "falcon_h1" / "train_falcon_h1.sh"), *args],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
 
@@ -206,3 +207,15 @@ def test_optimizer_graph_auto_needs_transformer_engine(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     args = proc.stdout.splitlines()
     assert "--cuda-graph-impl" in args and "--optimizer-cuda-graph" not in args, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "extra,expected", [([], True), (["--reset-attention-mask"], False)], ids=["default", "reset"]
+)
+def test_dataloader_mask_only_for_document_masks(tmp_path, extra, expected):
+    """The launcher drops the data loader's causal mask (host time; it keeps the local spec's
+    attention off its flash kernel) unless the user asks for document-wise masks."""
+    proc = _launch_args(tmp_path, *extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = proc.stdout.splitlines()
+    assert ("--no-create-attention-mask-in-dataloader" in args) == expected, proc.stdout

@@ -92,7 +92,10 @@ TRAINING_ARGS=(
     --attention-dropout 0.0
     --hidden-dropout 0.0
     --use-distributed-optimizer
+    --no-create-attention-mask-in-dataloader
 )
+# The model applies the causal mask itself: a mask from the data loader costs host time and keeps
+# the local spec's attention off its flash kernel. Keep it only with --reset-attention-mask.
 
 # Any TP that divides the 8 attention and 24 Mamba heads (1, 2, 4, 8): with more TP ranks than
 # the one Mamba group, the ranks sharing it gather its B/C channels.

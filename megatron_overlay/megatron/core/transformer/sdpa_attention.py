@@ -26,6 +26,7 @@ attention uses ``enable_gqa`` instead of copying K / V per query head.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -149,6 +150,15 @@ class SDPADotProductAttention(MegatronModule):
                     keys = torch.arange(k.shape[2], device=q.device)
                     mask = keys.unsqueeze(0) <= cp_positions.to(q.device).unsqueeze(1)
             if attention_mask is not None:
+                if mask_type == AttnMaskType.causal:
+                    warnings.warn(
+                        "SDPADotProductAttention got an attention mask with the causal mask "
+                        "type: it applies both, which keeps PyTorch off its flash kernel and "
+                        "copies K/V per query head; unless the data needs document-wise masks "
+                        "(--reset-attention-mask), train with "
+                        "--no-create-attention-mask-in-dataloader",
+                        stacklevel=2,
+                    )
                 # Megatron masks are True where attention is NOT allowed; a causal mask from the
                 # data pipeline combines with the causal mask type to the same result.
                 keep = ~attention_mask.bool()

@@ -87,7 +87,17 @@ def test_padding_mask_uses_megatron_convention():
     assert torch.allclose(out, _reference(q, k, v, ~masked), atol=1e-12)
     # A causal mask from the data pipeline combined with the causal type gives the same result.
     data_mask = ~torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
-    assert torch.allclose(_module()(q, k, v, data_mask), _module()(q, k, v, None), atol=1e-12)
+    with pytest.warns(UserWarning, match="--no-create-attention-mask-in-dataloader"):
+        with_data_mask = _module()(q, k, v, data_mask)
+    assert torch.allclose(with_data_mask, _module()(q, k, v, None), atol=1e-12)
+
+
+def test_mask_warning_only_for_a_mask_on_top_of_the_causal_type(recwarn):
+    """A padding mask is the only mask of its type: no hint to drop it."""
+    q, k, v = _qkv(6, 6)
+    _module(AttnMaskType.padding)(q, k, v, torch.zeros(2, 1, 6, 6, dtype=torch.bool))
+    _module()(q, k, v, None)
+    assert not [w for w in recwarn if "attention-mask" in str(w.message)]
 
 
 def test_packed_thd_equals_sequences_run_separately():
