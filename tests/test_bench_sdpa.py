@@ -32,6 +32,12 @@ def test_every_call_is_causal_gqa_attention():
         for gqa in (True, False):
             got = bench_sdpa.attention_call(case, gqa)(q, k, v)
             assert torch.allclose(got, expected, atol=1e-12), (case, gqa)
+    q, k, v_view, _ = bench_sdpa.make_inputs(
+        bench_sdpa.SHAPES["tiny"], "cpu", torch.float64, strided_v=True
+    )
+    assert not v_view.is_contiguous() and torch.equal(v_view, v)
+    got = bench_sdpa.attention_call("auto_strided_v")(q, k, v_view)
+    assert torch.allclose(got, expected, atol=1e-12)
 
 
 def test_error_measure_sees_a_wrong_gradient():
@@ -44,11 +50,11 @@ def test_error_measure_sees_a_wrong_gradient():
 
 def test_report(tmp_path):
     assert bench_sdpa.main(["--out-dir", str(tmp_path), "--shapes", "tiny", "--cases",
-                            "masked_repeat,auto,math", "--device", "cpu"]) == 0  # fmt: skip
+                            "masked_repeat,auto,math,auto_strided_v", "--device", "cpu"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "bench_sdpa.json").read_text())
     assert len(report["commit"]) == 40 and isinstance(report["dirty"], bool)
     cases = report["shapes"]["tiny"]
     assert cases["math"]["errors"] == {"out": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}
-    for case in ("masked_repeat", "auto"):
+    for case in ("masked_repeat", "auto", "auto_strided_v"):
         assert max(cases[case]["errors"].values()) < 1e-5, cases[case]
     assert "| masked_repeat |" in (tmp_path / "bench_sdpa.md").read_text()

@@ -12,7 +12,10 @@ costs and how far its output and gradients are from an fp32 math-kernel referenc
   mask); the kernels it launched are recorded;
 - ``flash`` / ``efficient`` / ``cudnn`` / ``math``: the same call restricted to one backend
   (``torch.nn.attention.sdpa_kernel``); a backend that refuses GQA is retried with K/V repeated
-  (``*_repeat``); one that refuses both is recorded as unsupported.
+  (``*_repeat``); one that refuses both is recorded as unsupported;
+- ``auto_strided_v`` / ``cudnn_strided_v``: ``auto`` / ``cudnn`` with V a strided view of a
+  fused ``[s, b, g, (n/g + 2) d]`` projection output, as in Megatron's attention (its query is
+  copied by the head reshape and its key by RoPE; the value stays a view).
 
 Inputs are made as Megatron's ``[s, b, n, d]`` and permuted to ``[b, n, s, d]`` as the layer
 does. Timing: CUDA events, median of ``--iters`` after ``--warmup``. Writes ``bench_sdpa.json``
@@ -50,12 +53,14 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-CASES = ["masked_repeat", "auto", *BACKENDS]
+CASES = ["masked_repeat", "auto", *BACKENDS, "auto_strided_v", "cudnn_strided_v"]
 
 
-def make_inputs(shape: tuple, device: str, dtype: torch.dtype, seed: int = 0) -> tuple:
-    """q [b, n, s, d] and k, v [b, g, s, d] as permuted views of [s, b, heads, d] tensors,
-    plus the output gradient."""
+def make_inputs(
+    shape: tuple, device: str, dtype: torch.dtype, seed: int = 0, strided_v: bool = False
+) -> tuple:
+    """q [s, b, n, d] and k, v [s, b, g, d] (the layer permutes them to [b, heads, s, d]), plus
+    the output gradient. ``strided_v``: v is a view of a fused [s, b, g, (n/g + 2) d] leaf."""
     b, s, n, g, d = shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -64,6 +69,11 @@ def make_inputs(shape: tuple, device: str, dtype: torch.dtype, seed: int = 0) ->
         return t.requires_grad_(True)
 
     q, k, v = rand(n), rand(g), rand(g)
+    if strided_v:
+        fused = torch.zeros(s, b, g, (n // g + 2) * d, device=device, dtype=dtype)
+        fused[..., -d:] = v.detach()
+        v = fused.requires_grad_(True)[..., -d:]
+        v.retain_grad()
     dout = torch.randn(b, n, s, d, generator=gen).to(device=device, dtype=dtype)
     return q, k, v, dout
 
@@ -86,9 +96,9 @@ def attention_call(case: str, gqa: bool = True) -> Callable:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if not gqa:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if case == "auto":
+        if case.startswith("auto"):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        with sdpa_kernel([BACKENDS[case]]):
+        with sdpa_kernel([BACKENDS[case.removesuffix("_strided_v")]]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     return call
@@ -147,9 +157,9 @@ def time_ms(call: Callable, q, k, v, dout, warmup: int, iters: int) -> float:
 
 def run_case(case: str, shape: tuple, device: str, dtype, warmup: int, iters: int) -> dict:
     """Errors (always) and time (on CUDA) of one case; GQA first, then K/V repeated."""
-    q, k, v, dout = make_inputs(shape, device, dtype)
+    q, k, v, dout = make_inputs(shape, device, dtype, strided_v=case.endswith("_strided_v"))
     ref = reference(q, k, v, dout)
-    attempts = [True] if case in ("masked_repeat", "auto") else [True, False]
+    attempts = [True] if case in ("masked_repeat", "auto", "auto_strided_v") else [True, False]
     refusals = []
     for gqa in attempts:
         call = attention_call(case, gqa)
@@ -161,7 +171,7 @@ def run_case(case: str, shape: tuple, device: str, dtype, warmup: int, iters: in
         entry = {"gqa": gqa, "errors": rel_errors(got, ref), "refused": refusals}
         if device == "cuda":
             entry["ms"] = time_ms(call, q, k, v, dout, warmup, iters)
-            if case == "auto":
+            if case.startswith("auto"):
                 entry["kernels"] = kernel_names(call, q, k, v, dout)
         return entry
     return {"unsupported": True, "refused": refusals}
@@ -194,9 +204,11 @@ def markdown(report: dict) -> str:
             ms = f"{r['ms']:.3f}" if "ms" in r else "-"
             kv = "enable_gqa" if r["gqa"] and case != "masked_repeat" else "repeated"
             lines.append(f"| {case} | {ms} | {kv} | {err} |")
-        auto = cases.get("auto", {})
-        if auto.get("kernels"):
-            lines += ["", f"`auto` launched: {', '.join(auto['kernels'])}"]
+        for case in ("auto", "auto_strided_v"):
+            kernels = cases.get(case, {}).get("kernels")
+            if kernels:
+                short = sorted({k.split("(")[0].split("<")[0][:60] for k in kernels})
+                lines += ["", f"`{case}` launched: {', '.join(short)}"]
         lines.append("")
     return "\n".join(lines)
 
