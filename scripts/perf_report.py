@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results" / "h200" / "falcon_h1"
 RESULTS = (
     "bench_falcon_h1_nomask.json",
+    "bench_falcon_h1_hf_peers.json",
     "bench_falcon_h1_targets.json",
     "bench_falcon_h1_batch_first.json",
     "bench_falcon_h1_dist.json",
@@ -37,6 +38,8 @@ END = "<!-- perf-table:end -->"
 # What each benchmark system is, in the words a user picks it by (flags: bench_falcon_h1.py OURS).
 LABELS = {
     "hf": "HF transformers (mamba_ssm kernels, fused AdamW)",
+    "hf_liger": "HF + Liger-Kernel's Falcon-H1 patches",
+    "hf_compile": "HF under torch.compile (torch Mamba scan)",
     "ours_te": "ours, TE spec, eager",
     "ours_te_bf": "ours, TE spec, eager, batch-first Mamba",
     "ours_te_graph": "ours, TE spec, whole-iteration graph",
@@ -111,7 +114,7 @@ def table(rows: list[Row]) -> str:
 
 
 def _colour(system: str) -> str:
-    if system == "hf":
+    if system.startswith("hf"):
         return "#8c8c8c"
     if "local" in system:
         return "#4c9a5b"
