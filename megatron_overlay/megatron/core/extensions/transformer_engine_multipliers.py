@@ -45,15 +45,11 @@ def _can_fold(linear, fm: ForwardMultipliers, x: torch.Tensor, largest_side: int
     )
 
 
-class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
-    """``TEColumnParallelLinear`` applying the forward multipliers of its ``role``."""
+class _FoldedWeightMultipliers:
+    """What both TE linears below share: one forward with the multipliers folded into the
+    weight that TE's GEMM reads. Mixed in before the TE class; needs ``forward_multipliers``."""
 
-    def __init__(self, *args, role: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.forward_multipliers = ForwardMultipliers(
-            self.config, role, self.out_features, self.tp_size, tp_rank=get_pg_rank(self._tp_group)
-        )
-        self._fold_into_weight = False
+    _fold_into_weight = False
 
     def _get_weight_tensors(self) -> List[torch.Tensor]:
         """TE's weights, with the multipliers folded into the rows while a folding forward runs."""
@@ -62,22 +58,36 @@ class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
             return [self.forward_multipliers.scale_weight(weights[0])]
         return weights
 
+    def _forward_folded(self, x):
+        """The TE forward of ``x`` with the multipliers folded into the weight."""
+        self._fold_into_weight = True
+        try:
+            return super().forward(x)
+        finally:
+            self._fold_into_weight = False
+
+
+class TEColumnParallelLinearWithMultipliers(_FoldedWeightMultipliers, TEColumnParallelLinear):
+    """``TEColumnParallelLinear`` applying the forward multipliers of its ``role``."""
+
+    def __init__(self, *args, role: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forward_multipliers = ForwardMultipliers(
+            self.config, role, self.out_features, self.tp_size, tp_rank=get_pg_rank(self._tp_group)
+        )
+
     def forward(self, x):
         """Forward of the parent with the role's multipliers applied."""
         fm = self.forward_multipliers
         if fm.identity:
             return super().forward(x)
         if _can_fold(self, fm, x, self.in_features):
-            self._fold_into_weight = True
-            try:
-                return super().forward(x)
-            finally:
-                self._fold_into_weight = False
+            return self._forward_folded(x)
         output, bias = super().forward(x)
         return fm.scale_output(output), fm.scale_output(bias)
 
 
-class TERowParallelLinearWithMultipliers(TERowParallelLinear):
+class TERowParallelLinearWithMultipliers(_FoldedWeightMultipliers, TERowParallelLinear):
     """``TERowParallelLinear`` applying the forward multipliers of its ``role``."""
 
     def __init__(self, *args, role: str, **kwargs):
@@ -87,14 +97,6 @@ class TERowParallelLinearWithMultipliers(TERowParallelLinear):
         )
         if self.forward_multipliers.output_vector is not None:
             raise ValueError(f"row-parallel role {role!r} has per-channel multipliers")
-        self._fold_into_weight = False
-
-    def _get_weight_tensors(self) -> List[torch.Tensor]:
-        """TE's weights, scaled while a folding forward runs."""
-        weights = super()._get_weight_tensors()
-        if self._fold_into_weight:
-            return [self.forward_multipliers.scale_weight(weights[0])]
-        return weights
 
     def forward(self, x):
         """Forward of the parent with the role's multipliers applied."""
@@ -102,11 +104,7 @@ class TERowParallelLinearWithMultipliers(TERowParallelLinear):
         if fm.identity:
             return super().forward(x)
         if _can_fold(self, fm, x, max(self.in_features, self.out_features)):
-            self._fold_into_weight = True
-            try:
-                return super().forward(x)
-            finally:
-                self._fold_into_weight = False
+            return self._forward_folded(x)
         if not self.use_bias and x.shape[-1] < self.out_features:
             return super().forward(x * fm.combined)
         output, bias = super().forward(x)
