@@ -11,32 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from project_paths import load_script, use
 
-# All 14 multipliers distinct and != 1.
-MULTIPLIERS = dict(
-    embedding_multiplier=1.7,
-    lm_head_multiplier=0.61,
-    key_multiplier=0.43,
-    attention_in_multiplier=1.13,
-    attention_out_multiplier=0.87,
-    ssm_in_multiplier=1.29,
-    ssm_out_multiplier=0.37,
-    mlp_multipliers=[0.79, 1.41],
-    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
-)
-
-# Falcon-H1-0.5B release multipliers (DESIGN.md section 3).
-MULTIPLIERS_0_5B = dict(
-    embedding_multiplier=5.656854249492381,
-    lm_head_multiplier=0.0390625,
-    key_multiplier=0.390625,
-    attention_in_multiplier=1.0,
-    attention_out_multiplier=0.9375,
-    ssm_in_multiplier=1.25,
-    ssm_out_multiplier=0.23570226,
-    mlp_multipliers=[0.88388348, 0.5859375],
-    ssm_multipliers=[0.35355339, 0.25, 0.35355339, 0.5, 0.35355339],
-)
+# All 14 multipliers distinct and != 1: the overlay tests' values, loaded by path (that module
+# imports nothing). Falcon-H1-0.5B's release multipliers: the launchers' preset.
+MULTIPLIERS = load_script(
+    "megatron_overlay/tests/unit_tests/ssm/falcon_h1_multipliers.py", "falcon_h1_test_multipliers"
+).MULTIPLIERS
+use("falcon_h1_scripts")
+from falcon_h1_args import MULTIPLIERS_0_5B  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @dataclass

@@ -1,24 +1,13 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
 """Tiny Falcon-H1 settings shared by the CPU tests of the parallel hybrid ('P') layer and of
-batch-first Mamba training: the forward multipliers and the model config, written once."""
+batch-first Mamba training: the model config, written once, and the forward multipliers
+(``falcon_h1_multipliers``)."""
 
 import torch
 
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-# The 14 forward multipliers, all distinct and != 1, so a lost or swapped one changes results.
-MULTIPLIERS = dict(
-    embedding_multiplier=1.7,
-    lm_head_multiplier=0.61,
-    key_multiplier=0.43,
-    attention_in_multiplier=1.13,
-    attention_out_multiplier=0.87,
-    ssm_in_multiplier=1.29,
-    ssm_out_multiplier=0.37,
-    mlp_multipliers=[0.79, 1.41],
-    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
-)
+from tests.unit_tests.ssm.falcon_h1_multipliers import MULTIPLIERS  # noqa: F401 (re-exported)
 
 
 def tiny_hybrid_config(**overrides):
