@@ -25,7 +25,7 @@ from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
     assert_forward_close,
     ref_linear,
 )
-from tests.unit_tests.bitnet.gloo_ranks import forkserver_env  # noqa: E402
+from tests.unit_tests.gloo_ranks import forkserver_env  # noqa: E402
 
 WORLD = 2
 # "forkserver" (default): a clean server process imports Megatron once (preloaded below) and

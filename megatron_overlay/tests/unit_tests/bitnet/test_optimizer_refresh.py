@@ -40,7 +40,7 @@ from tests.unit_tests.bitnet.bitnet_layer_helpers import (  # noqa: E402
     init_normal,
     make_config,
 )
-from tests.unit_tests.bitnet.gloo_ranks import forkserver_env  # noqa: E402
+from tests.unit_tests.gloo_ranks import forkserver_env  # noqa: E402
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: E402,F401 (fixture)
 
 CASES = {

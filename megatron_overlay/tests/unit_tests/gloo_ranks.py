@@ -1,5 +1,5 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
-"""Start the CPU (gloo) rank processes of the multi-rank BitNet tests from a fork server."""
+"""Start the CPU (gloo) rank processes of multi-rank unit tests from a fork server."""
 
 from __future__ import annotations
 

@@ -1,3 +1,5 @@
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
 """Ranks of ``test_mamba_tp_groups.py``: one Mamba-2 mixer at TP > n_groups vs one rank.
 
 Each rank of a CPU gloo world (all ranks one TP group) builds Megatron's ``MambaMixer`` from the
@@ -12,17 +14,19 @@ full forward.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
-MULTIPLIERS = dict(
-    ssm_in_multiplier=1.29,
-    ssm_out_multiplier=0.37,
-    ssm_multipliers=[0.53, 1.19, 0.71, 1.33, 0.47],
-)
+from tests.unit_tests.gloo_ranks import forkserver_env
+from tests.unit_tests.ssm.falcon_h1_multipliers import MULTIPLIERS as ALL_MULTIPLIERS
+
+# The Mamba mixer's multipliers (all distinct and != 1).
+MULTIPLIERS = {
+    name: ALL_MULTIPLIERS[name]
+    for name in ("ssm_in_multiplier", "ssm_out_multiplier", "ssm_multipliers")
+}
 SEQ, BATCH, HIDDEN = 11, 2, 24
 
 
@@ -161,7 +165,7 @@ def worker(rank: int, world: int, spec: dict) -> None:
 
 _PRELOAD = [
     "torch",
-    "falcon_h1.mamba_tp_workers",
+    "tests.unit_tests.ssm.mamba_tp_groups_worker",
     "megatron.core.ssm.mamba_mixer",
     "megatron.core.models.hybrid.falcon_h1_layer_specs",
 ]
@@ -171,8 +175,10 @@ def run_world(world: int, spec: dict) -> List[dict]:
     """Run :func:`worker` on ``world`` CPU processes (one TP group); each rank's results."""
     import torch.multiprocessing as mp
 
-    from cpu_ranks import forkserver_env
+    import megatron.core
 
-    with forkserver_env(_PRELOAD, [p for p in sys.path if p and os.path.isdir(p)]):
+    roots = [str(Path(megatron.core.__file__).parents[2])]  # holds megatron/ and tests/
+    roots += os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    with forkserver_env(_PRELOAD, roots):
         mp.start_processes(worker, args=(world, spec), nprocs=world, start_method="forkserver")
     return [torch.load(Path(spec["work"]) / f"result_{world}_{r}.pt") for r in range(world)]

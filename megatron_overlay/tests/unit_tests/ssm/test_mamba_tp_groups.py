@@ -1,3 +1,5 @@
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
 """Mamba-2 at more tensor-parallel ranks than B/C groups (CPU gloo ranks, float64).
 
 ``MambaMixer`` with ``--mamba-num-groups`` 1 at TP=2 and TP=4 (and 2 groups at TP=4), the gated
@@ -13,9 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import megatron_path
 
-pytestmark = pytest.mark.megatron
+from tests.unit_tests.ssm import mamba_tp_groups_worker as w
 
 CASES = {
     "g1_norm_memeff": dict(groups=1, rms_norm=True, mem_eff=True, decode=True),
@@ -28,18 +29,16 @@ WORLDS = {1: list(CASES), 2: [k for k in CASES if CASES[k]["groups"] == 1], 4: l
 
 
 def _weights(case: dict, seed: int) -> dict:
-    from falcon_h1.mamba_tp_workers import HIDDEN, segments
-
     g = torch.Generator().manual_seed(seed)
-    rows = {name: sum(sizes) for name, sizes in segments(case).items()}
+    rows = {name: sum(sizes) for name, sizes in w.segments(case).items()}
     out = {
-        "in_proj.weight": torch.randn(rows["in_proj.weight"], HIDDEN, generator=g) * 0.2,
+        "in_proj.weight": torch.randn(rows["in_proj.weight"], w.HIDDEN, generator=g) * 0.2,
         "conv1d_weight": torch.randn(rows["conv1d_weight"], 1, 4, generator=g) * 0.4,
         "conv1d_bias": torch.randn(rows["conv1d_bias"], generator=g) * 0.2,
         "dt_bias": torch.randn(rows["dt_bias"], generator=g) * 0.5,
         "A_log": torch.rand(rows["A_log"], generator=g) * 2.0 - 0.5,
         "D": torch.randn(rows["D"], generator=g) * 0.5,
-        "out_proj.weight": torch.randn(HIDDEN, rows["norm.weight"], generator=g) * 0.2,
+        "out_proj.weight": torch.randn(w.HIDDEN, rows["norm.weight"], generator=g) * 0.2,
     }
     if case["rms_norm"]:
         out["norm.weight"] = 1.0 + 0.2 * torch.randn(rows["norm.weight"], generator=g)
@@ -48,9 +47,6 @@ def _weights(case: dict, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    megatron_path()
-    from falcon_h1 import mamba_tp_workers as w
-
     work = tmp_path_factory.mktemp("mamba_tp")
     g = torch.Generator().manual_seed(5)
     data = {
@@ -74,8 +70,6 @@ def _check(ref: torch.Tensor, got: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_mixer_matches_one_rank(results, world):
-    from falcon_h1.mamba_tp_workers import unshard
-
     for key in WORLDS[world]:
         case = CASES[key]
         ref = results[1][0][key]
@@ -88,7 +82,7 @@ def test_mixer_matches_one_rank(results, world):
             if case.get("decode"):
                 _check(ref["out"][:, :1], got["decode"], f"{key} TP={world} rank {rank} decode")
         for name, ref_grad in ref["grads"].items():
-            got = unshard(name, [r["grads"][name] for r in ranks], case)
+            got = w.unshard(name, [r["grads"][name] for r in ranks], case)
             _check(ref_grad, got, f"{key} TP={world} grad of {name}")
 
 
