@@ -1,4 +1,6 @@
-"""Ranks of ``test_multiplier_check.py``: build a PP=2 hybrid model the way training does.
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
+"""Ranks of ``test_layer_multiplier_check.py``: build a PP=2 hybrid model the way training does.
 
 Each rank of a 2-process CPU gloo world (TP=1, PP=2) builds its pipeline stage with
 ``HybridModelBuilder.build_distributed_models`` (the ``pretrain_hybrid.py`` path) for every
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+
+from tests.unit_tests.gloo_ranks import forkserver_env
 
 # name: (hybrid layer pattern split over two stages, layer multipliers set)
 CASES: Dict[str, tuple] = {
@@ -89,18 +93,22 @@ def worker(rank: int, world: int, work: str, names: List[str]) -> None:
     dist.destroy_process_group()
 
 
-_PRELOAD = ["torch", "falcon_h1.multiplier_check_workers", "megatron.training.models.hybrid"]
+_PRELOAD = [
+    "torch",
+    "tests.unit_tests.training.layer_multiplier_check_worker",
+    "megatron.training.models.hybrid",
+]
 
 
 def run_world(work: Path, names: List[str], world: int = 2) -> List[dict]:
     """Run :func:`worker` on ``world`` forked CPU processes; each rank's ``{case: error}``."""
-    import sys
-
     import torch.multiprocessing as mp
 
-    from cpu_ranks import forkserver_env
+    import megatron.core
 
-    with forkserver_env(_PRELOAD, [p for p in sys.path if p and os.path.isdir(p)]):
+    roots = [str(Path(megatron.core.__file__).parents[2])]  # holds megatron/ and tests/
+    roots += os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    with forkserver_env(_PRELOAD, roots):
         mp.start_processes(
             worker, args=(world, str(work), names), nprocs=world, start_method="forkserver"
         )

@@ -1,3 +1,5 @@
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
 """A layer multiplier that no layer applies is an error, for every model type and build path.
 
 The check runs once all model chunks of a rank are built (training's ``get_model`` and
@@ -16,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.megatron
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
+from tests.unit_tests.training import layer_multiplier_check_worker as workers
 
 
 def _gpt_config(**multipliers):
@@ -47,7 +50,7 @@ def _gpt_builder(config):
     return GPTModelBuilder(model_config)
 
 
-def test_gpt_builder_refuses_key_multiplier(single_rank_model_parallel):
+def test_gpt_builder_refuses_key_multiplier(single_rank):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     pgs = ProcessGroupCollection.use_mpu_process_groups()
@@ -67,7 +70,7 @@ def test_gpt_builder_refuses_key_multiplier(single_rank_model_parallel):
     assert len(models) == 1
 
 
-def test_get_model_refuses_key_multiplier(single_rank_model_parallel):
+def test_get_model_refuses_key_multiplier(single_rank):
     """training.get_model (the model_provider path of gpt_builders / hybrid_builders)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -100,8 +103,6 @@ def test_get_model_refuses_key_multiplier(single_rank_model_parallel):
 
 def test_pipeline_stages_are_checked_together(tmp_path):
     import torch.distributed as dist
-
-    from falcon_h1 import multiplier_check_workers as workers
 
     assert not dist.is_initialized()
     names = list(workers.CASES)
