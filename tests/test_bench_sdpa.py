@@ -50,11 +50,11 @@ def test_error_measure_sees_a_wrong_gradient():
 
 def test_report(tmp_path):
     assert bench_sdpa.main(["--out-dir", str(tmp_path), "--shapes", "tiny", "--cases",
-                            "masked_repeat,auto,math,auto_strided_v", "--device", "cpu"]) == 0  # fmt: skip
+                            "masked_repeat,auto,math,auto_strided_v,auto_graph,flash_graph", "--device", "cpu"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "bench_sdpa.json").read_text())
     assert len(report["commit"]) == 40 and isinstance(report["dirty"], bool)
     cases = report["shapes"]["tiny"]
     assert cases["math"]["errors"] == {"out": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}
-    for case in ("masked_repeat", "auto", "auto_strided_v"):
+    for case in ("masked_repeat", "auto", "auto_strided_v", "auto_graph"):
         assert max(cases[case]["errors"].values()) < 1e-5, cases[case]
     assert "| masked_repeat |" in (tmp_path / "bench_sdpa.md").read_text()

@@ -15,7 +15,11 @@ costs and how far its output and gradients are from an fp32 math-kernel referenc
   (``*_repeat``); one that refuses both is recorded as unsupported;
 - ``auto_strided_v`` / ``cudnn_strided_v``: ``auto`` / ``cudnn`` with V a strided view of a
   fused ``[s, b, g, (n/g + 2) d]`` projection output, as in Megatron's attention (its query is
-  copied by the head reshape and its key by RoPE; the value stays a view).
+  copied by the head reshape and its key by RoPE; the value stays a view);
+- ``auto_graph`` / ``flash_graph`` / ``cudnn_graph``: the call captured with its backward in a
+  CUDA graph, as Megatron's full-iteration graph captures the step, timed and profiled as graph
+  replays (no host launch time; the kernel PyTorch picks while capturing is recorded); errors
+  are those of the replayed graph. On CPU these cases run eagerly (errors only).
 
 Inputs are made as Megatron's ``[s, b, n, d]`` and permuted to ``[b, n, s, d]`` as the layer
 does. Timing: CUDA events, median of ``--iters`` after ``--warmup``. Writes ``bench_sdpa.json``
@@ -27,6 +31,7 @@ and ``bench_sdpa.md`` with the provenance of scripts/lib/provenance.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -53,7 +58,16 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-CASES = ["masked_repeat", "auto", *BACKENDS, "auto_strided_v", "cudnn_strided_v"]
+CASES = [
+    "masked_repeat",
+    "auto",
+    *BACKENDS,
+    "auto_strided_v",
+    "cudnn_strided_v",
+    "auto_graph",
+    "flash_graph",
+    "cudnn_graph",
+]
 
 
 def make_inputs(
@@ -98,7 +112,7 @@ def attention_call(case: str, gqa: bool = True) -> Callable:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if case.startswith("auto"):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        with sdpa_kernel([BACKENDS[case.removesuffix("_strided_v")]]):
+        with sdpa_kernel([BACKENDS[case.removesuffix("_strided_v").removesuffix("_graph")]]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     return call
@@ -130,49 +144,73 @@ def rel_errors(got: tuple, ref: tuple) -> dict:
     }
 
 
-def kernel_names(call: Callable, q, k, v, dout) -> list[str]:
-    """The GPU kernels of one fwd+bwd (for ``auto``: which backend PyTorch chose)."""
+def kernel_names(step: Callable[[], object]) -> list[str]:
+    """The GPU kernels of one ``step`` (for ``auto``: which backend PyTorch chose)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fwd_bwd(call, q, k, v, dout)
+        step()
         torch.cuda.synchronize()
     names = {e.key for e in prof.key_averages() if e.device_type.name == "CUDA"}
     return sorted(n for n in names if "elementwise" not in n)[:8]
 
 
-def time_ms(call: Callable, q, k, v, dout, warmup: int, iters: int) -> float:
+def time_ms(step: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds of ``step`` (CUDA events) after ``warmup`` calls."""
     for _ in range(warmup):
-        fwd_bwd(call, q, k, v, dout)
+        step()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fwd_bwd(call, q, k, v, dout)
+        step()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
+def capture(call: Callable, q, k, v, dout) -> tuple:
+    """fwd+bwd of ``call`` captured in a CUDA graph: (replay, the graph's static output and
+    input gradients)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fwd_bwd(call, q, k, v, dout)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fwd_bwd(call, q, k, v, dout)
+    return graph.replay, static
+
+
 def run_case(case: str, shape: tuple, device: str, dtype, warmup: int, iters: int) -> dict:
     """Errors (always) and time (on CUDA) of one case; GQA first, then K/V repeated."""
     q, k, v, dout = make_inputs(shape, device, dtype, strided_v=case.endswith("_strided_v"))
     ref = reference(q, k, v, dout)
-    attempts = [True] if case in ("masked_repeat", "auto", "auto_strided_v") else [True, False]
+    only_gqa = ("masked_repeat", "auto", "auto_strided_v", "auto_graph")
+    attempts = [True] if case in only_gqa else [True, False]
+    graphed = case.endswith("_graph") and device == "cuda"
     refusals = []
     for gqa in attempts:
         call = attention_call(case, gqa)
         try:
             got = fwd_bwd(call, q, k, v, dout)
+            if graphed:
+                step, got = capture(call, q, k, v, dout)
+                step()
+                torch.cuda.synchronize()
+            else:
+                step = functools.partial(fwd_bwd, call, q, k, v, dout)
         except RuntimeError as err:  # "No available kernel": this backend refuses the inputs
             refusals.append(f"{'gqa' if gqa else 'repeat'}: {str(err).splitlines()[0][:200]}")
             continue
         entry = {"gqa": gqa, "errors": rel_errors(got, ref), "refused": refusals}
         if device == "cuda":
-            entry["ms"] = time_ms(call, q, k, v, dout, warmup, iters)
-            if case.startswith("auto"):
-                entry["kernels"] = kernel_names(call, q, k, v, dout)
+            entry["ms"] = time_ms(step, warmup, iters)
+            if case.startswith("auto") or graphed:
+                entry["kernels"] = kernel_names(step)
         return entry
     return {"unsupported": True, "refused": refusals}
 
@@ -204,7 +242,7 @@ def markdown(report: dict) -> str:
             ms = f"{r['ms']:.3f}" if "ms" in r else "-"
             kv = "enable_gqa" if r["gqa"] and case != "masked_repeat" else "repeated"
             lines.append(f"| {case} | {ms} | {kv} | {err} |")
-        for case in ("auto", "auto_strided_v"):
+        for case in ("auto", "auto_strided_v", "auto_graph", "flash_graph", "cudnn_graph"):
             kernels = cases.get(case, {}).get("kernels")
             if kernels:
                 short = sorted({k.split("(")[0].split("<")[0][:60] for k in kernels})
