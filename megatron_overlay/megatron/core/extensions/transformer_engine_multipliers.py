@@ -19,6 +19,7 @@ Importing this module needs Transformer Engine.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List
 
 import torch
@@ -45,29 +46,27 @@ def _can_fold(linear, fm: ForwardMultipliers, x: torch.Tensor, largest_side: int
     )
 
 
-class _FoldedWeightMultipliers:
-    """What both TE linears below share: one forward with the multipliers folded into the
-    weight that TE's GEMM reads. Mixed in before the TE class; needs ``forward_multipliers``."""
-
-    _fold_into_weight = False
-
-    def _get_weight_tensors(self) -> List[torch.Tensor]:
-        """TE's weights, with the multipliers folded into the rows while a folding forward runs."""
-        weights = super()._get_weight_tensors()
-        if self._fold_into_weight:
-            return [self.forward_multipliers.scale_weight(weights[0])]
-        return weights
-
-    def _forward_folded(self, x):
-        """The TE forward of ``x`` with the multipliers folded into the weight."""
-        self._fold_into_weight = True
-        try:
-            return super().forward(x)
-        finally:
-            self._fold_into_weight = False
+# Both TE linears below fold the same way. Helpers, not a mixin: without Transformer Engine
+# installed, upstream defines the TE classes on a mock base whose metaclass a plain mixin
+# class conflicts with.
+@contextlib.contextmanager
+def _folding(linear):
+    """While active, ``linear``'s ``_get_weight_tensors`` returns the scaled weight."""
+    linear._fold_into_weight = True
+    try:
+        yield
+    finally:
+        linear._fold_into_weight = False
 
 
-class TEColumnParallelLinearWithMultipliers(_FoldedWeightMultipliers, TEColumnParallelLinear):
+def _weights_to_use(linear, weights: List[torch.Tensor]) -> List[torch.Tensor]:
+    """TE's ``weights``, with the multipliers folded into the rows while folding."""
+    if linear._fold_into_weight:
+        return [linear.forward_multipliers.scale_weight(weights[0])]
+    return weights
+
+
+class TEColumnParallelLinearWithMultipliers(TEColumnParallelLinear):
     """``TEColumnParallelLinear`` applying the forward multipliers of its ``role``."""
 
     def __init__(self, *args, role: str, **kwargs):
@@ -75,6 +74,11 @@ class TEColumnParallelLinearWithMultipliers(_FoldedWeightMultipliers, TEColumnPa
         self.forward_multipliers = ForwardMultipliers(
             self.config, role, self.out_features, self.tp_size, tp_rank=get_pg_rank(self._tp_group)
         )
+        self._fold_into_weight = False
+
+    def _get_weight_tensors(self) -> List[torch.Tensor]:
+        """TE's weights, scaled while a folding forward runs."""
+        return _weights_to_use(self, super()._get_weight_tensors())
 
     def forward(self, x):
         """Forward of the parent with the role's multipliers applied."""
@@ -82,12 +86,13 @@ class TEColumnParallelLinearWithMultipliers(_FoldedWeightMultipliers, TEColumnPa
         if fm.identity:
             return super().forward(x)
         if _can_fold(self, fm, x, self.in_features):
-            return self._forward_folded(x)
+            with _folding(self):
+                return super().forward(x)
         output, bias = super().forward(x)
         return fm.scale_output(output), fm.scale_output(bias)
 
 
-class TERowParallelLinearWithMultipliers(_FoldedWeightMultipliers, TERowParallelLinear):
+class TERowParallelLinearWithMultipliers(TERowParallelLinear):
     """``TERowParallelLinear`` applying the forward multipliers of its ``role``."""
 
     def __init__(self, *args, role: str, **kwargs):
@@ -97,6 +102,11 @@ class TERowParallelLinearWithMultipliers(_FoldedWeightMultipliers, TERowParallel
         )
         if self.forward_multipliers.output_vector is not None:
             raise ValueError(f"row-parallel role {role!r} has per-channel multipliers")
+        self._fold_into_weight = False
+
+    def _get_weight_tensors(self) -> List[torch.Tensor]:
+        """TE's weights, scaled while a folding forward runs."""
+        return _weights_to_use(self, super()._get_weight_tensors())
 
     def forward(self, x):
         """Forward of the parent with the role's multipliers applied."""
@@ -104,7 +114,8 @@ class TERowParallelLinearWithMultipliers(_FoldedWeightMultipliers, TERowParallel
         if fm.identity:
             return super().forward(x)
         if _can_fold(self, fm, x, max(self.in_features, self.out_features)):
-            return self._forward_folded(x)
+            with _folding(self):
+                return super().forward(x)
         if not self.use_bias and x.shape[-1] < self.out_features:
             return super().forward(x * fm.combined)
         output, bias = super().forward(x)
