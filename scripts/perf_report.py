@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results" / "h200" / "falcon_h1"
 RESULTS = (
     "bench_falcon_h1_nomask.json",
+    "bench_falcon_h1_liger_bitnet.json",
     "bench_falcon_h1_hf_peers.json",
     "bench_falcon_h1_targets.json",
     "bench_falcon_h1_batch_first.json",
@@ -47,6 +48,8 @@ LABELS = {
     "ours_te_graph_opt_bf": "ours, TE spec, both graphs, batch-first Mamba",
     "ours_te_graph_opt_bf_dist": "ours, TE spec, both graphs, batch-first, distributed optimizer",
     "ours_local_graph_opt_bf": "ours, local spec, both graphs, batch-first Mamba",
+    "ours_local_graph_opt": "ours, local spec, both graphs",
+    "ours_bitnet_graph_opt": "ours, BitNet (local spec), both graphs",
 }
 
 
