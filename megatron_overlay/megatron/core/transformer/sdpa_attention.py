@@ -3,7 +3,7 @@
 """Core attention on ``torch.nn.functional.scaled_dot_product_attention`` (no Transformer Engine).
 
 Drop-in for ``DotProductAttention`` / ``TEDotProductAttention`` in local (non-TE) specs. PyTorch
-picks the kernel: flash or memory-efficient attention on GPUs, the math kernel on CPU.
+picks the kernel: cuDNN, flash or memory-efficient attention on GPUs, the math kernel on CPU.
 
 Supports causal and padding masks (Megatron's boolean convention: ``True`` = masked out),
 causal attention of fewer queries than keys (KV-cache decode and chunked prefill: the mask is
@@ -19,8 +19,8 @@ sequence. Memory is quadratic in the local query length times the whole sequence
 sequences (THD) and inference are not supported under context parallelism (clear errors).
 
 On GPUs, plain causal self-attention (as many queries as keys, no extra mask or bias) passes
-``is_causal=True`` and no mask, so PyTorch can take its flash kernel, and grouped-query
-attention uses ``enable_gqa`` instead of copying K / V per query head.
+``is_causal=True`` and no mask, so PyTorch can take a fused kernel (cuDNN attention first, then
+flash), and grouped-query attention uses ``enable_gqa`` instead of copying K / V per query head.
 """
 
 from __future__ import annotations
@@ -32,12 +32,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+# Kernel order for plain causal attention on GPUs. Inside a training step PyTorch's default
+# order ran its flash kernel, where cuDNN's fused attention measured 0.24 vs 0.39 ms fwd+bwd
+# (batch 4, 2048 tokens, 8 query / 2 KV heads of 64, CUDA-graph replays on an H200); a
+# backend that cannot take the inputs is skipped, so the others remain fallbacks.
+_CAUSAL_GPU_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class SDPADotProductAttention(MegatronModule):
@@ -179,15 +191,16 @@ class SDPADotProductAttention(MegatronModule):
             and cp_positions is None
         )
         if plain_causal:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                dropout_p=dropout,
-                is_causal=True,
-                scale=self.softmax_scale,
-                enable_gqa=num_heads != num_kv,
-            )
+            with sdpa_kernel(_CAUSAL_GPU_PRIORITY, set_priority=True):
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    dropout_p=dropout,
+                    is_causal=True,
+                    scale=self.softmax_scale,
+                    enable_gqa=num_heads != num_kv,
+                )
         else:
             attn_mask: Optional[Tensor] = mask
             if attention_bias is not None:
