@@ -225,15 +225,16 @@ def mamba_in_proj_output_multipliers(
 ) -> torch.Tensor:
     """Per-channel multipliers of one TP rank's Mamba in_proj output [z, x, B, C, dt].
 
-    Each of the five components is split evenly over the TP ranks (with more ranks than Mamba
-    groups, B and C hold a slice of one group: see ``megatron.core.ssm.mamba_group_sharing``).
+    Each of the five components is split evenly over the TP ranks (B and C: the rank's share of
+    the groups' channels, a slice of one group where the model runs more ranks than groups).
     """
-    from megatron.core.ssm.mamba_group_sharing import check_mamba_group_sharing
-
-    problem = check_mamba_group_sharing(config.mamba_num_groups, config.mamba_state_dim, tp_size)
-    if problem is not None:
-        raise ValueError(problem)
-    groups_state = config.mamba_num_groups * config.mamba_state_dim // tp_size
+    groups_state, remainder = divmod(config.mamba_num_groups * config.mamba_state_dim, tp_size)
+    if remainder != 0:
+        raise ValueError(
+            f"the Mamba B / C channels (--mamba-num-groups {config.mamba_num_groups} x "
+            f"--mamba-state-dim {config.mamba_state_dim}) do not split evenly over "
+            f"--tensor-model-parallel-size {tp_size}"
+        )
     rest = local_out - 2 * groups_state  # 2 * d_inner_local + nheads_local
     nheads, remainder = divmod(rest, 2 * config.mamba_head_dim + 1)
     if remainder != 0 or nheads <= 0:

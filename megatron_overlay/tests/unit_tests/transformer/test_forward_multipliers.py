@@ -175,8 +175,7 @@ def test_mamba_in_proj_segments():
 @pytest.mark.parametrize("tp", [2, 4])
 def test_mamba_in_proj_segments_with_more_ranks_than_groups(tp):
     """One Mamba group shared by ``tp`` ranks: each rank holds state_dim / tp rows of B and of
-    C (a slice of the group, see megatron.core.ssm.mamba_group_sharing), as of every other
-    component."""
+    C (a slice of the group), as of every other component."""
     config = _config(
         ssm_multipliers=[2.0, 3.0, 4.0, 5.0, 6.0], mamba_num_groups=1, mamba_state_dim=8
     )
@@ -184,10 +183,11 @@ def test_mamba_in_proj_segments_with_more_ranks_than_groups(tp):
     vector = mamba_in_proj_output_multipliers(config, sum(sizes), tp_size=tp)
     for segment, value in zip(torch.split(vector, sizes), (2.0, 3.0, 4.0, 5.0, 6.0)):
         assert segment.numel() > 0 and torch.all(segment == value)
-    with pytest.raises(ValueError, match="--mamba-state-dim 5 must be divisible by 4"):
-        mamba_in_proj_output_multipliers(_config(ssm_multipliers=[2] * 5), 10, tp_size=8)
-    with pytest.raises(ValueError, match="must divide --mamba-num-groups 2 or be a multiple"):
-        mamba_in_proj_output_multipliers(_config(ssm_multipliers=[2] * 5), 10, tp_size=3)
+    # 2 groups x 5 state channels: not an even share at TP 4 or 3.
+    for bad_tp in (4, 3):
+        message = f"do not split evenly over --tensor-model-parallel-size {bad_tp}"
+        with pytest.raises(ValueError, match=message):
+            mamba_in_proj_output_multipliers(_config(ssm_multipliers=[2] * 5), 10, tp_size=bad_tp)
 
 
 @pytest.mark.parametrize("tokens", [3, 40], ids=["scale-output", "scale-weight"])
