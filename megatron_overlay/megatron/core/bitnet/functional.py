@@ -54,6 +54,7 @@ __all__ = [
     "expand_segment_scales",
     "weight_scale",
     "quantize_weight",
+    "fold_output_scale",
     "activation_absmax",
     "quantize_activation",
     "bitnet_matmul",
@@ -181,11 +182,16 @@ class QuantizedWeight:
         beta: fp32 scale on the weight's device: 0-dim (one per weight) or ``[N]`` (one per
             output row, for weights that fuse several logical matrices).
         dense: optional ``beta * t`` in a 16/32-bit dtype (cuBLAS input-gradient path).
+        row_scale: optional fp32 output-channel scale (0-dim or ``[N]``) that ``beta`` already
+            includes (:func:`fold_output_scale`: forward multipliers folded into the weight
+            scale). ``t`` was quantised with ``beta / row_scale``; the straight-through weight
+            gradient of the full-precision weight is ``row_scale * (dY^T x_q)`` (per row).
     """
 
     t: torch.Tensor
     beta: torch.Tensor
     dense: Optional[torch.Tensor] = None
+    row_scale: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -277,6 +283,40 @@ def quantize_weight(
     return QuantizedWeight(t=t, beta=beta, dense=dense)
 
 
+def fold_output_scale(
+    wq: QuantizedWeight,
+    row_scale: torch.Tensor,
+    *,
+    dense_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> QuantizedWeight:
+    """``wq`` with an output-channel scale folded into its weight scale.
+
+    ``y = (x_q W_q^T) * row_scale`` (per output channel) equals ``x_q (row_scale * W_q)^T``, so
+    a layer's output multipliers can ride in ``beta`` (the forward GEMM's column scale and the
+    input-gradient operand) instead of two passes over the activations per step. ``t`` is kept
+    (quantised with the unscaled beta); the result records ``row_scale`` for the weight
+    gradient (:func:`bitnet_weight_grad`).
+
+    Args:
+        wq: a quantised weight without a folded scale.
+        row_scale: fp32, one element or one per output row of ``wq.t``.
+        dense_dtype: also materialise the scaled ``beta*T`` in this dtype.
+    """
+    if wq.row_scale is not None:
+        raise ValueError("the quantised weight already has a folded output scale")
+    with torch.no_grad():
+        scale = quant.normalize_weight_scale(row_scale, wq.t)
+        beta = wq.beta * scale
+        dense = None
+        if dense_dtype is not None:
+            if resolve_backend(wq.t, backend) == "triton":
+                dense = _triton_kernels().weight_dequant(wq.t, beta, dense_dtype)
+            else:
+                dense = quant.dequantize_weight(wq.t, beta, dense_dtype)
+    return QuantizedWeight(t=wq.t, beta=beta, dense=dense, row_scale=scale)
+
+
 def activation_absmax(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """Per-token ``gamma`` (fp32, shape ``x.shape[:-1]``).  Row-parallel layers all-reduce it
     (MAX) across ranks before :func:`quantize_activation`."""
@@ -352,8 +392,13 @@ def bitnet_weight_grad(
     main_grad: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
     wgrad: str = "cublas",
+    row_scale: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Identity-STE weight gradient ``dW [N, K] = dY^T @ x_q`` from the saved int8 activations.
+
+    ``row_scale`` (fp32, 0-dim or ``[N]``; the :attr:`QuantizedWeight.row_scale` of a folded
+    output scale) multiplies row ``n`` of ``dW`` (computed in fp32, rounded once): a pass over
+    the weight instead of one over ``dY``.
 
     With ``main_grad`` the product is accumulated into it in place (fp32 fused in the Triton
     kernel; other dtypes via a separate add) and None is returned.  ``wgrad`` (one of
@@ -363,6 +408,8 @@ def bitnet_weight_grad(
     operand load, fp32 main_grad accumulation in the epilogue.
     """
     _check_choice("wgrad", wgrad, WGRAD_IMPLS)
+    if row_scale is not None:
+        return _scaled_weight_grad(grad_output, act, main_grad, backend, wgrad, row_scale)
     be = resolve_backend(grad_output, backend)
     if be == "triton":
         tk = _triton_kernels()
@@ -386,6 +433,50 @@ def bitnet_weight_grad(
         main_grad.add_(quant.bitnet_wgrad(grad_output, act.q, act.gamma))
         return None
     return quant.bitnet_wgrad(grad_output, act.q, act.gamma, main_grad=main_grad)
+
+
+def _scaled_weight_grad(
+    grad_output: torch.Tensor,
+    act: QuantizedActivation,
+    main_grad: Optional[torch.Tensor],
+    backend: Optional[str],
+    wgrad: str,
+    row_scale: torch.Tensor,
+) -> Optional[torch.Tensor]:
+    """:func:`bitnet_weight_grad` with rows scaled by ``row_scale``: the unscaled product in
+    fp32, then one fused multiply(-add) over the weight."""
+    n = grad_output.shape[-1]
+    if row_scale.numel() not in (1, n):
+        raise ValueError(f"row_scale has {row_scale.numel()} elements, expected 1 or {n}")
+    scale = row_scale.reshape(-1, 1) if row_scale.numel() == n and n != 1 else row_scale.reshape(())
+    if resolve_backend(grad_output, backend) == "triton":
+        tk = _triton_kernels()
+        s = act.scale()
+        if wgrad == "triton":
+            product = tk.bitnet_wgrad(grad_output, act.q, s, out_dtype=torch.float32)
+        else:
+            xq = tk.act_dequant(act.q, s, grad_output.dtype)
+            product = _mm_fp32(grad_output.t(), xq)
+    else:
+        xq = quant.dequantize_activation(act.q, act.gamma, grad_output.dtype)
+        product = torch.matmul(grad_output.t().to(torch.float32), xq.to(torch.float32))
+    if main_grad is not None:
+        main_grad.addcmul_(product, scale)
+        return None
+    out = torch.empty(product.shape, dtype=grad_output.dtype, device=product.device)
+    return torch.mul(product, scale, out=out)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result (fp32 output of the 16-bit GEMM where supported)."""
+    if a.dtype == torch.float32:
+        return torch.matmul(a, b)
+    if a.is_cuda and _ADDMM_OUT_DTYPE_OK is not False:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.matmul(a, b).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,6 +680,7 @@ def get_quantized_weight(
     beta_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     dense_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
+    output_scale: Optional[torch.Tensor] = None,
 ) -> QuantizedWeight:
     """Quantise ``weight`` (through ``cache`` if given).
 
@@ -600,6 +692,9 @@ def get_quantized_weight(
             :func:`weight_scale_from_abs_sum` in a TP layer); returns a scale of either form
             above; mutually exclusive with beta.
         dense_dtype: also materialise ``beta*T`` in this dtype (cuBLAS dgrad path).
+        output_scale: optional fp32 output-channel scale folded into the result
+            (:func:`fold_output_scale`); the cache keeps it with the quantisation (keyed by the
+            scale tensor's identity: pass the same tensor on every call).
     """
     if beta is not None and beta_fn is not None:
         raise ValueError("pass at most one of beta and beta_fn")
@@ -608,11 +703,15 @@ def get_quantized_weight(
     def compute() -> QuantizedWeight:
         with torch.no_grad():
             b = beta_fn(weight) if beta_fn is not None else beta
-            return quantize_weight(weight, b, dense_dtype=dense_dtype, backend=be)
+            if output_scale is None:
+                return quantize_weight(weight, b, dense_dtype=dense_dtype, backend=be)
+            wq = quantize_weight(weight, b, backend=be)
+            return fold_output_scale(wq, output_scale, dense_dtype=dense_dtype, backend=be)
 
     if cache is None:
         return compute()
-    return cache.get(weight, compute, extra_key=(dense_dtype, be))
+    scale_key = None if output_scale is None else id(output_scale)
+    return cache.get(weight, compute, extra_key=(dense_dtype, be, scale_key))
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,7 +724,10 @@ class BitNetLinearFunction(torch.autograd.Function):
 
     Forward uses exactly ``W_q = beta*T`` and ``x_q = Q*gamma/127``; backward returns
     ``dX = dY @ W_q`` and ``dW = dY^T @ x_q`` (to the full-precision leaf weight).  Only the
-    int8 ``Q`` and fp32 ``gamma`` are saved for backward (not the input).
+    int8 ``Q`` and fp32 ``gamma`` are saved for backward (not the input).  With a folded output
+    scale (``QuantizedWeight.row_scale = s``, ``W_q = s * beta * T``) the weight gradient is
+    ``s * (dY^T @ x_q)`` per row: the full-precision weight's STE gradient of
+    ``y = (x_q (beta T)^T) * s``.
     """
 
     @staticmethod
@@ -664,19 +766,21 @@ class BitNetLinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.use_bias = bias is not None
-        ctx.save_for_backward(act.q, act.gamma, act.s, wq.t, wq.beta, wq.dense, weight)
+        ctx.save_for_backward(
+            act.q, act.gamma, act.s, wq.t, wq.beta, wq.dense, wq.row_scale, weight
+        )
         return y
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         """Straight-through gradients: ``dX = dY W_q``, ``dW = dY^T x_q``, ``db = sum dY``."""
-        q, gamma, s, t, beta, dense, weight = ctx.saved_tensors
+        q, gamma, s, t, beta, dense, row_scale, weight = ctx.saved_tensors
         backend = ctx.backend
         n = t.shape[0]
         dy = grad_output.reshape(-1, n)
         if not dy.is_contiguous():
             dy = dy.contiguous()
-        wq = QuantizedWeight(t=t, beta=beta, dense=dense)
+        wq = QuantizedWeight(t=t, beta=beta, dense=dense, row_scale=row_scale)
 
         grad_input = None
         if ctx.needs_input_grad[0]:
@@ -688,7 +792,14 @@ class BitNetLinearFunction(torch.autograd.Function):
             main_grad = ctx.main_grad
             if main_grad is not None:
                 weight.main_grad = main_grad
-                bitnet_weight_grad(dy, act, main_grad=main_grad, backend=backend, wgrad=ctx.wgrad)
+                bitnet_weight_grad(
+                    dy,
+                    act,
+                    main_grad=main_grad,
+                    backend=backend,
+                    wgrad=ctx.wgrad,
+                    row_scale=row_scale,
+                )
                 if hasattr(weight, "grad_added_to_main_grad"):
                     # Megatron convention: return a dummy grad so that backward hooks run on
                     # the main thread (overlap_grad_reduce), zeroed if the param asks for it.
@@ -696,7 +807,9 @@ class BitNetLinearFunction(torch.autograd.Function):
                     grad_weight = alloc(main_grad.shape, dtype=ctx.x_dtype, device=main_grad.device)
                     weight.grad_added_to_main_grad = True
             else:
-                grad_weight = bitnet_weight_grad(dy, act, backend=backend, wgrad=ctx.wgrad)
+                grad_weight = bitnet_weight_grad(
+                    dy, act, backend=backend, wgrad=ctx.wgrad, row_scale=row_scale
+                )
                 if grad_weight.dtype != weight.dtype:
                     grad_weight = grad_weight.to(weight.dtype)
 
@@ -718,6 +831,7 @@ def bitnet_linear(
     backend: Optional[str] = None,
     dgrad: str = "cublas",
     wgrad: str = "cublas",
+    output_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """BitNet b1.58 linear ``y = x_q W_q^T (+ bias)`` with STE gradients.
 
@@ -745,6 +859,10 @@ def bitnet_linear(
             with the quantised weight while gradients are enabled.
         wgrad: weight-gradient GEMM of the triton backend, one of :data:`WGRAD_IMPLS` (see
             :func:`bitnet_weight_grad`).
+        output_scale: optional fp32 scale of the product's output channels (one element or
+            ``[N]``): ``y = (x_q W_q^T) * output_scale (+ bias)``, folded into the weight scale
+            (:func:`fold_output_scale`, cached with the quantisation) rather than applied to
+            ``y`` and to its gradient. Pass the same tensor on every call (cache key).
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
@@ -763,7 +881,10 @@ def bitnet_linear(
             beta_fn=weight_scale_fn,
             dense_dtype=dense_dtype,
             backend=be,
+            output_scale=output_scale,
         )
+    elif output_scale is not None:
+        weight_quant = fold_output_scale(weight_quant, output_scale, backend=be)
     return BitNetLinearFunction.apply(
         x, weight, bias, weight_quant, gamma, gradient_accumulation_fusion, be, dgrad, wgrad
     )

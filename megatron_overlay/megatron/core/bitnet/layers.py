@@ -275,8 +275,13 @@ class BitNetLinearMixin:
     ``forward``). Its ``bitnet_role`` (the constructor's ``role``: ``"linear_qkv"``,
     ``"linear_fc1"``, ... or ``""``) decides the beta segments; with ``multipliers=True`` it
     also applies that role's forward multipliers
-    (:class:`megatron.core.transformer.forward_multipliers.ForwardMultipliers`): the input
-    multiplier before the quantisation, the output multipliers after the BitNet product.
+    (:class:`megatron.core.transformer.forward_multipliers.ForwardMultipliers`) to the BitNet
+    product. They are folded into the weight scale (``output_scale`` of
+    :func:`~megatron.core.bitnet.functional.bitnet_linear`, once per optimizer step) instead of
+    multiplying the activations and their gradients: the output multipliers always, the input
+    multiplier too when no BitNet RMSNorm follows it (per-token absmax quantisation is
+    scale-invariant: ``x_q(c x) = c x_q(x)``). A bias added inside the product (not
+    ``skip_bias_add``) keeps the unfolded order ``(x W^T + b) * output``.
 
     Kernel settings come from the config and are passed to every op: ``bitnet_backend``
     (``--bitnet-backend``), ``bitnet_dgrad`` / ``bitnet_wgrad`` (``--bitnet-dgrad`` /
@@ -313,6 +318,7 @@ class BitNetLinearMixin:
             self.forward_multipliers = ForwardMultipliers(
                 config, role, local_rows, get_pg_size(self.tp_group)
             )
+        self._bitnet_fold_scales: Dict[Tuple[torch.device, bool], Optional[torch.Tensor]] = {}
         names, pattern = bitnet_weight_segments(role, config, local_rows)
         self.bitnet_segment_names: Tuple[str, ...] = names
         self._bitnet_pattern = pattern
@@ -328,6 +334,47 @@ class BitNetLinearMixin:
             multipliers.scale_output(output, with_input=False),
             multipliers.scale_output(output_bias, with_input=False),
         )
+
+    def _folds_multipliers(self, bias_in_product: bool) -> bool:
+        """Whether the forward multipliers ride in the weight scale (see the class docstring)."""
+        fm = self.forward_multipliers
+        return fm is not None and not fm.identity and not bias_in_product
+
+    def _folded_input(self) -> bool:
+        """Whether a folded scale also carries the input multiplier (no RMSNorm after it)."""
+        return self.rms_norm is None
+
+    def _fold_scale(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The multipliers as an fp32 scale of this rank's output channels on ``device`` (one
+        number or one per channel; None when it is 1), made once per device: the weight
+        cache is keyed by this tensor."""
+        with_input = self._folded_input()
+        key = (device, with_input)
+        if key not in self._bitnet_fold_scales:
+            fm = self.forward_multipliers
+            vector = fm.combined_vector if with_input else fm.output_vector
+            scale = None
+            if vector is not None:
+                scale = vector.to(device=device, dtype=torch.float32)
+            else:
+                value = fm.combined if with_input else fm.output
+                if value != 1.0:
+                    scale = torch.tensor(value, dtype=torch.float32, device=device)
+            self._bitnet_fold_scales[key] = scale
+        return self._bitnet_fold_scales[key]
+
+    def _prepare_fold_scale(self) -> None:
+        """Make the folded scale on the parameters' device now, outside any CUDA-graph capture
+        (a host-to-device copy cannot be captured)."""
+        fm = self.forward_multipliers
+        if fm is not None and not fm.identity:
+            self._fold_scale(_param_device(self))
+
+    def _scale_input(self, x: torch.Tensor, fold: bool) -> torch.Tensor:
+        """``x`` times the input multiplier unless a folded scale carries it."""
+        if self.forward_multipliers is None or (fold and self._folded_input()):
+            return x
+        return self.forward_multipliers.scale_input(x)
 
     # -- scales --------------------------------------------------------------------------
 
@@ -402,12 +449,14 @@ class BitNetLinearMixin:
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         gamma: Optional[torch.Tensor] = None,
+        fold: bool = False,
     ) -> torch.Tensor:
         return F.bitnet_linear(
             x,
             weight,
             bias,
             gamma=gamma,
+            output_scale=self._fold_scale(x.device) if fold else None,
             weight_cache=self.bitnet_weight_cache,
             weight_scale_fn=self.bitnet_weight_scale,
             gradient_accumulation_fusion=self.gradient_accumulation_fusion,
@@ -513,6 +562,7 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
             # backward all-reduces); with it, each rank normalises only its tokens and
             # finalize_model_grads sums the gradient over TP (the layer-norm convention).
             setattr(self.rms_norm.weight, "sequence_parallel", self.sequence_parallel)
+        self._prepare_fold_scale()
 
     def forward(
         self,
@@ -547,10 +597,9 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
                     f"not {expected_shape} as expected"
                 )
         bias = self.bias if not self.skip_bias_add else None
+        fold = self._folds_multipliers(bias_in_product=bias is not None)
 
-        x = input_
-        if self.forward_multipliers is not None:
-            x = self.forward_multipliers.scale_input(x)
+        x = self._scale_input(input_, fold)
         if self.rms_norm is not None:
             x = self.rms_norm(x)  # per token: fine on a sequence shard, before the TP region
         if self.sequence_parallel:
@@ -560,7 +609,7 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
         elif not self.disable_grad_reduce:
             x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
 
-        output_parallel = self._bitnet_matmul(x, weight, bias)
+        output_parallel = self._bitnet_matmul(x, weight, bias, fold=fold)
 
         gather_output = self.gather_output
         if runtime_gather_output is not None:
@@ -570,6 +619,8 @@ class BitNetColumnParallelLinear(BitNetLinearMixin, ColumnParallelLinear):
         else:
             output = output_parallel
         output_bias = self.bias if self.skip_bias_add else None
+        if fold:
+            return output, self.forward_multipliers.scale_output(output_bias, with_input=False)
         return self._scale_outputs(output, output_bias)
 
     def extra_repr(self) -> str:
@@ -643,6 +694,7 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
             )
             # Sharded like the input features (each rank owns its slice, gradient complete).
             set_tensor_model_parallel_attributes(self.rms_norm.weight, True, 0, 1)
+        self._prepare_fold_scale()
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """BitNet row-parallel forward.
@@ -654,8 +706,10 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         Returns:
             ``(output, bias)`` as :meth:`RowParallelLinear.forward`.
         """
-        if self.forward_multipliers is not None:
-            input_ = self.forward_multipliers.scale_input(input_)
+        fold = self._folds_multipliers(
+            bias_in_product=self.bias is not None and not self.skip_bias_add
+        )
+        input_ = self._scale_input(input_, fold)
         if self.input_is_parallel:
             x = input_
         else:
@@ -671,7 +725,7 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
                 gamma = F.activation_absmax(x, self.bitnet_backend).contiguous()
                 dist.all_reduce(gamma, op=dist.ReduceOp.MAX, group=self.tp_group)
 
-        output_parallel = self._bitnet_matmul(x, self.weight, None, gamma=gamma)
+        output_parallel = self._bitnet_matmul(x, self.weight, None, gamma=gamma, fold=fold)
 
         if self.sequence_parallel:
             output_ = reduce_scatter_to_sequence_parallel_region(
@@ -685,6 +739,8 @@ class BitNetRowParallelLinear(BitNetLinearMixin, RowParallelLinear):
         else:
             output = output_
             output_bias = self.bias
+        if fold:
+            return output, self.forward_multipliers.scale_output(output_bias, with_input=False)
         return self._scale_outputs(output, output_bias)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -356,26 +356,147 @@ def test_role_is_a_constructor_parameter():
     assert not [name for name in dir(L) if name.startswith("BitNetColumnParallelLinearFor")]
 
 
-def test_forward_multipliers_wrap_the_bitnet_matmul():
-    gate_mult = 0.37
-    config = make_config(mlp_multipliers=[gate_mult, 1.0])
-    layer = _column("linear_fc1", 2 * FFN, config, bias=False, multipliers=True)
-    plain = _column("linear_fc1", 2 * FFN, config, bias=False)
-    assert layer.bitnet_role == "linear_fc1" and layer.forward_multipliers.role == "linear_fc1"
-    assert not layer.forward_multipliers.identity
-    assert layer.bitnet_segment_names == ("gate", "up")
-    seg = segment_ids_full("linear_fc1", 2 * FFN)
-    w = _segment_scaled_weight(seg, HIDDEN, seed=21)
+# role, kind, multiplier config fields, (input multiplier, per-channel output scale of the role)
+FOLD_CASES = {
+    "qkv_in_and_key": (
+        "linear_qkv",
+        "column",
+        dict(attention_in_multiplier=1.7, key_multiplier=0.39),
+    ),
+    "fc1_gate": ("linear_fc1", "column", dict(mlp_multipliers=[0.37, 1.0])),
+    "proj_out": ("linear_proj", "row", dict(attention_out_multiplier=0.9375)),
+    "fc2_down": ("linear_fc2", "row", dict(mlp_multipliers=[1.0, 0.8])),
+}
+
+
+def _fold_case(name, **config_extra):
+    """(layer with multipliers, the same layer without, weight, segment ids, input size, c, v):
+    ``c`` the input multiplier, ``v`` the output scale per channel (float64)."""
+    from megatron.core.transformer.forward_multipliers import ForwardMultipliers
+
+    role, kind, fields = FOLD_CASES[name]
+    config = make_config(**fields, **config_extra)
+    if kind == "column":
+        out = QKV_OUT if role == "linear_qkv" else 2 * FFN
+        build = lambda **kw: _column(role, out, config, bias=False, **kw)  # noqa: E731
+        in_size, seg = HIDDEN, segment_ids_full(role, out)
+        w = _segment_scaled_weight(seg, HIDDEN, seed=31)
+    else:
+        out, in_size = HIDDEN, (FFN if role == "linear_fc2" else QKV_OUT // 2)
+        build = lambda **kw: _row(role, in_size, config, bias=False, **kw)  # noqa: E731
+        seg = segment_ids_full(role, HIDDEN)
+        w = _rand(HIDDEN, in_size, seed=31, scale=0.05)
+    layer, plain = build(multipliers=True), build()
     _set_weight(layer, w)
     _set_weight(plain, w)
+    fm = ForwardMultipliers(config, role, out, 1)
+    v = fm.output_vector.double() if fm.output_vector is not None else torch.tensor(fm.output)
+    return layer, plain, w, seg, in_size, fm.input, v.double()
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_CASES))
+def test_forward_multipliers_fold_into_the_weight_scale(name):
+    """Multipliers ride in beta: ``y = c v (x_q W_q^T)``, ``dX = c (dY v) W_q``,
+    ``dW = c v (dY^T x_q)`` against the float64 formula (fp32 roundings only); the exported
+    (unscaled) beta is the plain layer's."""
+    layer, plain, w, seg, in_size, c, v = _fold_case(name)
+    assert layer._folds_multipliers(bias_in_product=False)
+    x = _rand(3, 2, in_size, seed=32, scale=2.0).requires_grad_(True)
+    dy = _rand(3, 2, w.shape[0], seed=33)
+    y, bias = layer(x)
+    assert bias is None
+    y.backward(dy)
+    ref = ref_linear(x, w, seg, None, dy * v.float())
+    scaled = {"y": ref["y"] * c * v, "y_nobias": ref["y_nobias"] * c * v}
+    assert_forward_close(y, scaled)
+    assert_close(x.grad, ref["dx"] * c)
+    assert_close(layer.weight.grad, ref["dw"] * c, rtol=2e-6)
+    assert torch.equal(layer.bitnet_quantized_weight().beta, plain.bitnet_quantized_weight().beta)
+    assert torch.equal(layer.bitnet_quantized_weight().t, plain.bitnet_quantized_weight().t)
+
+
+@pytest.mark.parametrize("name", ["qkv_in_and_key", "proj_out"])
+def test_folded_multipliers_with_gradient_accumulation_fusion(name):
+    layer, _, w, seg, in_size, c, v = _fold_case(name, gradient_accumulation_fusion=True)
+    layer.weight.main_grad = torch.zeros_like(layer.weight)
+    expected = torch.zeros(w.shape, dtype=torch.float64)
+    for seed in (34, 35):  # two micro-batches accumulate
+        x = _rand(3, 2, in_size, seed=seed, scale=2.0)
+        dy = _rand(3, 2, w.shape[0], seed=seed + 100)
+        y, _ = layer(x)
+        y.backward(dy)
+        expected += ref_linear(x, w, seg, None, dy * v.float())["dw"] * c
+    assert layer.weight.grad is None
+    assert_close(layer.weight.main_grad, expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_CASES))
+def test_folded_multipliers_add_no_pass_over_the_activations(name):
+    """With the fold, a layer with multipliers runs as many ops on input- or output-sized
+    tensors (forward + backward) as the same layer without: no ``x * c``, ``y * v``, ``dY * v``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer, plain, w, _, in_size, _, _ = _fold_case(name)
+    sizes = {3 * 2 * in_size, 3 * 2 * w.shape[0]}
+    assert w.numel() not in sizes
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            first = out[0] if isinstance(out, (tuple, list)) and out else out
+            if isinstance(first, torch.Tensor) and first.numel() in sizes:
+                self.ops.append(func.__name__)
+            return out
+
+    counts = {}
+    for label, module in (("multipliers", layer), ("plain", plain)):
+        module(_rand(3, 2, in_size, seed=36))  # fill the weight cache first
+        x = _rand(3, 2, in_size, seed=36).requires_grad_(True)
+        with Count() as mode:
+            y, _ = module(x)
+            y.backward(torch.ones_like(y))
+        counts[label] = sorted(mode.ops)
+    assert counts["multipliers"] == counts["plain"]
+
+
+def test_input_multiplier_stays_before_the_bitnet_rms_norm():
+    """RMSNorm is not scale-invariant (eps): the input multiplier is applied before it, only the
+    output scale is folded."""
+    layer, plain, w, seg, in_size, c, v = _fold_case("qkv_in_and_key", bitnet_rms_norm=True)
+    assert not layer._folded_input()
+    with torch.no_grad():
+        plain.rms_norm.weight.copy_(layer.rms_norm.weight)
+    x = _rand(3, 2, in_size, seed=37, scale=1e-3)  # small: eps matters, c x != c (x)
+    y, _ = layer(x)
+    y_plain, _ = plain(x * c)
+    assert_close(y, y_plain.double() * v, rtol=1e-6)
+    y_wrong, _ = plain(x)  # the input multiplier moved past the norm would give this
+    assert not torch.allclose(y.double(), y_wrong.double() * c * v, rtol=1e-3)
+
+
+def test_bias_inside_the_product_is_scaled_with_it_unfolded():
+    """``(x W^T + b) * v`` (bias added inside the BitNet product): no fold, the old order."""
+    gate_mult = 0.37
+    config = make_config(mlp_multipliers=[gate_mult, 1.0])
+    layer = _column("linear_fc1", 2 * FFN, config, bias=True, multipliers=True)
+    plain = _column("linear_fc1", 2 * FFN, config, bias=True)
+    assert not layer._folds_multipliers(bias_in_product=True)
+    seg = segment_ids_full("linear_fc1", 2 * FFN)
+    w = _segment_scaled_weight(seg, HIDDEN, seed=21)
+    b = _rand(2 * FFN, seed=23)
+    _set_weight(layer, w, b)
+    _set_weight(plain, w, b)
     x = _rand(3, 2, HIDDEN, seed=22, scale=2.0)
     y, _ = layer(x)
     y_plain, _ = plain(x)
-    # quantisation sees the raw BitNet product; the gate half is scaled afterwards
     assert torch.equal(y[..., :FFN], y_plain[..., :FFN] * gate_mult)
     assert torch.equal(y[..., FFN:], y_plain[..., FFN:])
-    assert_forward_close(y_plain, ref_linear(x, w, seg))
-    assert torch.equal(layer.bitnet_quantized_weight().beta, plain.bitnet_quantized_weight().beta)
+    assert layer.bitnet_role == "linear_fc1" and layer.forward_multipliers.role == "linear_fc1"
+    assert layer.bitnet_segment_names == ("gate", "up")
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])

@@ -212,6 +212,44 @@ def test_bitnet_linear_triton_vs_torch_backend(fusion, dimpl, wimpl):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize(
+    "dimpl,wimpl", [("cublas", "cublas"), ("cublas_cached", "cublas"), ("triton", "triton")]
+)
+@pytest.mark.parametrize("fusion", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_output_scale_triton_vs_torch_backend_and_unfolded(per_row, fusion, dimpl, wimpl):
+    """A folded output scale (forward multipliers): the Triton backend gives the torch
+    backend's forward bit for bit, and both give the unfolded ``bitnet_linear(x, w) * s`` and
+    its gradients within fp32 rounding (the fold multiplies ``beta * s`` once per step instead
+    of every output element)."""
+    x = _randn(6, 5, 96, seed=17, scale=2.0).requires_grad_(True)
+    w = torch.nn.Parameter(_randn(40, 96, seed=18, scale=0.05))
+    dy = _randn(6, 5, 40, seed=19)
+    scale = _randn(40, seed=20).abs() + 0.25 if per_row else torch.tensor(0.3125, device=DEV)
+    outs = {}
+    for be in ("torch", "triton", "unfolded"):
+        xx = x.detach().clone().requires_grad_(True)
+        ww = torch.nn.Parameter(w.detach().clone())
+        if fusion:
+            ww.main_grad = torch.zeros(ww.shape, device=DEV)
+        kwargs = dict(gradient_accumulation_fusion=fusion, dgrad=dimpl, wgrad=wimpl)
+        if be == "unfolded":
+            y = F.bitnet_linear(xx, ww, backend="torch", **kwargs) * scale
+        else:
+            cache = F.BitNetWeightCache()
+            kwargs.update(output_scale=scale, weight_cache=cache)
+            y = F.bitnet_linear(xx, ww, backend=be, **kwargs)
+            assert torch.equal(cache._value.t, F.quantize_weight(w.detach(), backend=be).t)
+        y.backward(dy)
+        outs[be] = (y.detach(), xx.grad, ww.main_grad if fusion else ww.grad)
+    assert torch.equal(outs["triton"][0], outs["torch"][0])
+    for be in ("torch", "triton"):
+        for a, b in zip(outs[be], outs["unfolded"]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    unscaled = F.bitnet_linear(x.detach(), w.detach(), backend="torch")
+    assert not torch.allclose(outs["triton"][0], unscaled, rtol=1e-2)
+
+
 @pytest.mark.parametrize("dimpl", ["cublas", "cublas_cached", "triton"])
 def test_weight_cache_holds_dense_copy_only_when_asked(dimpl):
     """Default: the per-step cache keeps int8 T only (1 byte/param); the bf16 beta*T operand
