@@ -86,3 +86,34 @@ def test_run_gpu_tests_exits_nonzero_on_a_failed_step(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed_steps"] == ["no-such-step"]
     assert summary["commit"] == environment["commit"]
+
+
+def _unit_runner():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "run_gpu_unit_tests", ROOT / "scripts/gpu/run_gpu_unit_tests.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unit_step_counts_outcomes_from_junit(tmp_path):
+    """The GPU unit-test step's report: every JUnit case with its outcome, counted."""
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="a" name="ok"/>'
+        '<testcase classname="a" name="bad"><failure message="boom">x</failure></testcase>'
+        '<testcase classname="a" name="err"><error message="setup">x</error></testcase>'
+        '<testcase classname="b" name="skip"><skipped message="needs X"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    runner = _unit_runner()
+    cases = runner.outcomes(xml)
+    assert [c["outcome"] for c in cases] == ["passed", "failed", "error", "skipped"]
+    assert cases[1]["message"] == "boom" and cases[0]["test"] == "a::ok"
+    assert runner.summarise(cases) == {
+        "n_checks": 4, "n_passed": 1, "n_failed": 1, "n_errors": 1, "n_skipped": 1
+    }

@@ -10,6 +10,8 @@
 #   parity_te the same with Megatron's Transformer Engine Falcon-H1 spec (needs TE=1)
 #             (PARITY_ARGS: extra arguments of both parity steps, e.g. "--cases g1_norm0_memeff")
 #   bitnet    BitNet kernel correctness
+#   unit      overlay unit tests on the GPU (compiled Triton kernels, `gpu`-marked tests), by
+#             scripts/gpu/run_gpu_unit_tests.py (UNIT_TESTS: test paths, default the BitNet ones)
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
@@ -83,6 +85,7 @@ for step in $steps; do
                     run "$step" "$report" python3 scripts/gpu/run_shards.py --shards "$PARITY_SHARDS" --out "$report" -- "${parity_cmd[@]}"
                 else run "$step" "$report" "${parity_cmd[@]}" --out "$report"; fi ;;
         bitnet) run bitnet "$results/bitnet_kernels.json" python3 scripts/gpu/test_bitnet_kernels.py --out "$results/bitnet_kernels.json" ;;
+        unit) run unit "$results/unit_gpu.json" python3 scripts/gpu/run_gpu_unit_tests.py --megatron "$megatron" --out "$results/unit_gpu.json" ${UNIT_TESTS:-} ;;
         bench) run bench "$results/bench_bitnet.json" python3 scripts/bench_bitnet.py --out-dir "$results" ;;
         gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
         gptaccum) run gptaccum "$results/bench_bitnet_gpt_step_mb4.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
