@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare what a GPU machine needs besides the repo checkout, in the ignored folder .carry/:
-#   .carry/megatron.tar.xz  the patched tree's files (git archive of build/Megatron-LM HEAD, + the
-#                           compiled dataset helpers), unpacked there by scripts/gpu/setup_env.sh
+#   .carry/megatron.tar.xz  the patched tree's files (git archive of build/Megatron-LM HEAD, its
+#                           unit tests for the GPU job's `unit` step, + the compiled dataset
+#                           helpers), unpacked there by scripts/gpu/setup_env.sh
 #   .carry/wheels           mamba_ssm / causal_conv1d wheels (from ../shared/wheels or $WHEELS_DIR)
 #                           and liger-kernel / torchao (downloaded here from PyPI once)
 #   .carry/te               the Transformer Engine kit (../shared/te or $TE_DIR), if present
@@ -17,7 +18,7 @@ rm -rf .carry/Megatron-LM .carry/megatron.tar.xz && mkdir -p .carry/wheels
 {
     git -C build/Megatron-LM archive --format=tar HEAD megatron tools pretrain_gpt.py \
         pretrain_hybrid.py pretrain_mamba.py gpt_builders.py hybrid_builders.py mamba_builders.py \
-        model_provider.py
+        model_provider.py tests/__init__.py tests/unit_tests tests/test_utils
 } | xz -T0 -6 > .carry/megatron.tar.xz
 helpers=$(ls build/Megatron-LM/megatron/core/datasets/helpers_cpp*.so 2>/dev/null | head -1 || true)
 if [ -n "$helpers" ]; then cp "$helpers" .carry/; fi

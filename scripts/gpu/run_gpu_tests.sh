@@ -22,6 +22,7 @@
 #   falconh1  Falcon-H1 training step, HF transformers vs ours (scripts/gpu/bench_falcon_h1.py;
 #             TE=1 unpacks the carried Transformer Engine kit for its TE runs). Not in the
 #             default list: it needs more than one device call (use its --deadline-s/--resume)
+#             FALCON_H1_BENCH_ARGS: its arguments; FALCON_H1_NAME: the results file stem
 # MAMBA_SHARDS / PARITY_SHARDS ("case,case;case,..."): run the mamba / parity(_te) step as parallel
 # processes over these case subsets (scripts/gpu/run_shards.py): a cold Triton cache otherwise
 # spends the step compiling autotuned kernels one at a time (the 8-case fp32-IEEE parity step
@@ -91,7 +92,8 @@ for step in $steps; do
         gptaccum) run gptaccum "$results/bench_bitnet_gpt_step_mb4.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
         h1step) run h1step "$results/bench_bitnet_gpt_step_falcon_h1_0.5b.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
         sdpa) run sdpa "$results/bench_sdpa.json" python3 scripts/gpu/bench_sdpa.py --out-dir "$results" ;;
-        falconh1) run falconh1 "$results/bench_falcon_h1.json" python3 scripts/gpu/bench_falcon_h1.py --megatron "$megatron" --out-dir "$results" ${FALCON_H1_BENCH_ARGS:-} ;;
+        falconh1) name=${FALCON_H1_NAME:-bench_falcon_h1}  # the results file stem (--name)
+                  run falconh1 "$results/$name.json" python3 scripts/gpu/bench_falcon_h1.py --megatron "$megatron" --out-dir "$results" --name "$name" ${FALCON_H1_BENCH_ARGS:-} ;;
         convert) run convert "$results/falcon_h1_conversion.json" python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
         *) echo "unknown step $step"; printf '%s\t2\t0\t-\n' "$step" >> "$steps_tsv"; status=1 ;;
     esac
