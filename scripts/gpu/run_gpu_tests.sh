@@ -19,6 +19,8 @@
 #   h1step    BitNet vs bf16 training step of a Falcon-H1-0.5B-shaped model (pretrain_mamba.py)
 #   sdpa      causal GQA attention fwd+bwd per PyTorch SDPA backend at Falcon-H1's shapes, with
 #             errors against an fp32 reference (scripts/gpu/bench_sdpa.py; the local spec's kernel)
+#   adam      one AdamW step over the 0.5B model's fp32 parameters: TE's FusedAdam vs PyTorch's
+#             fused / foreach AdamW, graph replays (scripts/gpu/bench_adam.py; TE=1 for TE's)
 #   fusion    the parallel-hybrid projection fusion (QKV + in_proj in one GEMM, both output
 #             projections in one) vs separate GEMMs, fwd+bwd as graph replays
 #             (scripts/gpu/bench_hybrid_fusion.py)
@@ -94,6 +96,7 @@ for step in $steps; do
         gptstep) run gptstep "$results/bench_bitnet_gpt_step.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" ;;
         gptaccum) run gptaccum "$results/bench_bitnet_gpt_step_mb4.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
         h1step) run h1step "$results/bench_bitnet_gpt_step_falcon_h1_0.5b.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
+        adam) run adam "$results/bench_adam.json" python3 scripts/gpu/bench_adam.py --out-dir "$results" ;;
         fusion) run fusion "$results/bench_hybrid_fusion.json" python3 scripts/gpu/bench_hybrid_fusion.py --out-dir "$results" ;;
         sdpa) run sdpa "$results/bench_sdpa.json" python3 scripts/gpu/bench_sdpa.py --out-dir "$results" ;;
         falconh1) name=${FALCON_H1_NAME:-bench_falcon_h1}  # the results file stem (--name)
