@@ -47,6 +47,8 @@ LABELS = {
     "ours_te_graph": "ours, TE spec, whole-iteration graph",
     "ours_te_graph_opt": "ours, TE spec, both graphs",
     "ours_te_graph_opt_bf": "ours, TE spec, both graphs, batch-first Mamba",
+    "ours_te_graph_opt_bf_tadam": "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW",
+    "ours_local_graph_opt_bf_tadam": "ours, local spec, both graphs, batch-first, PyTorch fused AdamW",
     "ours_te_graph_opt_bf_dist": "ours, TE spec, both graphs, batch-first, distributed optimizer",
     "ours_local_graph_opt_bf": "ours, local spec, both graphs, batch-first Mamba",
     "ours_local_graph_opt": "ours, local spec, both graphs",
