@@ -25,6 +25,7 @@ RESULTS = (
     "bench_falcon_h1_nomask.json",
     "bench_falcon_h1_liger_bitnet.json",
     "bench_falcon_h1_bitnet_fold.json",
+    "bench_falcon_h1_tadam.json",
     "bench_falcon_h1_hf_peers.json",
     "bench_falcon_h1_targets.json",
     "bench_falcon_h1_batch_first.json",

@@ -219,3 +219,36 @@ def test_dataloader_mask_only_for_document_masks(tmp_path, extra, expected):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     args = proc.stdout.splitlines()
     assert ("--no-create-attention-mask-in-dataloader" in args) == expected, proc.stdout
+
+
+def _python_with_a_gpu(tmp_path) -> str:
+    """A ``PYTHON`` for the launcher that answers its CUDA probe with "available"."""
+    shim = tmp_path / "python_with_gpu"
+    shim.write_text(
+        "#!/bin/sh\n"
+        'case "$2" in *torch.cuda.is_available*) exit 0 ;; esac\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    shim.chmod(0o755)
+    return str(shim)
+
+
+@pytest.mark.parametrize(
+    "gpu,env_vars,expected",
+    [(True, {}, True), (False, {}, False), (True, {"TORCH_FUSED_ADAM": "0"}, False),
+     (False, {"TORCH_FUSED_ADAM": "1"}, True)],
+    ids=["auto_gpu", "auto_cpu", "off", "on_cpu"],
+)  # fmt: skip
+def test_torch_fused_adam_on_gpus_by_default(tmp_path, gpu, env_vars, expected):
+    if gpu:
+        env_vars = {"PYTHON": _python_with_a_gpu(tmp_path), **env_vars}
+    proc = _launch_args(tmp_path, **env_vars)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = proc.stdout.splitlines()
+    assert ("--use-torch-fused-adam" in args) == expected, proc.stdout
+    assert ("--cuda-graph-impl" in args) == gpu  # the same probe decides the graphs
+
+
+def test_torch_fused_adam_setting_is_checked(tmp_path):
+    proc = _launch_args(tmp_path, TORCH_FUSED_ADAM="yes")
+    assert proc.returncode == 2 and "TORCH_FUSED_ADAM" in proc.stderr
