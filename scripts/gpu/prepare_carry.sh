@@ -10,13 +10,15 @@
 #                           fingerprint of its files: the GPU machine gets the tree without .git;
 #                           scripts/lib/provenance.py reads this there (and marks results dirty
 #                           when the files changed after this ran). Run this after every change.
+# TREE_REV: the build tree's revision to carry instead of HEAD (e.g. a PR branch of
+# `make pr-branch`, pr/<feature>, to run that branch's tests on a GPU with the `unit` step).
 # Everything must stay under the device tool's 64 MiB per call.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 make -s apply-patches
 rm -rf .carry/Megatron-LM .carry/megatron.tar.xz && mkdir -p .carry/wheels
 {
-    git -C build/Megatron-LM archive --format=tar HEAD megatron tools pretrain_gpt.py \
+    git -C build/Megatron-LM archive --format=tar "${TREE_REV:-HEAD}" megatron tools pretrain_gpt.py \
         pretrain_hybrid.py pretrain_mamba.py gpt_builders.py hybrid_builders.py mamba_builders.py \
         model_provider.py tests/__init__.py tests/unit_tests tests/test_utils
 } | xz -T0 -6 > .carry/megatron.tar.xz
