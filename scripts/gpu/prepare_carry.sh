@@ -22,6 +22,9 @@ rm -rf .carry/Megatron-LM .carry/megatron.tar.xz && mkdir -p .carry/wheels
         pretrain_hybrid.py pretrain_mamba.py gpt_builders.py hybrid_builders.py mamba_builders.py \
         model_provider.py tests/__init__.py tests/unit_tests tests/test_utils
 } | xz -T0 -6 > .carry/megatron.tar.xz
+# Which tree that is (the unit step's report records it: the checkout's commit alone does not say).
+printf '%s %s\n' "${TREE_REV:-HEAD}" "$(git -C build/Megatron-LM rev-parse "${TREE_REV:-HEAD}")" \
+    > .carry/tree.txt
 helpers=$(ls build/Megatron-LM/megatron/core/datasets/helpers_cpp*.so 2>/dev/null | head -1 || true)
 if [ -n "$helpers" ]; then cp "$helpers" .carry/; fi
 wheels=${WHEELS_DIR:-../shared/wheels}

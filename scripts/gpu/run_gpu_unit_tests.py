@@ -83,8 +83,10 @@ def main() -> int:
         rc = subprocess.run(cmd, cwd=args.megatron).returncode
         cases = outcomes(junit) if junit.is_file() else []
     summary = summarise(cases)
+    tree = ROOT / ".carry" / "tree.txt"  # the carried tree's revision (prepare_carry.sh)
     report = {
         **provenance(sys.argv),
+        "megatron_tree": tree.read_text().strip() if tree.is_file() else str(args.megatron),
         "pytest_exit_status": rc,
         "tests": args.tests,
         "summary": summary,
