@@ -1748,6 +1748,7 @@ def verify_pr_branch(
                             "-m",
                             "pytest",
                             "-q",
+                            "-rs",  # why tests skipped themselves (e.g. no GPU here)
                             "-p",
                             "no:cacheprovider",
                             "-m",
