@@ -17,8 +17,8 @@ feature's own tests pass at the tip. Then it checks what verification does not:
 
 Reads the real upstream cache read-only through a private cache that borrows its objects, as
 test_patchset_real_pin.py does. Skipped, with the reason, where no cache holds the pin, where
-the interpreter cannot import torch (the branches' modules need it) or where the lint tools
-are missing (`make lint-venv`).
+the interpreter cannot import torch (the branches' modules need it); fails without the lint
+tools (`make lint-venv`, which `make test` runs first).
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ from patchset_testlib import (
     SCRIPT_MODULES,
     tool_env,
 )
+from project_paths import use
 from test_patchset_real_pin import committed_pin_sha, real_cache
+
+use("scripts")
+from upstream_lint import TOOLS  # noqa: E402
 
 PATHS = ["patches", "megatron_overlay", "UPSTREAM", "scripts", "tests/functional_tests"]
 # The CPU port: features whose files and patches the Falcon-H1 PR must not carry.
@@ -67,11 +71,9 @@ def committed(tmp_path_factory):
         )
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode:
         pytest.skip(f"{sys.executable} cannot import torch (run the tests with `make test`)")
-    from upstream_lint import TOOLS
-
     missing = [tool for tool in TOOLS if not (LINT_VENV / "bin" / tool).exists()]
-    if missing:
-        pytest.skip(f"no {', '.join(missing)} in {LINT_VENV} (run `make lint-venv`)")
+    if missing:  # `make test` makes them: a check without them would prove nothing
+        pytest.fail(f"no {', '.join(missing)} in {LINT_VENV}: run `make lint-venv`")
 
     tmp = tmp_path_factory.mktemp("real-pr")
     listed = subprocess.run(
