@@ -1257,6 +1257,35 @@ def referenced_names(text: str) -> set[str]:
     return names
 
 
+_RELATIVE_IMPORT_RE = re.compile(r"^\s*from\s+(\.+)([\w.]*)\s+import\s+\(?([\w\s,]+)", re.M)
+
+
+def patch_added_names(text: str) -> set[str]:
+    """Dotted names that the added lines of a patch mention, without comments; a relative import
+    (``from .mod import x`` added to ``a/b/c.py``) is resolved against the file it is added to
+    (``a.b.mod``, ``a.b.mod.x``)."""
+    added: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("+++ "):
+            current = line[6:] if line.startswith("+++ b/") else ""
+        elif line.startswith("+"):
+            added.setdefault(current, []).append(line[1:].split("#", 1)[0])
+    names: set[str] = set()
+    for rel, lines in added.items():
+        code = "\n".join(lines)
+        names |= referenced_names(code)
+        module = module_name(rel) or ""
+        package = module if rel.endswith("__init__.py") else module.rpartition(".")[0]
+        for dots, base, imported in _RELATIVE_IMPORT_RE.findall(code):
+            parts = package.split(".") if package else []
+            parts = parts[: len(parts) - (len(dots) - 1)] if len(dots) > 1 else parts
+            full = ".".join(parts + ([base] if base else []))
+            names.add(full)
+            names.update(f"{full}.{n}" for n in re.split(r"[\s,]+", imported) if n and n != "as")
+    return names
+
+
 def python_imports(rel: str, text: str) -> set[str]:
     """Modules a Python file imports (relative imports resolved; ``from a import b`` also gives
     ``a.b``). Names in comments and strings do not count."""
@@ -1339,12 +1368,7 @@ def pr_plan(project: Project, features: list[Feature]) -> tuple[list[PrStep], li
         if step.patch:
             text = (project.patches_dir / step.patch).read_text(errors="replace")
             # Added lines, without comments (a module named in a comment is not needed).
-            added = "\n".join(
-                line[1:].split("#", 1)[0]
-                for line in text.splitlines()
-                if line.startswith("+") and not line.startswith("+++")
-            )
-            patch_names[index] = referenced_names(added)
+            patch_names[index] = patch_added_names(text)
     place: dict[str, int] = {}
     sources: dict[str, Path] = {}
     for feature in features:
@@ -1748,6 +1772,7 @@ def verify_pr_branch(
                             "-m",
                             "pytest",
                             "-q",
+                            "-rs",  # why tests skipped themselves (e.g. no GPU here)
                             "-p",
                             "no:cacheprovider",
                             "-m",

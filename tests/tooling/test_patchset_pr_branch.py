@@ -369,3 +369,38 @@ def test_verify_accepts_a_test_module_that_skips_itself(proj):
     add_patch(p, {"tests/unit_tests/test_gpu_only.py": broken}, "tests: break it")
     proc = p.fails(*args)
     assert "import tests/unit_tests/test_gpu_only.py: ModuleNotFoundError" in proc.stderr
+
+
+def test_a_relative_import_in_a_patch_places_the_new_module(proj):
+    """A patch that adds ``from .beta_rel import helper`` to an upstream file gets the new
+    module beta_rel.py in its own commit (not the feature's last), so that commit imports."""
+    p = proj
+    add_patch(
+        p,
+        {
+            "megatron/core/utils.py": UPSTREAM_FILES["megatron/core/utils.py"]
+            + "\nfrom .beta_rel import helper  # noqa: E402\n",
+            "megatron/core/beta_rel.py": "def helper():\n    return 1\n",
+        },
+        "utils: use the beta helper",
+    )
+    add_patch(
+        p,
+        {
+            "megatron/core/config.py": lambda text: text.replace(
+                '"""Look a default up."""', '"""Look a default up (KeyError if unknown)."""'
+            )
+        },
+        "config: document get",
+    )
+    features = p.root / "patches/features.toml"
+    features.write_text(
+        features.read_text().replace(
+            'overlay = ["megatron/core/beta.py"]', 'overlay = ["megatron/core/beta*.py"]'
+        )
+    )
+    p.ok("check")
+    p.ok("pr-branch", "--feature", "beta")
+    assert p.bgit("log", "-1", "--format=%s", "pr/beta~1") == "utils: use the beta helper"
+    assert commit_files(p, "pr/beta~1") == ["megatron/core/beta_rel.py", "megatron/core/utils.py"]
+    assert "megatron/core/beta_rel.py" not in commit_files(p, "pr/beta")

@@ -4,13 +4,21 @@
 
 from types import SimpleNamespace
 
-import pytest
-
 from megatron.training.training import num_floating_point_operations
 
 
+class _Args(SimpleNamespace):
+    """Training arguments. Those the estimate reads but this test does not set are None, as
+    argparse leaves an option that was not given (upstream adds such options over time)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
 def _args(pattern):
-    return SimpleNamespace(
+    return _Args(
         hybrid_layer_pattern=pattern,
         hidden_size=256,
         seq_length=128,
@@ -39,10 +47,7 @@ def _args(pattern):
 
 
 def test_parallel_layer_flops_equal_attention_mamba_mlp():
-    try:
-        flops_p = num_floating_point_operations(_args("PP"), batch_size=4)
-    except AttributeError as exc:  # pragma: no cover - keeps the failure readable
-        pytest.fail(f"FLOPs estimate needs another arg: {exc}")
+    flops_p = num_floating_point_operations(_args("PP"), batch_size=4)
     flops_split = num_floating_point_operations(_args("*M-*M-"), batch_size=4)
     assert flops_p == flops_split
     assert flops_p > num_floating_point_operations(_args("*M*M"), batch_size=4)

@@ -1,6 +1,7 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
-"""Unit tests of the parallel hybrid ('P') layer and the Falcon-H1 specs (CPU, single rank)."""
+"""Unit tests of the parallel hybrid ('P') layer and the Falcon-H1 specs (single rank; on the CPU
+where the tree trains on CPU, else on a GPU: see the ``single_rank`` fixture)."""
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def test_layer_structure(single_rank):
 
 def test_every_block_runs_once_and_outputs_sum(single_rank):
     """The mixer output is attention(u) + mamba(u); no block of the layer runs twice."""
-    model = _model(tiny_hybrid_config(**MULTIPLIERS)).eval()
+    device = single_rank
+    model = _model(tiny_hybrid_config(**MULTIPLIERS)).to(device).eval()
     layer = model.decoder.layers[0]
     calls = {}
     for name in ("input_layernorm", "pre_mlp_layernorm", "mlp"):
@@ -66,8 +68,8 @@ def test_every_block_runs_once_and_outputs_sum(single_rank):
         getattr(layer.self_attention, name).register_forward_hook(
             lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)
         )
-    tokens = torch.randint(0, 64, (2, 10))
-    positions = torch.arange(10).expand(2, -1)
+    tokens = torch.randint(0, 64, (2, 10), device=device)
+    positions = torch.arange(10, device=device).expand(2, -1)
     with torch.no_grad():
         model(tokens, positions, attention_mask=None)
     assert calls == {
@@ -78,7 +80,7 @@ def test_every_block_runs_once_and_outputs_sum(single_rank):
         "mamba": 1,
     }
 
-    u = torch.randn(10, 2, 32)
+    u = torch.randn(10, 2, 32, device=device)
     rope = model.rotary_pos_emb(10)
     with torch.no_grad():
         mixed, bias = layer.self_attention(u, attention_mask=None, rotary_pos_emb=rope)
@@ -104,13 +106,14 @@ def test_per_layer_cuda_graphs_are_refused(single_rank):
 def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
     """With every multiplier at 1.0 the Falcon-H1 spec computes exactly what the local spec
     computes for M / * / - layers."""
+    device = single_rank
     config = tiny_hybrid_config()
     torch.manual_seed(5)
-    plain = _model(config, spec=hybrid_stack_spec_local, pattern="M*-M").eval()
-    falcon = _model(config, spec=falcon_h1_stack_spec, pattern="M*-M").eval()
+    plain = _model(config, spec=hybrid_stack_spec_local, pattern="M*-M").to(device).eval()
+    falcon = _model(config, spec=falcon_h1_stack_spec, pattern="M*-M").to(device).eval()
     falcon.load_state_dict(plain.state_dict())
-    tokens = torch.randint(0, 64, (2, 9))
-    positions = torch.arange(9).expand(2, -1)
+    tokens = torch.randint(0, 64, (2, 9), device=device)
+    positions = torch.arange(9, device=device).expand(2, -1)
     with torch.no_grad():
         a = plain(tokens, positions, attention_mask=None)
         b = falcon(tokens, positions, attention_mask=None)
@@ -119,9 +122,10 @@ def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
 
 def test_static_inference_prefill_then_decode_matches_full_forward(single_rank):
     """Prefill + one decode step (separate KV and Mamba caches) give the full-sequence logits."""
-    model = _model(tiny_hybrid_config(**MULTIPLIERS), pattern="PP").eval()
-    tokens = torch.randint(0, 64, (1, 9))
-    positions = torch.arange(9).unsqueeze(0)
+    device = single_rank
+    model = _model(tiny_hybrid_config(**MULTIPLIERS), pattern="PP").to(device).eval()
+    tokens = torch.randint(0, 64, (1, 9), device=device)
+    positions = torch.arange(9, device=device).unsqueeze(0)
     with torch.no_grad():
         full = model(tokens, positions, attention_mask=None)
     context = StaticInferenceContext(max_batch_size=1, max_sequence_length=16)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
+from tests.unit_tests.gloo_single_rank import requires_cpu_training
 from tests.unit_tests.training import layer_multiplier_check_worker as workers
 
 
@@ -101,6 +102,7 @@ def test_get_model_refuses_key_multiplier(single_rank):
         global_vars.set_args(None)
 
 
+@requires_cpu_training
 def test_pipeline_stages_are_checked_together(tmp_path):
     import torch.distributed as dist
 

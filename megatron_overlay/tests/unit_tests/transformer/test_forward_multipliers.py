@@ -1,6 +1,7 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
-"""Unit tests of megatron.core.transformer.forward_multipliers (CPU, single rank, gloo)."""
+"""Unit tests of megatron.core.transformer.forward_multipliers (single rank; on the CPU where the
+tree trains on CPU, else on a GPU: see the ``single_rank`` fixture)."""
 
 import pytest
 import torch
@@ -52,16 +53,18 @@ def _column(cls, config, out, **kwargs):
 
 
 def test_defaults_are_identity_and_bit_identical(single_rank):
+    device = single_rank
     config = _config()
     for role in ("linear_qkv", "mamba_in_proj", "linear_fc1", "linear_proj", "linear_fc2"):
         assert role_is_identity(config, role)
     torch.manual_seed(0)
-    plain = _column(ColumnParallelLinear, config, 40)
+    plain = _column(ColumnParallelLinear, config, 40).to(device)
     scaled = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1")
+    scaled = scaled.to(device)
     scaled.load_state_dict(plain.state_dict())
     assert scaled.forward_multipliers.identity
     for tokens in (3, 40):  # activation-side and weight-side regimes
-        x = torch.randn(tokens, 2, 16)
+        x = torch.randn(tokens, 2, 16, device=device)
         assert torch.equal(plain(x)[0], scaled(x)[0])
     assert set(scaled.state_dict()) == set(plain.state_dict())  # no persistent extra state
 
@@ -125,6 +128,7 @@ def _attention_model(config):
 def test_key_multiplier_with_output_gate_equals_scaled_key_weights(single_rank):
     """Through upstream's SelfAttention: x -> (x Wqkv^T) * key_mult on the key channels equals
     the model whose key rows of Wqkv are scaled (the gate and the query stay unscaled)."""
+    device = single_rank
     key_mult = 0.43
     common = dict(
         num_layers=1, normalization="RMSNorm", attention_output_gate=True, is_hybrid_model=True,
@@ -132,8 +136,8 @@ def test_key_multiplier_with_output_gate_equals_scaled_key_weights(single_rank):
         apply_rope_fusion=False, transformer_impl="local",
     )  # fmt: skip
     torch.manual_seed(0)
-    scaled = _attention_model(_config(key_multiplier=key_mult, **common))
-    plain = _attention_model(_config(**common))
+    scaled = _attention_model(_config(key_multiplier=key_mult, **common)).to(device)
+    plain = _attention_model(_config(**common)).to(device)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # weights large enough that attention is far from uniform
         for param in scaled.parameters():
@@ -144,8 +148,8 @@ def test_key_multiplier_with_output_gate_equals_scaled_key_weights(single_rank):
     qkv[:, 4] *= key_mult
     state[qkv_name] = qkv.view(-1, 16)
     plain.load_state_dict(state)
-    tokens = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(7).expand(2, -1)
+    tokens = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
+    positions = torch.arange(7, device=device).expand(2, -1)
     with torch.no_grad():
         got = scaled(tokens, positions, attention_mask=None)
         want = plain(tokens, positions, attention_mask=None)
@@ -194,12 +198,13 @@ def test_mamba_in_proj_segments_with_more_ranks_than_groups(tp):
 def test_scaled_linears_match_explicit_formula(single_rank, tokens):
     """Both regimes (fewer tokens than input features: the output is scaled; more: the weight
     rows are) compute HF's formula (x * in_mult) W^T * out_mult * per-channel multipliers."""
+    device = single_rank
     config = _config(
         mlp_multipliers=[0.25, 3.0], ssm_in_multiplier=1.5, ssm_multipliers=[2, 3, 4, 5, 6]
     )
     torch.manual_seed(0)
-    fc1 = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1")
-    x = torch.randn(tokens, 2, 16)
+    fc1 = _column(ColumnParallelLinearWithMultipliers, config, 40, role="linear_fc1").to(device)
+    x = torch.randn(tokens, 2, 16, device=device)
     y, _ = fc1(x)
     ref = x @ fc1.weight.t()
     scale = ref.abs().max().item()
@@ -209,15 +214,16 @@ def test_scaled_linears_match_explicit_formula(single_rank, tokens):
     fc2 = RowParallelLinearWithMultipliers(
         20, 16, config=config, init_method=torch.nn.init.normal_, bias=False,
         input_is_parallel=True, skip_bias_add=True, role="linear_fc2",
-    )  # fmt: skip
-    h = torch.randn(tokens, 2, 20)
+    ).to(device)  # fmt: skip
+    h = torch.randn(tokens, 2, 20, device=device)
     out, bias = fc2(h)
     assert bias is None
     assert torch.allclose(out, (h @ fc2.weight.t()) * 3.0)
 
     in_proj = _column(ColumnParallelLinearWithMultipliers, config, 48, role="mamba_in_proj")
+    in_proj = in_proj.to(device)
     y, _ = in_proj(x)
-    vector = mamba_in_proj_output_multipliers(config, 48, tp_size=1)
+    vector = mamba_in_proj_output_multipliers(config, 48, tp_size=1).to(device)
     expected = (x * 1.5) @ in_proj.weight.t() * vector
     # fp32: the scales combine in another order than the formula's; round-off relative to the
     # output scale (entries that cancel to ~0 carry the absolute error of the large terms).
@@ -227,12 +233,14 @@ def test_scaled_linears_match_explicit_formula(single_rank, tokens):
 @pytest.mark.parametrize("tokens", [3, 40], ids=["scale-output", "scale-weight"])
 def test_scaled_linear_gradients(single_rank, tokens):
     """Input and weight gradients equal those of the explicit formula in both regimes."""
+    device = single_rank
     config = _config(ssm_in_multiplier=1.5, ssm_multipliers=[2, 3, 4, 5, 6])
     torch.manual_seed(0)
     in_proj = _column(ColumnParallelLinearWithMultipliers, config, 48, role="mamba_in_proj")
-    vector = mamba_in_proj_output_multipliers(config, 48, tp_size=1)
-    x = torch.randn(tokens, 2, 16, requires_grad=True)
-    grad = torch.randn(tokens, 2, 48)
+    in_proj = in_proj.to(device)
+    vector = mamba_in_proj_output_multipliers(config, 48, tp_size=1).to(device)
+    x = torch.randn(tokens, 2, 16, device=device, requires_grad=True)
+    grad = torch.randn(tokens, 2, 48, device=device)
     in_proj(x)[0].backward(grad)
     weight = in_proj.weight.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
