@@ -44,6 +44,10 @@ NOT_RESTORED = {
     # model either way, and whether it can be used depends on the resuming run's parallelism
     # (it refuses sequence and context parallelism), like upstream's --sequence-parallel.
     "mamba_batch_first",
+    # Which implementation steps Adam (torch-fused-adam feature): the same AdamW update, chosen
+    # for the machine like --device, not a property of the model. (Switching implementations
+    # between a save and a resume is not covered by a test yet.)
+    "use_torch_fused_adam",
 }
 
 # Added TransformerConfig fields that are deliberately not command-line arguments (so they
