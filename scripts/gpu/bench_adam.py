@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from cuda_timing import graphed, median_ms  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 HPARAMS = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -74,34 +74,6 @@ def make_params(shapes: list[tuple], device: str, seed: int = 0) -> list[torch.T
     return params
 
 
-def captured(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` warmed up on a side stream and captured in a CUDA graph; its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
-def time_ms(replay: Callable[[], None], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def run(device: str, shapes: list[tuple], warmup: int, iters: int, steps: int = 4) -> dict:
     """Every case: time per step (CUDA), and parameters after ``steps`` eager steps from the
     same start compared with the first case that ran (max relative difference)."""
@@ -124,7 +96,7 @@ def run(device: str, shapes: list[tuple], warmup: int, iters: int, steps: int = 
             if device == "cuda":
                 params = make_params(shapes, device)
                 opt = make_optimizer(case, params)
-                entry["ms"] = time_ms(captured(opt.step), warmup, iters)
+                entry["ms"] = median_ms(graphed(opt.step)[0], warmup, iters)
                 # fp32 param, grad, exp_avg, exp_avg_sq read; param and both moments written
                 entry["effective_tb_s"] = numel * 4 * 7 / (entry["ms"] * 1e-3) / 1e12
         except Exception as err:  # a missing or failing optimizer is a result, not a crash

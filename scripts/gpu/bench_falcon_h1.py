@@ -157,17 +157,9 @@ def matmul_tflops() -> float:
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times) / 1e12
+    from cuda_timing import median_ms
+
+    return 2 * 8192**3 / (median_ms(lambda: a @ b, warmup=5, iters=20) / 1e3) / 1e12
 
 
 def mamba_path(names: set[str]) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,6 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from cuda_timing import graphed, median_ms  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 # name: (tokens, hidden, qkv outputs, in_proj outputs, attention proj inputs, out_proj inputs,
@@ -140,35 +140,6 @@ def rel_diff(got: tuple, ref: tuple) -> float:
     )
 
 
-def graphed(step: Callable[[], tuple]) -> tuple:
-    """``step`` captured in a CUDA graph after warm-up: (replay, its static results)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    return graph.replay, static
-
-
-def time_ms(replay: Callable[[], None], warmup: int, iters: int) -> float:
-    """Median milliseconds of ``replay`` (CUDA events)."""
-    for _ in range(warmup):
-        replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def run_shape(name: str, device: str, dtype: torch.dtype, warmup: int, iters: int) -> dict:
     """Every case of one shape: time (CUDA), difference from its separate counterpart."""
     tensors = make_inputs(SHAPES[name], device, dtype)
@@ -180,7 +151,7 @@ def run_shape(name: str, device: str, dtype: torch.dtype, warmup: int, iters: in
             replay, static = graphed(step)
             replay()
             torch.cuda.synchronize()
-            entry = {"ms": time_ms(replay, warmup, iters)}
+            entry = {"ms": median_ms(replay, warmup, iters)}
         else:
             static, entry = step(), {}
         kind = case.split("_")[0]

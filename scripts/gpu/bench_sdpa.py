@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from cuda_timing import graphed, median_ms  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 SHAPES = {  # name: (batch, sequence, query heads, kv heads, head dim), as bench_falcon_h1.py
@@ -155,50 +155,20 @@ def kernel_names(step: Callable[[], object]) -> list[str]:
     return sorted(n for n in names if "elementwise" not in n)[:8]
 
 
-def time_ms(step: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median milliseconds of ``step`` (CUDA events) after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def capture(call: Callable, q, k, v, dout) -> tuple:
-    """fwd+bwd of ``call`` captured in a CUDA graph: (replay, the graph's static output and
-    input gradients)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fwd_bwd(call, q, k, v, dout)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = fwd_bwd(call, q, k, v, dout)
-    return graph.replay, static
-
-
 def run_case(case: str, shape: tuple, device: str, dtype, warmup: int, iters: int) -> dict:
     """Errors (always) and time (on CUDA) of one case; GQA first, then K/V repeated."""
     q, k, v, dout = make_inputs(shape, device, dtype, strided_v=case.endswith("_strided_v"))
     ref = reference(q, k, v, dout)
     only_gqa = ("masked_repeat", "auto", "auto_strided_v", "auto_graph")
     attempts = [True] if case in only_gqa else [True, False]
-    graphed = case.endswith("_graph") and device == "cuda"
+    use_graph = case.endswith("_graph") and device == "cuda"
     refusals = []
     for gqa in attempts:
         call = attention_call(case, gqa)
         try:
             got = fwd_bwd(call, q, k, v, dout)
-            if graphed:
-                step, got = capture(call, q, k, v, dout)
+            if use_graph:
+                step, got = graphed(lambda: fwd_bwd(call, q, k, v, dout))
                 step()
                 torch.cuda.synchronize()
             else:
@@ -208,8 +178,8 @@ def run_case(case: str, shape: tuple, device: str, dtype, warmup: int, iters: in
             continue
         entry = {"gqa": gqa, "errors": rel_errors(got, ref), "refused": refusals}
         if device == "cuda":
-            entry["ms"] = time_ms(step, warmup, iters)
-            if case.startswith("auto") or graphed:
+            entry["ms"] = median_ms(step, warmup, iters)
+            if case.startswith("auto") or use_graph:
                 entry["kernels"] = kernel_names(step)
         return entry
     return {"unsupported": True, "refused": refusals}

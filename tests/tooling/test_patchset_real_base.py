@@ -11,73 +11,30 @@ pin (no upstream on this machine at all); a cache that has the pin but not the s
 
 from __future__ import annotations
 
-import io
-import re
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
-from patchset_testlib import REPO_ROOT, SCRIPT, SCRIPT_MODULES, tool_env
-from test_patchset_real_pin import committed_pin_sha, real_cache
+from patchset_testlib import tool_env
+from real_upstream import committed_copy, committed_sha, has_commit, pinned_cache, private_cache
 
 PATHS = ["patches", "megatron_overlay", "UPSTREAM", "UPSTREAM_MAIN", "scripts"]
-
-
-def committed_main_sha() -> str:
-    proc = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "show", "HEAD:UPSTREAM_MAIN"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, f"UPSTREAM_MAIN is not committed in {REPO_ROOT}: {proc.stderr}"
-    match = re.search(r"^sha\s*=\s*([0-9a-f]{40})\s*$", proc.stdout, re.M)
-    assert match, "UPSTREAM_MAIN has no 'sha = <40 hex>' line"
-    return match.group(1)
-
-
-def has_commit(repo: Path, sha: str) -> bool:
-    proc = subprocess.run(
-        ["git", "-C", str(repo), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True
-    )
-    return repo.is_dir() and proc.returncode == 0
 
 
 @pytest.fixture
 def committed(tmp_path):
     """(project copy, private cache, env, main sha)."""
-    pin = committed_pin_sha()
-    if pin is None:
-        pytest.skip(f"{REPO_ROOT} is not a git checkout with a committed UPSTREAM file")
-    main = committed_main_sha()
-    cache = real_cache()
-    if not has_commit(cache, pin):
-        pytest.skip(f"the upstream cache {cache} does not hold the pinned commit {pin}")
+    _, cache = pinned_cache()
+    main = committed_sha("UPSTREAM_MAIN")
+    assert main, "UPSTREAM_MAIN is not committed or has no 'sha = <40 hex>' line"
     assert has_commit(cache, main), (
         f"the upstream cache {cache} has the pin but not the second base {main} (UPSTREAM_MAIN): "
         "run `make upstream` (MEGATRON_LM_GIT=<a Megatron-LM clone that has it> where GitHub "
         "cannot be reached)"
     )
-    listed = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", *PATHS],
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    listed = [p for p in listed.split("\0") if p]
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", "HEAD", "--", *listed],
-        capture_output=True,
-        check=True,
-    ).stdout
-    root = tmp_path / "project"
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(root, filter="tar")
-    shutil.copy2(SCRIPT, root / "scripts" / "patchset.py")  # the tool under test
-    for module in SCRIPT_MODULES:
-        shutil.copy2(module, root / "scripts" / module.name)
-    private = tmp_path / "cache"
-    subprocess.run(["git", "init", "-q", "--bare", str(private)], check=True)
-    (private / "objects" / "info" / "alternates").write_text(f"{(cache / 'objects').resolve()}\n")
+    root = committed_copy(tmp_path, PATHS)
+    private = private_cache(tmp_path, cache)
     return root, tool_env(tmp_path / "home", private), main
 
 

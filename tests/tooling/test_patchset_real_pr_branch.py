@@ -23,27 +23,20 @@ tools (`make lint-venv`, which `make test` runs first).
 
 from __future__ import annotations
 
-import io
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import tomllib
-from pathlib import Path
 
 import pytest
 from patchset_testlib import (
     LINT_VENV,
-    REPO_ROOT,
     RUNNER_EMAIL,
     RUNNER_NAME,
-    SCRIPT,
-    SCRIPT_MODULES,
     tool_env,
 )
 from project_paths import use
-from test_patchset_real_pin import committed_pin_sha, real_cache
+from real_upstream import committed_copy, pinned_cache, private_cache
 
 use("scripts")
 from upstream_lint import TOOLS  # noqa: E402
@@ -57,18 +50,7 @@ RUNNER = f"{RUNNER_NAME} <{RUNNER_EMAIL}>"
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory):
     """(project copy, tool environment, pin sha); one copy for the module's tests."""
-    sha = committed_pin_sha()
-    if sha is None:
-        pytest.skip(f"{REPO_ROOT} is not a git checkout with a committed UPSTREAM file")
-    cache = real_cache()
-    has = subprocess.run(
-        ["git", "-C", str(cache), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True
-    )
-    if not cache.is_dir() or has.returncode != 0:
-        pytest.skip(
-            f"the upstream cache {cache} does not hold the pinned commit {sha} "
-            "(run `make upstream`, or set FALCON_MCORE_CACHE_REAL to a cache that has it)"
-        )
+    sha, cache = pinned_cache()
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode:
         pytest.skip(f"{sys.executable} cannot import torch (run the tests with `make test`)")
     missing = [tool for tool in TOOLS if not (LINT_VENV / "bin" / tool).exists()]
@@ -76,31 +58,8 @@ def committed(tmp_path_factory):
         pytest.fail(f"no {', '.join(missing)} in {LINT_VENV}: run `make lint-venv`")
 
     tmp = tmp_path_factory.mktemp("real-pr")
-    listed = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "ls-tree", "-r", "-z", "--name-only", "HEAD", "--", *PATHS],
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    listed = [p for p in listed.split("\0") if p]
-    assert "UPSTREAM" in listed and "patches/features.toml" in listed
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", "HEAD", "--", *listed],
-        capture_output=True,
-        check=True,
-    ).stdout
-    root = tmp / "project"
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(root, filter="tar")
-    shutil.copy2(SCRIPT, root / "scripts" / "patchset.py")  # the tool under test
-    for module in SCRIPT_MODULES:
-        shutil.copy2(module, root / "scripts" / module.name)
-    private = tmp / "cache"
-    subprocess.run(["git", "init", "-q", "--bare", str(private)], check=True)
-    (private / "objects" / "info" / "alternates").write_text(f"{(cache / 'objects').resolve()}\n")
-    subprocess.run(
-        ["git", "-C", str(private), "update-ref", f"refs/falcon-mcore/pins/{sha}", sha],
-        check=True,
-    )
+    root = committed_copy(tmp, PATHS, must_have=("UPSTREAM", "patches/features.toml"))
+    private = private_cache(tmp, cache, pin=sha)
     env = tool_env(tmp / "home", private)
     # `make test` puts the full patched tree on PYTHONPATH; a branch must not import from it.
     env.pop("PYTHONPATH", None)
