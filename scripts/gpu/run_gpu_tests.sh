@@ -24,6 +24,9 @@
 #   fusion    the parallel-hybrid projection fusion (QKV + in_proj in one GEMM, both output
 #             projections in one) vs separate GEMMs, fwd+bwd as graph replays
 #             (scripts/gpu/bench_hybrid_fusion.py)
+#   resume    resume a Falcon-H1 launcher run across Adam implementations (TE FusedAdam <->
+#             PyTorch fused AdamW) and compare the losses with uninterrupted runs
+#             (scripts/gpu/check_adam_resume.py; needs TE=1)
 #   falconh1  Falcon-H1 training step, HF transformers vs ours (scripts/gpu/bench_falcon_h1.py;
 #             TE=1 unpacks the carried Transformer Engine kit for its TE runs). Not in the
 #             default list: it needs more than one device call (use its --deadline-s/--resume)
@@ -101,6 +104,7 @@ for step in $steps; do
         sdpa) run sdpa "$results/bench_sdpa.json" python3 scripts/gpu/bench_sdpa.py --out-dir "$results" ;;
         falconh1) name=${FALCON_H1_NAME:-bench_falcon_h1}  # the results file stem (--name)
                   run falconh1 "$results/$name.json" python3 scripts/gpu/bench_falcon_h1.py --megatron "$megatron" --out-dir "$results" --name "$name" ${FALCON_H1_BENCH_ARGS:-} ;;
+        resume) run resume "$results/adam_resume.json" python3 scripts/gpu/check_adam_resume.py --megatron "$megatron" --out "$results/adam_resume.json" --work "$results/work_resume" ;;
         convert) run convert "$results/falcon_h1_conversion.json" python3 scripts/gpu/check_falcon_h1_conversion.py --out "$results/falcon_h1_conversion.json" ;;
         *) echo "unknown step $step"; printf '%s\t2\t0\t-\n' "$step" >> "$steps_tsv"; status=1 ;;
     esac

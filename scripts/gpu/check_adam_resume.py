@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Resume a Falcon-H1 run across Adam implementations: TE FusedAdam <-> PyTorch fused AdamW.
+
+Why: the launcher now turns ``--use-torch-fused-adam`` on by default on GPUs, and the flag is
+deliberately not restored from a checkpoint. A team that started a run with Transformer
+Engine's FusedAdam (the launcher default before) resumes it with PyTorch's fused AdamW, or the
+reverse. The two keep Adam's step count in different places (TE: per parameter group; PyTorch:
+a per-parameter ``step`` tensor); a resume that lost the step count, or the moments, would keep
+training without an error, only with wrong updates (bias correction restarted, or zero moments).
+
+What runs: ``scripts/falcon_h1/train_falcon_h1.sh`` on one GPU with its defaults (TE spec,
+whole-iteration CUDA graph, optimizer graph, distributed optimizer, bf16, torch_dist
+checkpoints), a 4-layer model of the 0.5B preset's width, mock data, fixed seed, 6 iterations:
+
+* ``te_full`` / ``torch_full``: 6 iterations with each optimizer, no checkpoint;
+* ``te_save`` / ``torch_save``: the first 3, checkpoint at 3 (``--exit-interval 3``, so the
+  learning-rate schedule is that of the 6-iteration run);
+* ``te_to_torch`` / ``torch_to_te``: load that checkpoint, iterations 4-6 with the other one;
+* ``te_to_torch_no_optim``: the same with ``--no-load-optim`` (moments, step count and
+  learning-rate scheduler state not loaded).
+
+Checks, on the ``lm loss`` the runs log for iterations 4-6:
+
+* the save runs logged iterations 1-3 and the resumed runs 4-6 (a resume that found no
+  checkpoint would start at 1 and match the full runs);
+
+* ``control_noise``: max relative loss difference of ``te_full`` vs ``torch_full``; the two
+  implementations round differently (params agreed to 2.6e-7 after 4 steps in
+  results/h200/falcon_h1/bench_adam.json), so this is the tolerance's reason. tol =
+  max(4 x control_noise, 2e-6) (2e-6: a few units of the 7 printed digits);
+* each resumed run is within tol of both full runs (iteration 4's loss, from the loaded
+  parameters, is compared too);
+* ``te_to_torch_no_optim`` differs from ``te_full`` by more than 10 x tol: the comparison can
+  tell a resume that lost the optimizer state from a correct one. If it cannot, the check
+  fails as inconclusive.
+
+    python3 scripts/gpu/check_adam_resume.py --megatron build/Megatron-LM --out OUT/adam_resume.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts" / "lib"))
+from provenance import provenance  # noqa: E402
+
+ITERS = 6
+SAVE_AT = 3
+# A 4-layer model of the 0.5B preset's width (the extra flags win over the preset's).
+MODEL = ["--num-layers", "4", "--hybrid-layer-pattern", "PPPP"]
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|")
+FLOOR = 2e-6
+SENSITIVITY = 10.0
+
+
+def parse_losses(log: str) -> dict[int, float]:
+    """``{iteration: lm loss}`` from a Megatron training log."""
+    return {int(it): float(loss) for it, loss in LOSS.findall(log)}
+
+
+def rel_diff(a: dict[int, float], b: dict[int, float], iters: list[int]) -> float:
+    """Max relative difference of two loss curves over ``iters`` (inf where one is missing)."""
+    if any(i not in a or i not in b for i in iters):
+        return float("inf")
+    return max(abs(a[i] - b[i]) / abs(b[i]) for i in iters)
+
+
+def verdict(losses: dict[str, dict[int, float]]) -> dict:
+    """The checks of the module docstring on the runs' loss curves."""
+    after = list(range(SAVE_AT + 1, ITERS + 1))
+    noise = rel_diff(losses["te_full"], losses["torch_full"], after)
+    tol = max(4 * noise, FLOOR)
+    checks = []
+    # A resume that found no checkpoint would train from scratch and match the full runs.
+    for run, expected in (
+        ("te_save", range(1, SAVE_AT + 1)),
+        ("torch_save", range(1, SAVE_AT + 1)),
+        ("te_to_torch", after),
+        ("torch_to_te", after),
+        ("te_to_torch_no_optim", after),
+    ):
+        logged = sorted(losses[run])
+        checks.append(
+            {"name": f"{run} logged iterations {list(expected)}", "logged": logged,
+             "passed": logged == list(expected)}
+        )  # fmt: skip
+    for run in ("te_to_torch", "torch_to_te"):
+        for ref in ("te_full", "torch_full"):
+            diff = rel_diff(losses[run], losses[ref], after)
+            checks.append(
+                {"name": f"{run} vs {ref}", "rel_diff": diff, "tol": tol, "passed": diff <= tol}
+            )
+    lost = rel_diff(losses["te_to_torch_no_optim"], losses["te_full"], after)
+    checks.append(
+        {
+            "name": "te_to_torch_no_optim differs from te_full (the check can fail)",
+            "rel_diff": lost,
+            "needs_more_than": SENSITIVITY * tol,
+            "passed": lost != float("inf") and lost > SENSITIVITY * tol,
+        }
+    )
+    failed = sum(not c["passed"] for c in checks)
+    return {
+        "control_noise": noise,
+        "tol": tol,
+        "checks": checks,
+        "summary": {"n_checks": len(checks), "n_passed": len(checks) - failed, "n_failed": failed},
+    }
+
+
+def launch(megatron: Path, name: str, work: Path, env_vars: dict, extra: list[str]) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PRESET="0.5b", NPROC="1", SEQ_LEN="1024", MBS="2", GBS="2", TRAIN_ITERS=str(ITERS),
+        LR="1e-3", MIN_LR="1e-4", WARMUP="1", PYTHON=sys.executable, MEGATRON=str(megatron),
+        MASTER_PORT="29631",
+    )  # fmt: skip
+    env.update(env_vars)
+    cmd = [
+        "bash",
+        str(REPO / "scripts" / "falcon_h1" / "train_falcon_h1.sh"),
+        *MODEL,
+        "--eval-iters", "0", "--log-interval", "1", "--seed", "1234",
+        *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    log = proc.stdout + proc.stderr
+    (work / f"{name}.log").write_text(log)
+    return {
+        "returncode": proc.returncode,
+        "losses": parse_losses(log),
+        "env": env_vars,
+        "extra": extra,
+        "tail": log[-2000:] if proc.returncode else "",
+    }
+
+
+def run_all(megatron: Path, work: Path) -> dict:
+    te, torch_adam = {"TORCH_FUSED_ADAM": "0"}, {"TORCH_FUSED_ADAM": "1"}
+    te_ckpt, torch_ckpt = work / "ckpt_te", work / "ckpt_torch"
+    save = ["--exit-interval", str(SAVE_AT)]
+    plan = [
+        ("te_full", te, []),
+        ("torch_full", torch_adam, []),
+        ("te_save", {**te, "SAVE": str(te_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
+        ("torch_save", {**torch_adam, "SAVE": str(torch_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
+        ("te_to_torch", {**torch_adam, "LOAD": str(te_ckpt)}, []),
+        ("torch_to_te", {**te, "LOAD": str(torch_ckpt)}, []),
+        ("te_to_torch_no_optim", {**torch_adam, "LOAD": str(te_ckpt)}, ["--no-load-optim"]),
+    ]  # fmt: skip
+    runs = {}
+    for name, env_vars, extra in plan:
+        runs[name] = launch(megatron, name, work, env_vars, extra)
+        print(f"{name}: rc {runs[name]['returncode']}, losses {runs[name]['losses']}", flush=True)
+    return runs
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megatron", type=Path, required=True, help="the patched Megatron-LM tree")
+    parser.add_argument("--out", type=Path, required=True, help="the JSON report")
+    parser.add_argument("--work", type=Path, help="logs and checkpoints (default: a temp dir)")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="adam-resume-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs = run_all(args.megatron.resolve(), work)
+    report = {**provenance(sys.argv), "iters": ITERS, "save_at": SAVE_AT, "model_flags": MODEL}
+    crashed = [name for name, run in runs.items() if run["returncode"] != 0]
+    if crashed:
+        report["summary"] = {"n_checks": len(runs), "n_passed": 0, "n_failed": len(crashed)}
+        report["error"] = f"runs failed: {', '.join(crashed)}"
+    else:
+        report.update(verdict({name: run["losses"] for name, run in runs.items()}))
+    report["runs"] = runs
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    summary = report["summary"]
+    print(f"{summary['n_passed']}/{summary['n_checks']} checks passed; report {args.out}")
+    return 0 if summary["n_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

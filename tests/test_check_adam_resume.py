@@ -1,0 +1,79 @@
+"""scripts/gpu/check_adam_resume.py's verdict on CPU, from synthetic Megatron logs: it passes
+a correct resume and fails each way a resume can go wrong (its runs need a GPU and Transformer
+Engine: results/h200/falcon_h1/adam_resume.json)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
+import check_adam_resume as car  # noqa: E402
+
+LINE = (
+    " [2026-12-04 12:46:43.199506] iteration {it:8d}/       6 | consumed samples:           40 |"
+    " elapsed time per iteration (ms): 109.7 | learning rate: 1.000000E-04 | global batch size:"
+    "     4 | lm loss: {loss:.6E} | loss scale: 1.0 | grad norm: 3.951 |"
+)
+FULL = {1: 10.41, 2: 10.30, 3: 10.12, 4: 9.871234, 5: 9.552345, 6: 9.213456}
+
+
+def log(curve: dict[int, float]) -> str:
+    return "\n".join(LINE.format(it=it, loss=loss) for it, loss in sorted(curve.items()))
+
+
+def good_runs() -> dict[str, dict[int, float]]:
+    head = {i: FULL[i] for i in (1, 2, 3)}
+    tail = {i: FULL[i] for i in (4, 5, 6)}
+    torch_full = {i: v * (1 + 3e-7 * (i > 3)) for i, v in FULL.items()}
+    return {
+        "te_full": dict(FULL),
+        "torch_full": torch_full,
+        "te_save": dict(head),
+        "torch_save": dict(head),
+        "te_to_torch": {i: v * (1 - 2e-7) for i, v in tail.items()},
+        "torch_to_te": dict(tail),
+        "te_to_torch_no_optim": {i: v * (1 + 3e-3) for i, v in tail.items()},
+    }
+
+
+def test_parse_losses_reads_megatron_log_lines():
+    assert car.parse_losses(log(FULL)) == {i: float(f"{v:.6E}") for i, v in FULL.items()}
+    assert car.parse_losses("iteration 1/ 6 | no loss here |") == {}
+
+
+def test_correct_resume_passes():
+    result = car.verdict(good_runs())
+    assert result["summary"]["n_failed"] == 0, result["checks"]
+    assert result["tol"] == car.FLOOR  # control noise 3e-7: 4x is below the printing floor
+
+
+def test_lost_optimizer_state_fails():
+    runs = good_runs()
+    runs["te_to_torch"] = dict(runs["te_to_torch_no_optim"])
+    failed = [c["name"] for c in car.verdict(runs)["checks"] if not c["passed"]]
+    assert failed == ["te_to_torch vs te_full", "te_to_torch vs torch_full"]
+
+
+def test_resume_that_started_from_scratch_fails():
+    runs = good_runs()
+    runs["torch_to_te"] = dict(runs["te_full"])  # no checkpoint found: iterations 1-6
+    failed = [c["name"] for c in car.verdict(runs)["checks"] if not c["passed"]]
+    assert failed == ["torch_to_te logged iterations [4, 5, 6]"]
+
+
+def test_insensitive_comparison_is_inconclusive():
+    runs = good_runs()
+    runs["te_to_torch_no_optim"] = {i: v * (1 + 1e-5) for i, v in runs["te_full"].items() if i > 3}
+    failed = [c["name"] for c in car.verdict(runs)["checks"] if not c["passed"]]
+    assert failed == ["te_to_torch_no_optim differs from te_full (the check can fail)"]
+
+
+def test_noisy_implementations_widen_the_tolerance():
+    runs = good_runs()
+    runs["torch_full"] = {i: v * (1 + 1e-5 * (i > 3)) for i, v in FULL.items()}
+    runs["torch_to_te"] = {i: FULL[i] * (1 + 3e-5) for i in (4, 5, 6)}
+    result = car.verdict(runs)
+    assert abs(result["tol"] - 4e-5) < 1e-9
+    assert result["summary"]["n_failed"] == 0, result["checks"]
