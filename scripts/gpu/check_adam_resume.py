@@ -23,16 +23,17 @@ Checks, on the ``lm loss`` the runs log for iterations 4-6:
 
 * the save runs logged iterations 1-3 and the resumed runs 4-6 (a resume that found no
   checkpoint would start at 1 and match the full runs);
-
-* ``control_noise``: max relative loss difference of ``te_full`` vs ``torch_full``; the two
-  implementations round differently (params agreed to 2.6e-7 after 4 steps in
-  results/h200/falcon_h1/bench_adam.json), so this is the tolerance's reason. tol =
-  max(4 x control_noise, 2e-6) (2e-6: a few units of the 7 printed digits);
-* each resumed run is within tol of both full runs (iteration 4's loss, from the loaded
-  parameters, is compared too);
-* ``te_to_torch_no_optim`` differs from ``te_full`` by more than 10 x tol: the comparison can
-  tell a resume that lost the optimizer state from a correct one. If it cannot, the check
-  fails as inconclusive.
+* ``control_noise``: per iteration, the relative loss difference of ``te_full`` and
+  ``torch_full``; the two implementations round differently (params agreed to 2.6e-7 after 4
+  steps in results/h200/falcon_h1/bench_adam.json) and the difference grows with the
+  iterations, so it is the tolerance's reason: tol_i = max(4 x control_noise_i, 5e-6) (5e-6: five
+  units of the 7 printed digits; two runs of one configuration differed by one unit, the GPU
+  kernels are not bitwise deterministic);
+* each resumed run is within tol_i of both full runs at every iteration (iteration 4's loss,
+  from the loaded parameters, is compared too);
+* ``te_to_torch_no_optim`` differs from ``te_full`` by more than 10 x tol_i at some iteration:
+  the comparison can tell a resume that lost the optimizer state from a correct one. If it
+  cannot, the check fails as inconclusive.
 
     python3 scripts/gpu/check_adam_resume.py --megatron build/Megatron-LM --out OUT/adam_resume.json
 """
@@ -58,7 +59,7 @@ SAVE_AT = 3
 # A 4-layer model of the 0.5B preset's width (the extra flags win over the preset's).
 MODEL = ["--num-layers", "4", "--hybrid-layer-pattern", "PPPP"]
 LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|")
-FLOOR = 2e-6
+FLOOR = 5e-6
 SENSITIVITY = 10.0
 
 
@@ -67,18 +68,16 @@ def parse_losses(log: str) -> dict[int, float]:
     return {int(it): float(loss) for it, loss in LOSS.findall(log)}
 
 
-def rel_diff(a: dict[int, float], b: dict[int, float], iters: list[int]) -> float:
-    """Max relative difference of two loss curves over ``iters`` (inf where one is missing)."""
-    if any(i not in a or i not in b for i in iters):
-        return float("inf")
-    return max(abs(a[i] - b[i]) / abs(b[i]) for i in iters)
+def rel_diffs(a: dict[int, float], b: dict[int, float], iters: list[int]) -> dict[int, float]:
+    """Relative difference of two loss curves per iteration of ``iters`` (inf where missing)."""
+    return {i: abs(a[i] - b[i]) / abs(b[i]) if i in a and i in b else float("inf") for i in iters}
 
 
 def verdict(losses: dict[str, dict[int, float]]) -> dict:
     """The checks of the module docstring on the runs' loss curves."""
     after = list(range(SAVE_AT + 1, ITERS + 1))
-    noise = rel_diff(losses["te_full"], losses["torch_full"], after)
-    tol = max(4 * noise, FLOOR)
+    noise = rel_diffs(losses["te_full"], losses["torch_full"], after)
+    tol = {i: max(4 * noise[i], FLOOR) for i in after}
     checks = []
     # A resume that found no checkpoint would train from scratch and match the full runs.
     for run, expected in (
@@ -95,17 +94,20 @@ def verdict(losses: dict[str, dict[int, float]]) -> dict:
         )  # fmt: skip
     for run in ("te_to_torch", "torch_to_te"):
         for ref in ("te_full", "torch_full"):
-            diff = rel_diff(losses[run], losses[ref], after)
+            diff = rel_diffs(losses[run], losses[ref], after)
             checks.append(
-                {"name": f"{run} vs {ref}", "rel_diff": diff, "tol": tol, "passed": diff <= tol}
-            )
-    lost = rel_diff(losses["te_to_torch_no_optim"], losses["te_full"], after)
+                {"name": f"{run} vs {ref}", "rel_diff": diff, "tol": tol,
+                 "passed": all(diff[i] <= tol[i] for i in after)}
+            )  # fmt: skip
+    lost = rel_diffs(losses["te_to_torch_no_optim"], losses["te_full"], after)
+    ratio = max(lost[i] / tol[i] for i in after)
     checks.append(
         {
             "name": "te_to_torch_no_optim differs from te_full (the check can fail)",
             "rel_diff": lost,
-            "needs_more_than": SENSITIVITY * tol,
-            "passed": lost != float("inf") and lost > SENSITIVITY * tol,
+            "max_diff_over_tol": ratio,
+            "needs_more_than": SENSITIVITY,
+            "passed": ratio != float("inf") and ratio > SENSITIVITY,
         }
     )
     failed = sum(not c["passed"] for c in checks)
@@ -117,12 +119,13 @@ def verdict(losses: dict[str, dict[int, float]]) -> dict:
     }
 
 
-def launch(megatron: Path, name: str, work: Path, env_vars: dict, extra: list[str]) -> dict:
+def launch(megatron: Path, name: str, work: Path, port: int, env_vars: dict, extra: list[str]):
+    """Start one launcher run (its output to ``work/<name>.log``); the process."""
     env = dict(os.environ)
     env.update(
         PRESET="0.5b", NPROC="1", SEQ_LEN="1024", MBS="2", GBS="2", TRAIN_ITERS=str(ITERS),
         LR="1e-3", MIN_LR="1e-4", WARMUP="1", PYTHON=sys.executable, MEGATRON=str(megatron),
-        MASTER_PORT="29631",
+        MASTER_PORT=str(port),
     )  # fmt: skip
     env.update(env_vars)
     cmd = [
@@ -132,35 +135,50 @@ def launch(megatron: Path, name: str, work: Path, env_vars: dict, extra: list[st
         "--eval-iters", "0", "--log-interval", "1", "--seed", "1234",
         *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    log = proc.stdout + proc.stderr
-    (work / f"{name}.log").write_text(log)
-    return {
-        "returncode": proc.returncode,
-        "losses": parse_losses(log),
-        "env": env_vars,
-        "extra": extra,
-        "tail": log[-2000:] if proc.returncode else "",
-    }
+    log = open(work / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def run_all(megatron: Path, work: Path) -> dict:
+def run_all(megatron: Path, work: Path, timeout: float) -> dict:
+    """The runs of the module docstring, on one GPU, each phase's runs at the same time (tiny
+    models: the first phase mostly compiles kernels, the second mostly starts up)."""
     te, torch_adam = {"TORCH_FUSED_ADAM": "0"}, {"TORCH_FUSED_ADAM": "1"}
     te_ckpt, torch_ckpt = work / "ckpt_te", work / "ckpt_torch"
     save = ["--exit-interval", str(SAVE_AT)]
-    plan = [
-        ("te_full", te, []),
-        ("torch_full", torch_adam, []),
-        ("te_save", {**te, "SAVE": str(te_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
-        ("torch_save", {**torch_adam, "SAVE": str(torch_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
-        ("te_to_torch", {**torch_adam, "LOAD": str(te_ckpt)}, []),
-        ("torch_to_te", {**te, "LOAD": str(torch_ckpt)}, []),
-        ("te_to_torch_no_optim", {**torch_adam, "LOAD": str(te_ckpt)}, ["--no-load-optim"]),
+    phases = [
+        [
+            ("te_full", te, []),
+            ("torch_full", torch_adam, []),
+            ("te_save", {**te, "SAVE": str(te_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
+            ("torch_save", {**torch_adam, "SAVE": str(torch_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
+        ],
+        [
+            ("te_to_torch", {**torch_adam, "LOAD": str(te_ckpt)}, []),
+            ("torch_to_te", {**te, "LOAD": str(torch_ckpt)}, []),
+            ("te_to_torch_no_optim", {**torch_adam, "LOAD": str(te_ckpt)}, ["--no-load-optim"]),
+        ],
     ]  # fmt: skip
     runs = {}
-    for name, env_vars, extra in plan:
-        runs[name] = launch(megatron, name, work, env_vars, extra)
-        print(f"{name}: rc {runs[name]['returncode']}, losses {runs[name]['losses']}", flush=True)
+    for phase in phases:
+        procs = {
+            name: (launch(megatron, name, work, 29631 + i, env_vars, extra), env_vars, extra)
+            for i, (name, env_vars, extra) in enumerate(phase)
+        }
+        for name, (proc, env_vars, extra) in procs.items():
+            try:
+                returncode = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                returncode = "timeout"
+            log = (work / f"{name}.log").read_text()
+            runs[name] = {
+                "returncode": returncode,
+                "losses": parse_losses(log),
+                "env": env_vars,
+                "extra": extra,
+                "tail": log[-2000:] if returncode != 0 else "",
+            }
+            print(f"{name}: rc {returncode}, losses {runs[name]['losses']}", flush=True)
     return runs
 
 
@@ -169,10 +187,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--megatron", type=Path, required=True, help="the patched Megatron-LM tree")
     parser.add_argument("--out", type=Path, required=True, help="the JSON report")
     parser.add_argument("--work", type=Path, help="logs and checkpoints (default: a temp dir)")
+    parser.add_argument("--timeout", type=float, default=400, help="seconds per phase's run")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="adam-resume-"))
     work.mkdir(parents=True, exist_ok=True)
-    runs = run_all(args.megatron.resolve(), work)
+    runs = run_all(args.megatron.resolve(), work, args.timeout)
     report = {**provenance(sys.argv), "iters": ITERS, "save_at": SAVE_AT, "model_flags": MODEL}
     crashed = [name for name, run in runs.items() if run["returncode"] != 0]
     if crashed:
