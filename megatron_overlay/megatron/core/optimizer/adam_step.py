@@ -1,5 +1,5 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
-"""Adam's step count in DistributedOptimizer checkpoints, whichever Adam keeps it.
+"""Adam's step count and settings in DistributedOptimizer checkpoints, whichever Adam wrote them.
 
 The implementations keep the count in different places:
 
@@ -14,11 +14,21 @@ protocol applies must follow the optimizer in use, not which libraries import: w
 ``--use-torch-fused-adam`` and Transformer Engine installed, the inner optimizer is
 ``torch.optim.AdamW``. Converting on save and load lets a run resume with another
 implementation (the flag is not restored from checkpoints).
+
+The parameter groups of a checkpoint carry each implementation's own settings too (torch:
+``fused``, ``capturable``, ``decoupled_weight_decay``, ...; TE: ``bias_correction``). Loaded as
+they are, a TE checkpoint left torch's AdamW without its settings (non-fused, not capturable
+under the optimizer CUDA graph, L2 instead of decoupled weight decay: silently wrong updates)
+and a torch checkpoint left TE's FusedAdam without ``bias_correction`` (KeyError).
+:func:`merge_param_group` keeps what describes how this process runs.
 """
 
 from typing import Iterable, List, Union
 
 import torch
+
+# Settings of how an optimizer runs here, not of the training run: never taken from a checkpoint.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def keeps_step_per_param(optimizer: torch.optim.Optimizer) -> bool:
@@ -47,3 +57,20 @@ def distinct_group_steps(param_groups: Iterable[dict]) -> List[int]:
     return sorted(
         {as_group_step(g["step"]) for g in param_groups if len(g["params"]) > 0 and "step" in g}
     )
+
+
+def merge_param_group(saved: dict, current: dict) -> dict:
+    """A checkpoint's parameter group ``saved`` loaded into the optimizer group ``current``.
+
+    The checkpoint's values win (as before) except for :data:`IMPLEMENTATION_KEYS`; settings
+    the checkpoint lacks (written by another implementation) keep the current optimizer's
+    values; a learning rate the current optimizer keeps as a tensor (capturable) stays one.
+    """
+    merged = dict(current)
+    merged.update(
+        {k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS and k != "params"}
+    )
+    if isinstance(current.get("lr"), torch.Tensor) and not isinstance(merged["lr"], torch.Tensor):
+        lr = current["lr"]
+        merged["lr"] = torch.tensor(float(merged["lr"]), dtype=lr.dtype, device=lr.device)
+    return merged

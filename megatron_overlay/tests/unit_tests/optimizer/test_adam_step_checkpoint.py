@@ -22,6 +22,7 @@ from megatron.core.optimizer.adam_step import (
     as_group_step,
     distinct_group_steps,
     keeps_step_per_param,
+    merge_param_group,
 )
 from megatron.core.transformer import TransformerConfig
 
@@ -88,6 +89,57 @@ def test_distinct_group_steps_deduplicates_tensors():
     assert distinct_group_steps(groups) == [4]
 
 
+TORCH_GROUP = {
+    "params": [0, 1],
+    "lr": 0.01,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.1,
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "fused": True,
+    "capturable": True,
+    "differentiable": False,
+    "decoupled_weight_decay": True,
+    "wd_mult": 1.0,
+}
+TE_GROUP = {
+    "lr": 0.002,
+    "bias_correction": True,
+    "betas": (0.9, 0.95),
+    "eps": 1e-8,
+    "weight_decay": 0.05,
+    "wd_mult": 1.0,
+    "step": 7,
+}
+
+
+def test_merge_param_group_keeps_this_optimizers_settings():
+    """A TE group into torch's fused AdamW: TE's hyper-parameters, torch's settings."""
+    merged = merge_param_group(TE_GROUP, TORCH_GROUP)
+    assert merged["params"] == [0, 1]
+    assert (merged["lr"], merged["betas"], merged["weight_decay"]) == (0.002, (0.9, 0.95), 0.05)
+    for key in ("fused", "capturable", "decoupled_weight_decay", "amsgrad", "maximize"):
+        assert merged[key] == TORCH_GROUP[key], key
+    back = merge_param_group(merged, {**TE_GROUP, "params": [3]})
+    assert back["bias_correction"] is True and back["params"] == [3]
+
+
+def test_merge_param_group_never_takes_how_an_optimizer_runs_from_a_checkpoint():
+    saved = {**TORCH_GROUP, "fused": False, "capturable": False, "foreach": True}
+    merged = merge_param_group(saved, TORCH_GROUP)
+    assert (merged["fused"], merged["capturable"], merged["foreach"]) == (True, True, None)
+
+
+def test_merge_param_group_keeps_a_tensor_learning_rate():
+    """A capturable FusedAdam keeps its learning rate as a tensor (the scheduler fills it)."""
+    current = {**TE_GROUP, "params": [0], "lr": torch.tensor(0.5)}
+    merged = merge_param_group(TORCH_GROUP, current)
+    assert isinstance(merged["lr"], torch.Tensor)
+    assert float(merged["lr"]) == float(torch.tensor(0.01))  # the tensor's float32
+
+
 def _optimizer(use_torch_fused_adam: bool, capturable: bool = False):
     """A Linear with a bias (two parameter groups: with and without weight decay) under the
     distributed optimizer; the DistributedOptimizer and its model."""
@@ -152,35 +204,57 @@ def test_torch_fused_adam_resumes_where_te_is_installed(single_rank, te_installe
 
     for group in state_dict["optimizer"]["param_groups"]:
         group["step"] = saved
+        if isinstance(saved, int):  # as TE's FusedAdam writes its groups: none of torch's keys
+            for key in set(TORCH_GROUP) - set(TE_GROUP) - {"params", "wd_mult"}:
+                group.pop(key, None)
+            group["bias_correction"] = True
     model, resumed = _optimizer(use_torch_fused_adam=True)
     _load(resumed, state_dict)
     assert _param_steps(resumed) == [2.0, 2.0]
+    for group in resumed.optimizer.param_groups:
+        assert group["fused"] is True and group["decoupled_weight_decay"] is True
     _train(model, resumed, 1)
     assert _param_steps(resumed) == [3.0, 3.0]
+
+
+def _resume(model, optimizer, use_torch_fused_adam: bool, capturable: bool):
+    """A new model and optimizer loading ``optimizer``'s checkpoint: its weights, the step count
+    and settings through state_dict(), its moments copied (the sharded checkpoint's part)."""
+    new_model, new = _optimizer(use_torch_fused_adam, capturable)
+    new_model.module.load_state_dict(model.module.state_dict())
+    _load(new, optimizer.state_dict())
+    old_params = [p for g in optimizer.optimizer.param_groups for p in g["params"]]
+    new_params = [p for g in new.optimizer.param_groups for p in g["params"]]
+    for old, param in zip(old_params, new_params, strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            new.optimizer.state[param][key].copy_(optimizer.optimizer.state[old][key])
+    return new_model, new
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("capturable", [True, False], ids=["capturable", "eager"])
 def test_te_fused_adam_and_torch_fused_adam_resume_each_other(single_rank, capturable):
-    """TE's FusedAdam -> torch's fused AdamW and back: the count carries over both ways,
-    also from a capturable FusedAdam (one CUDA tensor per group, which failed to save)."""
+    """TE's FusedAdam -> torch's fused AdamW -> TE's FusedAdam, one step each after 2 of TE's,
+    equals 4 uninterrupted steps of TE's FusedAdam: step count (bias correction), settings
+    (fused, decoupled weight decay) and, when capturable, saving itself (a CUDA tensor per
+    group failed). fp32; tolerance: the two fused kernels' operation order (over a 0.5B
+    model's parameters they agreed to 3e-7 after 4 steps)."""
     if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
         pytest.skip("needs a CUDA GPU and Transformer Engine")
+    reference, ref_opt = _optimizer(use_torch_fused_adam=False, capturable=capturable)
+    _train(reference, ref_opt, 4)
+
     model, te = _optimizer(use_torch_fused_adam=False, capturable=capturable)
     assert not keeps_step_per_param(te.optimizer)
     _train(model, te, 2)
-    saved = te.state_dict()
-    assert _group_steps(saved) == [2, 2]
-
-    model, torch_adam = _optimizer(use_torch_fused_adam=True, capturable=capturable)
-    _load(torch_adam, saved)
+    assert _group_steps(te.state_dict()) == [2, 2]
+    model, torch_adam = _resume(model, te, use_torch_fused_adam=True, capturable=capturable)
+    assert [g["fused"] for g in torch_adam.optimizer.param_groups] == [True, True]
     _train(model, torch_adam, 1)
     assert _param_steps(torch_adam) == [3.0, 3.0]
-
-    saved = torch_adam.state_dict()
-    assert _group_steps(saved) == [3.0, 3.0]
-    model, te = _optimizer(use_torch_fused_adam=False, capturable=capturable)
-    _load(te, saved)
-    assert [type(g["step"]) for g in te.optimizer.param_groups] == [int, int]
+    assert _group_steps(torch_adam.state_dict()) == [3.0, 3.0]
+    model, te = _resume(model, torch_adam, use_torch_fused_adam=False, capturable=capturable)
     _train(model, te, 1)
     assert [as_group_step(g["step"]) for g in te.optimizer.param_groups] == [4, 4]
+    for got, want in zip(model.module.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
