@@ -237,8 +237,11 @@ def test_te_fused_adam_and_torch_fused_adam_resume_each_other(single_rank, captu
     """TE's FusedAdam -> torch's fused AdamW -> TE's FusedAdam, one step each after 2 of TE's,
     equals 4 uninterrupted steps of TE's FusedAdam: step count (bias correction), settings
     (fused, decoupled weight decay) and, when capturable, saving itself (a CUDA tensor per
-    group failed). fp32; tolerance: the two fused kernels' operation order (over a 0.5B
-    model's parameters they agreed to 3e-7 after 4 steps)."""
+    group failed). fp32. Tolerance 1e-5 absolute, 0.1% of one update (lr 0.01): the two fused
+    kernels round m / (sqrt(v) + eps) differently, which an element with a near-zero gradient
+    amplifies (on the H200 one bias element of 8 differed by 6.9e-6, all others by < 1e-6); a
+    restarted bias correction moves every element by ~57% of an update, L2 instead of decoupled
+    decay by ~1e-3 |p|."""
     if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
         pytest.skip("needs a CUDA GPU and Transformer Engine")
     reference, ref_opt = _optimizer(use_torch_fused_adam=False, capturable=capturable)
@@ -257,4 +260,4 @@ def test_te_fused_adam_and_torch_fused_adam_resume_each_other(single_rank, captu
     _train(model, te, 1)
     assert [as_group_step(g["step"]) for g in te.optimizer.param_groups] == [4, 4]
     for got, want in zip(model.module.parameters(), reference.module.parameters()):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
