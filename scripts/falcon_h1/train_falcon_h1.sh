@@ -30,7 +30,9 @@
 #   which it cannot serve
 #   TORCH_FUSED_ADAM=auto|0|1   --use-torch-fused-adam (PyTorch's fused AdamW instead of TE's
 #   FusedAdam or the non-fused fallback: 0.5B step 108.5 vs 111.5 ms on one H200 with TE and both
-#   graphs, without the distributed optimizer); auto: on with a GPU
+#   graphs, without the distributed optimizer); auto: on with a GPU. Not restored from checkpoints:
+#   a run saved with TE's FusedAdam resumes with PyTorch's and back (patch 0032 converts the step
+#   count and keeps each Adam's own settings; scripts/gpu/check_adam_resume.py checks it on a GPU)
 # The local spec uses torch norms (--no-persist-layer-norm) and, without TE, unfused RoPE;
 # without apex, gradient-accumulation fusion is off.
 set -euo pipefail
