@@ -74,3 +74,33 @@ def merge_param_group(saved: dict, current: dict) -> dict:
         lr = current["lr"]
         merged["lr"] = torch.tensor(float(merged["lr"]), dtype=lr.dtype, device=lr.device)
     return merged
+
+
+def adapt_adam_state_dict(state_dict: dict, optimizer: torch.optim.Optimizer) -> None:
+    """In place: an Adam state dict (``state``, ``param_groups`` in ``optimizer``'s group order)
+    written by any Adam, made loadable by ``optimizer``.
+
+    For the optimizers that keep torch's state dict format (Float16OptimizerWithFloat16Params,
+    FP32Optimizer). Groups get :func:`merge_param_group`; the step count moves to where
+    ``optimizer`` keeps it (per parameter for torch.optim, per group for FusedAdam). A state
+    dict the same implementation wrote is left as it is.
+    """
+    state = state_dict["state"]
+    groups = [
+        merge_param_group(saved, {**current, "params": saved["params"]})
+        for saved, current in zip(state_dict["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    for group in groups:
+        params = [state[pid] for pid in group["params"] if pid in state]
+        if keeps_step_per_param(optimizer):
+            if "step" in group:
+                step = float(as_group_step(group["step"]))
+                for param_state in params:
+                    param_state.setdefault("step", torch.tensor(step))
+            continue
+        steps = {as_group_step(s.pop("step")) for s in params if "step" in s}
+        if len(steps) > 1:
+            raise ValueError(f"an Adam parameter group holds different step counts: {steps}")
+        if steps and "step" not in group:
+            (group["step"],) = steps
+    state_dict["param_groups"] = groups
