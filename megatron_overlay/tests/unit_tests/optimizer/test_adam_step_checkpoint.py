@@ -118,30 +118,31 @@ def test_merge_param_group_keeps_a_tensor_learning_rate():
     assert float(merged["lr"]) == float(torch.tensor(0.01))  # the tensor's float32
 
 
-def _optimizer(use_torch_fused_adam: bool, capturable: bool = False):
-    """A Linear with a bias (two parameter groups: with and without weight decay) under the
-    distributed optimizer; the DistributedOptimizer and its model."""
+def _optimizer(use_torch_fused_adam: bool, capturable: bool = False, distributed: bool = True):
+    """A Linear with a bias (two parameter groups: with and without weight decay) under
+    Megatron's optimizer (the DistributedOptimizer unless ``distributed`` is False); the model
+    and the optimizer."""
     model = torch.nn.Linear(16, 8, device=DEVICE)
     with torch.no_grad():
         model.weight.copy_(torch.linspace(-1.0, 1.0, 128).reshape(8, 16))
         model.bias.copy_(torch.linspace(-0.5, 0.5, 8))
     model = DistributedDataParallel(
         TransformerConfig(num_attention_heads=1, num_layers=1),
-        DistributedDataParallelConfig(use_distributed_optimizer=True),
+        DistributedDataParallelConfig(use_distributed_optimizer=distributed),
         model,
     )
     config = OptimizerConfig(
         optimizer="adam",
         lr=0.01,
         weight_decay=0.1,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=distributed,
         use_torch_fused_adam=use_torch_fused_adam,
         optimizer_cuda_graph=capturable,
     )
     optimizer = get_megatron_optimizer(config, [model])
     while hasattr(optimizer, "chained_optimizers"):
         (optimizer,) = optimizer.chained_optimizers
-    assert isinstance(optimizer, distrib_optimizer.DistributedOptimizer)
+    assert isinstance(optimizer, distrib_optimizer.DistributedOptimizer) == distributed
     return model, optimizer
 
 
@@ -275,20 +276,7 @@ def test_adapt_adam_state_dict_moves_the_step_count_both_ways():
 
 def _fp32_optimizer():
     """torch's fused AdamW under Megatron's optimizer without the distributed optimizer."""
-    model = torch.nn.Linear(16, 8, device=DEVICE)
-    with torch.no_grad():
-        model.weight.copy_(torch.linspace(-1.0, 1.0, 128).reshape(8, 16))
-        model.bias.copy_(torch.linspace(-0.5, 0.5, 8))
-    model = DistributedDataParallel(
-        TransformerConfig(num_attention_heads=1, num_layers=1),
-        DistributedDataParallelConfig(),
-        model,
-    )
-    config = OptimizerConfig(optimizer="adam", lr=0.01, weight_decay=0.1, use_torch_fused_adam=True)
-    optimizer = get_megatron_optimizer(config, [model])
-    while hasattr(optimizer, "chained_optimizers"):
-        (optimizer,) = optimizer.chained_optimizers
-    return model, optimizer
+    return _optimizer(use_torch_fused_adam=True, distributed=False)
 
 
 @pytest.mark.parametrize("written_by", ["torch", "fused_adam"])
