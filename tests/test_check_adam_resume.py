@@ -93,3 +93,13 @@ def test_resume_artifacts_shared_by_every_resume_are_reported_not_failed():
     result = car.verdict(runs)
     assert result["summary"]["n_failed"] == 0, result["checks"]
     assert result["resumed_vs_full"]["te_to_torch"][5] > 2.9e-3
+
+
+def test_diagnostic_runs_are_reported_against_te_full_not_checked():
+    runs = good_runs()
+    runs["te_to_te_eager"] = {i: FULL[i] * (1 + 1e-2) for i in (4, 5, 6)}
+    result = car.verdict(runs)
+    assert result["summary"]["n_failed"] == 0
+    diag = result["diagnostics"]
+    assert set(diag) == {"te_to_te_eager"}
+    assert diag["te_to_te_eager"] == {i: abs(FULL[i] * 1.01 - FULL[i]) / FULL[i] for i in (4, 5, 6)}

@@ -29,6 +29,10 @@ graph is warmed up and captured at different iterations in a resumed run; the pa
 point at the optimizer (TE -> torch and torch -> TE logged the same values, within 4e-6, and a
 lost optimizer state moved iteration 6 by 1.6e-3). Not explained yet.
 A resumed run against its uninterrupted run is reported, not checked (``resumed_vs_full``).
+Three more runs narrow it down, reported only (``diagnostics``, each against ``te_full``):
+``te_full_eager`` (no CUDA graphs: does the uninterrupted graph run follow the eager one?),
+``te_to_te_eager`` (a resume without graphs) and ``te_to_te_no_optimizer_graph`` (a resume with
+the whole-iteration graph but an eager optimizer step).
 
 Checks, on the ``lm loss`` the runs log for iterations 4-6:
 
@@ -73,6 +77,8 @@ LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|")
 FLOOR = 5e-6
 RESUMED = ("te_to_te", "torch_to_torch", "te_to_torch", "torch_to_te", "te_to_torch_no_optim")
 SENSITIVITY = 10.0
+# Information-only runs (see the module docstring), each compared with te_full.
+DIAGNOSTIC = ("te_full_eager", "te_to_te_eager", "te_to_te_no_optimizer_graph")
 
 
 def parse_losses(log: str) -> dict[int, float]:
@@ -132,6 +138,11 @@ def verdict(losses: dict[str, dict[int, float]]) -> dict:
             run: rel_diffs(losses[run], losses[f"{run.split('_to_')[0]}_full"], after)
             for run in RESUMED
         },
+        "diagnostics": {
+            run: rel_diffs(losses[run], losses["te_full"], sorted(losses[run]))
+            for run in DIAGNOSTIC
+            if run in losses
+        },
         "summary": {"n_checks": len(checks), "n_passed": len(checks) - failed, "n_failed": failed},
     }
 
@@ -168,6 +179,7 @@ def run_all(megatron: Path, work: Path, timeout: float) -> dict:
             ("torch_full", torch_adam, []),
             ("te_save", {**te, "SAVE": str(te_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
             ("torch_save", {**torch_adam, "SAVE": str(torch_ckpt), "SAVE_INTERVAL": str(SAVE_AT)}, save),
+            ("te_full_eager", {**te, "CUDA_GRAPHS": "none"}, []),
         ],
         [
             ("te_to_te", {**te, "LOAD": str(te_ckpt)}, []),
@@ -175,6 +187,8 @@ def run_all(megatron: Path, work: Path, timeout: float) -> dict:
             ("te_to_torch", {**torch_adam, "LOAD": str(te_ckpt)}, []),
             ("torch_to_te", {**te, "LOAD": str(torch_ckpt)}, []),
             ("te_to_torch_no_optim", {**torch_adam, "LOAD": str(te_ckpt)}, ["--no-load-optim"]),
+            ("te_to_te_eager", {**te, "LOAD": str(te_ckpt), "CUDA_GRAPHS": "none"}, []),
+            ("te_to_te_no_optimizer_graph", {**te, "LOAD": str(te_ckpt), "OPTIMIZER_GRAPH": "0"}, []),
         ],
     ]  # fmt: skip
     runs = {}
