@@ -21,6 +21,10 @@ they are, a TE checkpoint left torch's AdamW without its settings (non-fused, no
 under the optimizer CUDA graph, L2 instead of decoupled weight decay: silently wrong updates)
 and a torch checkpoint left TE's FusedAdam without ``bias_correction`` (KeyError).
 :func:`merge_param_group` keeps what describes how this process runs.
+
+A capturable ``torch.optim.Adam`` / ``AdamW`` (the optimizer CUDA graph) needs its learning rate
+as a tensor (:func:`tensor_learning_rates`), as TE's FusedAdam keeps it: a Python float is
+recorded into the captured step as a kernel argument.
 """
 
 from typing import Iterable, List, Union
@@ -70,10 +74,30 @@ def merge_param_group(saved: dict, current: dict) -> dict:
     merged.update(
         {k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS and k != "params"}
     )
-    if isinstance(current.get("lr"), torch.Tensor) and not isinstance(merged["lr"], torch.Tensor):
-        lr = current["lr"]
+    lr = current.get("lr")
+    if isinstance(lr, torch.Tensor) and not isinstance(merged["lr"], torch.Tensor):
         merged["lr"] = torch.tensor(float(merged["lr"]), dtype=lr.dtype, device=lr.device)
+    elif isinstance(merged.get("lr"), torch.Tensor) and not isinstance(lr, torch.Tensor):
+        merged["lr"] = float(merged["lr"])  # torch's foreach Adam refuses a tensor lr
     return merged
+
+
+def tensor_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """In place: each parameter group of ``optimizer`` gets its learning rate as a float32
+    tensor of its own, on its parameters' device.
+
+    For a capturable ``torch.optim.Adam`` / ``AdamW``: with a Python float, the CUDA graph of the
+    optimizer step (``--optimizer-cuda-graph``) records the capture step's learning rate as a
+    kernel argument and every replay keeps applying it while the scheduler moves on. The
+    scheduler writes a tensor learning rate in place (``fill_``), which the replays read. One
+    tensor per group: torch gives the groups that set none the same default object.
+    """
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        device = group["params"][0].device if group["params"] else None
+        if device is None and isinstance(lr, torch.Tensor):
+            device = lr.device
+        group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
 def adapt_adam_state_dict(state_dict: dict, optimizer: torch.optim.Optimizer) -> None:

@@ -118,6 +118,14 @@ def test_merge_param_group_keeps_a_tensor_learning_rate():
     assert float(merged["lr"]) == float(torch.tensor(0.01))  # the tensor's float32
 
 
+def test_merge_param_group_gives_a_float_learning_rate_where_this_optimizer_has_one():
+    """A capturable optimizer's checkpoint (tensor lr) resumed without the optimizer graph:
+    torch's foreach Adam refuses a tensor lr."""
+    saved = {**TE_GROUP, "lr": torch.tensor(0.25)}
+    merged = merge_param_group(saved, {**TORCH_GROUP, "params": [0]})
+    assert type(merged["lr"]) is float and merged["lr"] == 0.25
+
+
 def _optimizer(use_torch_fused_adam: bool, capturable: bool = False, distributed: bool = True):
     """A Linear with a bias (two parameter groups: with and without weight decay) under
     Megatron's optimizer (the DistributedOptimizer unless ``distributed`` is False); the model
