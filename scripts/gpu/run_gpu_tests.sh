@@ -48,6 +48,8 @@
 # (results/h200/falcon_h1/logs/), so 300 s could only ever end it red.
 set -uo pipefail
 : "${STEP_TIMEOUT_mamba:=1200}"
+# The resume step's 12 launcher runs took 390-462 s on an H200 (results/h200/optimizer/).
+: "${STEP_TIMEOUT_resume:=560}"
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 results=${1:-${OUT:-gpu-results}}
 shift || true
