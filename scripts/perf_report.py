@@ -49,6 +49,9 @@ LABELS = {
     "ours_te_graph_opt": "ours, TE spec, both graphs",
     "ours_te_graph_opt_bf": "ours, TE spec, both graphs, batch-first Mamba",
     "ours_te_graph_opt_bf_tadam": "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW",
+    "ours_te_graph_opt_bf_tadam_norerun": (
+        "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW, rerun state machine off"
+    ),
     "ours_local_graph_opt_bf_tadam": "ours, local spec, both graphs, batch-first, PyTorch fused AdamW",
     "ours_te_graph_opt_bf_dist": "ours, TE spec, both graphs, batch-first, distributed optimizer",
     "ours_local_graph_opt_bf": "ours, local spec, both graphs, batch-first Mamba",
