@@ -21,6 +21,19 @@ RUNNER = f"{RUNNER_NAME} <{RUNNER_EMAIL}>"
 BOT = "falcon-mcore <falcon-mcore@users.noreply.github.com>"
 
 
+
+def add_docstring_patch(p) -> None:
+    """A last patch of feature beta that only edits a docstring of an upstream file."""
+    add_patch(
+        p,
+        {
+            "megatron/core/config.py": lambda text: text.replace(
+                '"""Look a default up."""', '"""Look a default up (KeyError if unknown)."""'
+            )
+        },
+        "config: document get",
+    )
+
 def branch_files(p, branch: str) -> set[str]:
     return set(p.bgit("ls-tree", "-r", "--name-only", branch).splitlines())
 
@@ -209,16 +222,7 @@ def test_new_files_go_with_the_first_patch_that_imports_them(proj):
         },
         "utils: scale by beta",
     )
-    # A last patch of beta that names no new module: unnamed files go with it.
-    add_patch(
-        p,
-        {
-            "megatron/core/config.py": lambda text: text.replace(
-                '"""Look a default up."""', '"""Look a default up (KeyError if unknown)."""'
-            )
-        },
-        "config: document get",
-    )
+    add_docstring_patch(p)  # names no new module: unnamed files go with it
     features = p.root / "patches/features.toml"
     features.write_text(
         features.read_text().replace(
@@ -384,15 +388,7 @@ def test_a_relative_import_in_a_patch_places_the_new_module(proj):
         },
         "utils: use the beta helper",
     )
-    add_patch(
-        p,
-        {
-            "megatron/core/config.py": lambda text: text.replace(
-                '"""Look a default up."""', '"""Look a default up (KeyError if unknown)."""'
-            )
-        },
-        "config: document get",
-    )
+    add_docstring_patch(p)
     features = p.root / "patches/features.toml"
     features.write_text(
         features.read_text().replace(
