@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results" / "h200" / "falcon_h1"
 RESULTS = (
+    "bench_falcon_h1_norerun.json",
     "bench_falcon_h1_nomask.json",
     "bench_falcon_h1_liger_bitnet.json",
     "bench_falcon_h1_bitnet_fold.json",

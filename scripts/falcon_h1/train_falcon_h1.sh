@@ -18,7 +18,8 @@
 # CUDA graph, the optimizer graph and batch-first Mamba layers ran 3.1-3.5x the tokens/s of HF
 # transformers; TE eager 0.6x, host-bound):
 #   IMPL=auto|transformer_engine|local   auto: Transformer Engine when it imports, else local
-#   CUDA_GRAPHS=full_iteration|none   default full_iteration on GPUs (none without CUDA); per-layer
+#   CUDA_GRAPHS=full_iteration|none   default full_iteration on GPUs (none without CUDA; with it
+#   --no-check-for-nan-in-loss-and-grad and --rerun-mode disabled); per-layer
 #   graphs (--cuda-graph-impl local) are refused for P layers (they trained wrongly)
 #   OPTIMIZER_GRAPH=auto|0|1   1 also captures the optimizer step (upstream --optimizer-cuda-graph;
 #   needs CUDA_GRAPHS=full_iteration and Transformer Engine's multi-tensor ops). auto: on when
@@ -75,7 +76,11 @@ graphs=${CUDA_GRAPHS:-full_iteration}
 [ "$gpu" = 1 ] || graphs=${CUDA_GRAPHS:-none}
 case $graphs in
     none) ;;
-    full_iteration) speed+=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad) ;;
+    # With the graph the NaN check is off, so upstream's rerun state machine has nothing to
+    # validate; off, it no longer all-reduces and reads a flag every step (0.5B step on one
+    # H200: 109.6 -> 106.6 ms, results/h200/falcon_h1/bench_falcon_h1_norerun.json).
+    full_iteration) speed+=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad
+                            --rerun-mode disabled) ;;
     *) echo "CUDA_GRAPHS must be full_iteration or none, got '$graphs'" >&2; exit 2 ;;
 esac
 optimizer_graph=${OPTIMIZER_GRAPH:-auto}

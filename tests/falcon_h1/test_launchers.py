@@ -199,6 +199,9 @@ def test_optimizer_graph_auto_with_one_data_parallel_rank(tmp_path, env_vars, ex
     args = proc.stdout.splitlines()
     assert ("--optimizer-cuda-graph" in args) == expected, proc.stdout
     assert ("--cuda-graph-impl" in args) == (env_vars["CUDA_GRAPHS"] == "full_iteration")
+    # The graph comes with the rerun state machine off (nothing to validate without the NaN check).
+    graphed = env_vars["CUDA_GRAPHS"] == "full_iteration"
+    assert (" --rerun-mode disabled" in " " + " ".join(args)) == graphed, proc.stdout
 
 
 def test_optimizer_graph_auto_needs_transformer_engine(tmp_path):
