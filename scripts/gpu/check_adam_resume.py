@@ -234,6 +234,15 @@ def run_all(megatron: Path, work: Path, timeout: float) -> dict:
     return runs
 
 
+def write_report(report: dict, out: Path) -> int:
+    """Write ``report`` to ``out``; the exit status: 0 when every check passed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    summary = report["summary"]
+    print(f"{summary['n_passed']}/{summary['n_checks']} checks passed; report {out}")
+    return 0 if summary["n_failed"] == 0 else 1
+
+
 def recheck(source: Path, out: Path) -> int:
     """The checks of this version on the runs of an earlier report (its provenance kept)."""
     earlier = json.loads(source.read_text())
@@ -247,11 +256,7 @@ def recheck(source: Path, out: Path) -> int:
         "runs_provenance": {k: earlier[k] for k in ("commit", "dirty", "device") if k in earlier},
         **verdict(losses),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    summary = report["summary"]
-    print(f"{summary['n_passed']}/{summary['n_checks']} checks passed; report {out}")
-    return 0 if summary["n_failed"] == 0 else 1
+    return write_report(report, out)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -281,11 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         report.update(verdict({name: run["losses"] for name, run in runs.items()}))
     report["runs"] = runs
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    summary = report["summary"]
-    print(f"{summary['n_passed']}/{summary['n_checks']} checks passed; report {args.out}")
-    return 0 if summary["n_failed"] == 0 else 1
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":
