@@ -147,3 +147,25 @@ def test_every_system_flag_exists_in_the_patched_tree(megatron_tree):
     used = {f for flags, _ in bench.OURS.values() for f in flags if f.startswith("--")}
     assert "--mamba-batch-first" in used
     assert used - options == set()
+
+
+def test_idle_gaps_are_charged_to_the_innermost_megatron_function():
+    """Step window [0, 200]: GPU busy [10, 50], [150, 170], [180, 190]. Gaps of >= 50 us:
+    [50, 150] (100 us, inside log() inside train()) and [0, 10] / [170, 180] / [190, 200] are
+    shorter. A non-megatron function does not count."""
+    trace = load_script("scripts/lib/gpu_trace.py")
+    data = _trace()
+    data["traceEvents"] += [
+        {"ph": "X", "name": "megatron/training.py(1): train", "ts": 0, "dur": 200, "cat": "python_function"},
+        {"ph": "X", "name": "megatron/training.py(9): log", "ts": 40, "dur": 30, "cat": "python_function"},
+        {"ph": "X", "name": "torch/x.py(3): item", "ts": 45, "dur": 10, "cat": "python_function"},
+    ]  # fmt: skip
+    idle = trace.idle_by_host_function(data)
+    assert idle["idle_us_per_step"] == 50 and idle["gaps_per_step"] == 0.5
+    assert idle["by_function"] == [{"name": "megatron/training.py(9): log", "us_per_step": 50}]
+    small = trace.idle_by_host_function(data, min_gap_us=10)
+    assert small["idle_us_per_step"] == (10 + 100 + 10 + 10) / 2
+    assert small["by_function"][0]["name"] == "megatron/training.py(9): log"
+    assert {r["name"] for r in small["by_function"]} == {
+        "megatron/training.py(9): log", "megatron/training.py(1): train"
+    }  # fmt: skip

@@ -132,3 +132,44 @@ def host_hotspots(trace: dict, count: int = 40) -> dict[str, list[dict]]:
             for name, (t, n) in ranked
         ]
     return out
+
+
+def idle_by_host_function(trace: dict, prefix: str = "megatron/", min_gap_us: float = 50.0) -> dict:
+    """What the host was doing while the GPU idled: every gap of at least ``min_gap_us`` between
+    GPU activity inside the profiled steps is charged to the innermost Python function (needs
+    ``with_stack``) whose name contains ``prefix`` and that runs at the gap's start, or to
+    ``"(none)"``. ``{idle_us_per_step, gaps_per_step, by_function: [{name, us_per_step}]}``."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    start, end, steps = step_window(events)
+    busy = sorted(
+        (max(float(e["ts"]), start), min(float(e["ts"]) + float(e.get("dur", 0.0)), end))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES
+    )
+    gaps, cursor = [], start
+    for lo, hi in busy:
+        if hi <= lo:
+            continue
+        if lo - cursor >= min_gap_us:
+            gaps.append((cursor, lo - cursor))
+        cursor = max(cursor, hi)
+    if end - cursor >= min_gap_us:
+        gaps.append((cursor, end - cursor))
+    functions = [
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name"))[:160])
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") == "python_function" and prefix in str(e.get("name"))
+    ]
+    totals: dict[str, float] = {}
+    for at, length in gaps:
+        covering = [(hi - lo, name) for lo, hi, name in functions if lo <= at <= hi]
+        name = min(covering)[1] if covering else "(none)"
+        totals[name] = totals.get(name, 0.0) + length
+    return {
+        "idle_us_per_step": sum(length for _, length in gaps) / steps,
+        "gaps_per_step": len(gaps) / steps,
+        "by_function": [
+            {"name": name, "us_per_step": t / steps}
+            for name, t in sorted(totals.items(), key=lambda kv: -kv[1])
+        ],
+    }
