@@ -100,9 +100,36 @@ def test_resume_only_same_clean_commit_and_device(tmp_path):
     path.write_text(json.dumps(earlier))
     now = {"commit": "abc", "dirty": False, "device": "NVIDIA H200"}
     assert bench.resumable(path, now) == {"c": {"hf": {"tok_s": 1.0}}}  # failed runs redone
-    for changed in ({"commit": "def"}, {"dirty": True}, {"device": "NVIDIA H100"}):
+    # A file without a log interval was timed per step.
+    assert bench.resumable(path, dict(now, log_interval=1)) == {"c": {"hf": {"tok_s": 1.0}}}
+    for changed in (
+        {"commit": "def"}, {"dirty": True}, {"device": "NVIDIA H100"}, {"log_interval": 10},
+        {"iters": 50},
+    ):  # fmt: skip
         assert bench.resumable(path, dict(now, **changed)) == {}
     assert bench.resumable(None, now) == {}
+
+
+def test_timing_windows_end_at_log_steps_inside_the_timed_steps():
+    bench = _bench()
+    # Log interval 1: every step from iters//3 + 2 to iters - 3 (the plan before windows).
+    assert bench.timed_windows(16, 1) == [(i, i) for i in range(7, 14)]
+    # Interval 10, 50 steps: timed steps 18..47, so the windows 21-30 and 31-40.
+    assert bench.timed_windows(50, 10) == [(21, 30), (31, 40)]
+    with pytest.raises(SystemExit, match="--iters 40 with --log-interval 10 leaves 1 timed"):
+        bench.timed_windows(40, 10)
+    times = {1: 900.0, 10: 300.0, 20: 120.0, 30: 101.0, 40: 99.0, 50: 140.0}
+    assert bench.window_ms(times, bench.timed_windows(50, 10)) == [101.0, 99.0]
+
+
+def test_megatron_log_times_are_the_logged_window_means():
+    bench = _bench()
+    line = (
+        " [2026-12-04 22:56:28.665782] iteration {i:>8}/      50 | consumed samples: 16 | "
+        "elapsed time per iteration (ms): {ms} | learning rate: 1.000000E-04 | lm loss: 1.0E+01 |"
+    )
+    text = "\n".join([line.format(i=1, ms="812.5"), "noise", line.format(i=10, ms="101.3")])
+    assert bench.megatron_log_times(text) == {1: 812.5, 10: 101.3}
 
 
 def test_ratios_only_between_runs_of_one_call():

@@ -15,8 +15,10 @@ optimizer, gradient clipping 1.0, random tokens, on one GPU:
   full-iteration CUDA graph (+ optimizer graph), batch-first Mamba layers (``_bf``), the
   distributed optimizer (``_dist``), BitNet (per-layer graphs are refused for Falcon-H1 layers).
 
-Per run: median step time after warm-up (and after graph capture), tokens/s, peak allocated
-memory, the loss of every step, GPU-busy fraction of two profiled steps (torch profiler:
+Per run: step time = the median over timing windows of --log-interval steps (after warm-up and
+graph capture) of each window's mean step time (Megatron logs, and reads the GPU, once per
+window with its --log-interval; the HF loop reads its losses once per window too), tokens/s, peak
+allocated memory, the logged losses (ours: one mean per window; HF: every step), GPU-busy fraction of two profiled steps (torch profiler:
 union of kernel/memcpy time over the steps' wall time, scripts/lib/gpu_trace.py), the top
 kernels, and MFU = tokens/s x training FLOPs per token (scripts/falcon_h1/flops.py) / the bf16
 matmul rate measured at the start of the same job. Runs that fail are recorded with their error
@@ -28,8 +30,8 @@ name). Ratios to HF (``over_hf``, ``ours_over_hf``) are only formed between runs
 host-bound step times differ between machine instances.
 
     python scripts/gpu/bench_falcon_h1.py --out-dir results/h200/falcon_h1 \
-        [--cases 0.5b_s2048_b4,...] [--systems hf,ours_te_graph,...] [--iters 16] \
-        [--deadline-s 480] [--resume earlier.json]
+        [--cases 0.5b_s2048_b4,...] [--systems hf,ours_te_graph,...] \
+        [--iters 50] [--log-interval 10] [--deadline-s 480] [--resume earlier.json]
 """
 
 from __future__ import annotations
@@ -155,6 +157,31 @@ def timing_plan(iters: int) -> tuple[int, int, int]:
     return iters // 3 + 2, iters - 3, iters - 1
 
 
+def timed_windows(iters: int, log_interval: int) -> list[tuple[int, int]]:
+    """The windows of ``log_interval`` steps (first, last; 1-based) whose mean step time counts:
+    each ends at a log step (a multiple of the interval, where Megatron reports the window's
+    mean) and lies within timing_plan's timed steps. At least two, or SystemExit."""
+    first, last, _ = timing_plan(iters)
+    windows = [
+        (end - log_interval + 1, end)
+        for end in range(log_interval, last + 1, log_interval)
+        if end - log_interval + 1 >= first
+    ]
+    if len(windows) < 2:
+        raise SystemExit(
+            f"--iters {iters} with --log-interval {log_interval} leaves {len(windows)} timed "
+            f"window(s) of {log_interval} steps between steps {first} and {last}; need 2: raise "
+            "--iters (e.g. 5 x --log-interval) or lower --log-interval"
+        )
+    return windows
+
+
+def window_ms(times: dict[int, float], windows: list[tuple[int, int]]) -> list[float]:
+    """Mean step times (ms) of the timed ``windows``; ``times``: {log step: the mean step time of
+    the window it ends}."""
+    return [times[end] for _, end in windows]
+
+
 # --------------------------------------------------------------------------------------------
 # measurement helpers
 
@@ -210,9 +237,10 @@ def hf_worker(spec: dict) -> dict:
         model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True
     )
     run = torch.compile(model) if spec.get("compile") else model
-    seq, mbs, iters = spec["seq"], spec["mbs"], spec["iters"]
+    seq, mbs, iters, interval = spec["seq"], spec["mbs"], spec["iters"], spec["log_interval"]
     generator = torch.Generator(device="cuda").manual_seed(0)
     first, last, prof_start = timing_plan(iters)
+    windows = timed_windows(iters, interval)
 
     def step() -> float:
         tokens = torch.randint(
@@ -225,7 +253,7 @@ def hf_worker(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    times, losses = {}, []
+    times, losses, pending, t0 = {}, [], [], None
     torch.cuda.reset_peak_memory_stats()
     trace_path = Path(spec["trace"])
     with torch.profiler.profile(
@@ -233,16 +261,20 @@ def hf_worker(spec: dict) -> dict:
         on_trace_ready=lambda p: p.export_chrome_trace(str(trace_path)),
     ) as prof:
         for i in range(1, iters + 1):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = step()
-            losses.append(float(loss))  # syncs, like Megatron's per-step loss logging
-            times[i] = (time.perf_counter() - t0) * 1e3
+            if t0 is None:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            pending.append(step().detach())
+            if i % interval == 0 or i == iters:
+                # Read the window's losses (a sync), as Megatron does at a log step.
+                losses += [float(loss) for loss in pending]
+                times[i] = (time.perf_counter() - t0) * 1e3 / len(pending)
+                pending, t0 = [], None
             prof.step()
-    steady = [t for i, t in times.items() if first <= i <= last]
     return {
-        "median_ms": statistics.median(steady),
+        "median_ms": statistics.median(window_ms(times, windows)),
         "timed_steps": [first, last],
+        "timed_windows": windows,
         "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
         "losses": losses,
     }
@@ -252,10 +284,15 @@ def hf_worker(spec: dict) -> dict:
 # runs
 
 
-def run_hf(name: str, case: str, iters: int, out_dir: Path, keep: bool = False) -> dict:
+def run_hf(
+    name: str, case: str, iters: int, log_interval: int, out_dir: Path, keep: bool = False
+) -> dict:
     shape, seq, mbs = CASES[case]
     trace = out_dir / f"trace_{case}_{name}.json"
-    spec = dict(HF[name], shape=shape, seq=seq, mbs=mbs, iters=iters, trace=str(trace))
+    spec = dict(
+        HF[name], shape=shape, seq=seq, mbs=mbs, iters=iters, log_interval=log_interval,
+        trace=str(trace),
+    )  # fmt: skip
     log = out_dir / f"{case}_{name}.log"
     with open(log, "w") as fh:
         proc = subprocess.run(
@@ -314,12 +351,19 @@ def keep_trace(trace: Path, data: dict, out_dir: Path, case: str, name: str) -> 
 
 
 def run_ours(
-    name: str, case: str, iters: int, megatron: Path, out_dir: Path, stacks: bool = False
+    name: str,
+    case: str,
+    iters: int,
+    log_interval: int,
+    megatron: Path,
+    out_dir: Path,
+    stacks: bool = False,
 ) -> dict:
     """One Megatron run; ``stacks``: the profiled steps also record Python call stacks (more
     host time in those two steps: their GPU-busy figure is then a lower bound)."""
     extra, _ = OURS[name]
     first, last, prof_start = timing_plan(iters)
+    windows = timed_windows(iters, log_interval)
     work = out_dir / f"work_{case}_{name}"
     work.mkdir(parents=True, exist_ok=True)
     args = [
@@ -329,7 +373,7 @@ def run_ours(
         "--train-iters", str(iters), "--lr", str(LR), "--lr-decay-style", "constant",
         "--optimizer", "adam", "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]),
         "--weight-decay", str(WEIGHT_DECAY), "--clip-grad", str(CLIP), "--seed", "1234",
-        "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "100000",
+        "--log-interval", str(log_interval), "--eval-iters", "0", "--eval-interval", "100000",
         "--no-gradient-accumulation-fusion", "--no-create-attention-mask-in-dataloader",
         "--log-memory-to-tensorboard",
         "--tensorboard-dir", str(work / "tb"), "--profile", "--use-pytorch-profiler",
@@ -354,18 +398,16 @@ def run_ours(
     if code != 0:
         errors = [l for l in text.splitlines() if "Error" in l or "error" in l]
         return {"error": f"exit {code}: " + " | ".join(errors[-3:])[-1500:]}
-    times = {
-        int(m.group(1)): float(m.group(2))
-        for m in re.finditer(
-            r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)", text
-        )
-    }
+    times = megatron_log_times(text)
     losses = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", text)]
     peak = [float(v) for v in re.findall(r"max allocated: ([0-9.]+)", text)]
-    steady = [t for i, t in times.items() if first <= i <= last]
+    missing = [end for _, end in windows if end not in times]
+    if missing:
+        return {"error": f"no 'elapsed time per iteration' logged at iterations {missing}"}
     result = {
-        "median_ms": statistics.median(steady),
+        "median_ms": statistics.median(window_ms(times, windows)),
         "timed_steps": [first, last],
+        "timed_windows": windows,
         "peak_allocated_mb": max(peak) if peak else None,
         "losses": losses,
     }
@@ -379,6 +421,17 @@ def run_ours(
     return result
 
 
+def megatron_log_times(text: str) -> dict[int, float]:
+    """{iteration: 'elapsed time per iteration (ms)'} of Megatron's log lines: at a log step, the
+    mean step time of the window of --log-interval steps that it ends."""
+    return {
+        int(m.group(1)): float(m.group(2))
+        for m in re.finditer(
+            r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)", text
+        )
+    }
+
+
 def resumable(path: Optional[Path], report: dict) -> dict:
     """``{case: {system: result}}`` of the successful runs of an earlier call, if it measured the
     same clean commit with the same matmul-rate denominator's device (else nothing is reused)."""
@@ -386,10 +439,17 @@ def resumable(path: Optional[Path], report: dict) -> dict:
         return {}
     earlier = json.loads(path.read_text())
     same_code = earlier.get("commit") == report["commit"] and earlier.get("dirty") is False
-    if not same_code or report.get("dirty") is not False or earlier.get("device") != report.get(
-        "device"
+    # Files without a timing plan were timed per step (log interval 1).
+    same_plan = earlier.get("iters") == report.get("iters") and earlier.get(
+        "log_interval", 1
+    ) == report.get("log_interval", 1)
+    if (
+        not same_code
+        or not same_plan
+        or report.get("dirty") is not False
+        or earlier.get("device") != report.get("device")
     ):
-        print(f"--resume {path}: other or dirty code, or another device: nothing reused")
+        print(f"--resume {path}: other or dirty code, timing plan or device: nothing reused")
         return {}
     return {
         case: {n: r for n, r in entry["systems"].items() if "error" not in r}
@@ -412,6 +472,9 @@ def markdown(report: dict) -> str:
         f"{report['commit']}{' (dirty tree)' if report.get('dirty') else ''}",
         f"- versions: {json.dumps(report['versions'])}",
         f"- command: `{report['command']}`",
+        f"- timing: {report.get('iters', 16)} steps per run; step time = median over windows "
+        f"of {report.get('log_interval', 1)} step(s) (Megatron's --log-interval; one GPU read "
+        "per window on both sides)",
         f"- bf16 matmul rate measured in this job: {report['matmul_tflops']:.0f} TFLOP/s "
         "(MFU denominator); FLOPs/token: scripts/falcon_h1/flops.py",
         "",
@@ -472,7 +535,14 @@ def main() -> int:
     parser.add_argument("--megatron", type=Path, default=ROOT / "build" / "Megatron-LM")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--iters", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument(
+        "--log-interval",
+        type=int,
+        default=10,
+        help="steps per timing window: Megatron's --log-interval (the launchers use 10; it logs, "
+        "and reads the GPU, once per window) and the steps between HF's loss reads",
+    )
     parser.add_argument("--name", default="bench_falcon_h1", help="output file stem")
     parser.add_argument(
         "--deadline-s",
@@ -505,7 +575,9 @@ def main() -> int:
     for s in systems:
         if s not in SYSTEMS:
             parser.error(f"--systems: unknown {s!r}; choose from {', '.join(SYSTEMS)}")
-    timing_plan(args.iters)
+    if args.log_interval < 1:
+        parser.error(f"--log-interval must be >= 1, got {args.log_interval}")
+    timed_windows(args.iters, args.log_interval)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.megatron = args.megatron.resolve()
     use("megatron", megatron=args.megatron)  # the converter's mapping reads Megatron's table
@@ -514,7 +586,13 @@ def main() -> int:
 
     started = time.time()
     report = provenance([sys.executable, *sys.argv])
-    report.update(benchmark="falcon_h1_training_step", matmul_tflops=matmul_tflops(), cases={})
+    report.update(
+        benchmark="falcon_h1_training_step",
+        iters=args.iters,
+        log_interval=args.log_interval,
+        matmul_tflops=matmul_tflops(),
+        cases={},
+    )
     earlier = resumable(args.resume, report)
     have_te = te_available()
     out_json = args.out_dir / f"{args.name}.json"
@@ -538,11 +616,14 @@ def main() -> int:
                 continue
             keep = name in args.keep_traces.split(",")
             if name in HF:
-                r = run_hf(name, case, args.iters, args.out_dir, keep)
+                r = run_hf(name, case, args.iters, args.log_interval, args.out_dir, keep)
             elif OURS[name][1] and not have_te:
                 r = {"error": "Transformer Engine not importable here"}
             else:
-                r = run_ours(name, case, args.iters, args.megatron, args.out_dir, stacks=keep)
+                r = run_ours(
+                    name, case, args.iters, args.log_interval, args.megatron, args.out_dir,
+                    stacks=keep,
+                )  # fmt: skip
             r["wall_s"] = round(time.time() - t0, 1)
             r["call"] = report["date_utc"]  # ratios only between runs of one call
             if "error" not in r:

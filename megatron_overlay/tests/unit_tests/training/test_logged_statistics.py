@@ -8,8 +8,8 @@ returned.
   upstream's -1 marker, only the object ``True`` as true; tensors stay on the device until read.
 * With more model-parallel ranks the helpers are upstream's reductions.
 * ``pretrain_hybrid.py`` trains a tiny Falcon-H1 model on the CPU with the step settings of a
-  CUDA-graph run (``host_reads_worker.py`` counts the reads): the iterations that log read values
-  on the host, the others read none.
+  CUDA-graph run, in fp32, bf16 and bf16 with the distributed optimizer (``host_reads_worker.py``
+  counts the reads): the iterations that log read values on the host, the others read none.
 """
 
 import json
@@ -111,7 +111,10 @@ LOG_ITERATIONS = {0, 3, 7}  # train_step's 0-based iteration: the first, then ev
 
 
 @requires_cpu_training
-def test_only_logging_iterations_read_the_device(tmp_path):
+@pytest.mark.parametrize(
+    "precision", [[], ["--bf16"], ["--bf16", "--use-distributed-optimizer"]], ids=str
+)
+def test_only_logging_iterations_read_the_device(tmp_path, precision):
     out = tmp_path / "reads.json"
     env = dict(
         os.environ,
@@ -123,7 +126,7 @@ def test_only_logging_iterations_read_the_device(tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "tests.unit_tests.training.host_reads_worker", str(out),
-            "--", *TRAIN_FLAGS,
+            "--", *TRAIN_FLAGS, *precision,
         ],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
