@@ -7,14 +7,18 @@ On a GPU each such read waits for every kernel queued so far: the GPU then idles
 works until it launches the next kernel, and the host cannot queue the next step ahead. Usage
 (from the tree's root)::
 
-    python -m tests.unit_tests.training.host_reads_worker OUT_JSON -- <pretrain_hybrid flags>
+    python -m tests.unit_tests.training.host_reads_worker [--cuda] OUT_JSON -- <pretrain flags>
 
-OUT_JSON gets ``{iteration: {innermost Megatron frame: reads}}``. The reads are counted with a
-``TorchDispatchMode`` from the first ``train_step`` on; each read is charged to the iteration
-whose ``train_step`` ran last (a read in ``training_log`` counts for the step it logs). Without
-Transformer Engine or Apex upstream's gradient clipping falls back to kernels that read the norm
-(``local_multi_tensor_l2_norm``) or need a float (no tensor-scale kernel); the worker swaps in
-tensor-only stand-ins, so that clipping takes the path it takes on a GPU with either installed.
+OUT_JSON gets ``{iteration: {innermost Megatron frame: reads}}``; each read is charged to the
+iteration whose ``train_step`` ran last (a read in ``training_log`` counts for the step it logs).
+
+* On the CPU the reads are counted with a ``TorchDispatchMode`` from the first ``train_step`` on.
+  Without Transformer Engine or Apex upstream's gradient clipping falls back to kernels that read
+  the norm (``local_multi_tensor_l2_norm``) or need a float (no tensor-scale kernel); the worker
+  swaps in tensor-only stand-ins, so that clipping takes the path it takes on a GPU with either.
+* With ``--cuda`` (on a GPU, CUDA graphs allowed) PyTorch's own detector counts instead:
+  ``torch.cuda.set_sync_debug_mode("warn")`` warns at every synchronising operation (reads,
+  copies from pageable memory, ...; not at an explicit ``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import runpy
 import socket
 import sys
 import traceback
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -71,19 +76,56 @@ def _scale_by_tensor(chunk_size, noop_flag, tensor_lists, scale):
         dst.copy_(src * scale)
 
 
-def main(out: str, flags: list[str]) -> None:
+class SyncWarningCounter:
+    """Counts the warnings of ``torch.cuda.set_sync_debug_mode("warn")`` per iteration, keyed by
+    the Python line that caused each."""
+
+    def __init__(self):
+        self.iteration = None
+        self.reads = defaultdict(Counter)
+        self._records = []
+        self._catch = warnings.catch_warnings(record=True)
+
+    def __enter__(self):
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def charge(self):
+        """Charge the warnings recorded since the last call to the current iteration."""
+        for record in self._records:
+            if "synchronizing" in str(record.message):
+                where = f"{Path(record.filename).name}:{record.lineno}"
+                self.reads[self.iteration][where] += 1
+        self._records.clear()
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self.charge()
+        self._catch.__exit__(*exc)
+
+
+def main(out: str, flags: list[str], cuda: bool) -> None:
     """Train with ``flags`` and write the reads per iteration to ``out``."""
     from megatron.core.optimizer import clip_grads
     from megatron.training import training
 
-    clip_grads.l2_norm_impl = _l2_norm
-    clip_grads.multi_tensor_scale_tensor_impl = _scale_by_tensor
-    counter = HostReadCounter()
+    if cuda:
+        counter = SyncWarningCounter()
+    else:
+        clip_grads.l2_norm_impl = _l2_norm
+        clip_grads.multi_tensor_scale_tensor_impl = _scale_by_tensor
+        counter = HostReadCounter()
     train_step = training.train_step
+    started = []
 
     def counted_train_step(*args, **kwargs):
-        if counter.iteration is None:
+        if not started:
             counter.__enter__()
+            started.append(True)
+        elif cuda:
+            counter.charge()
         counter.iteration = kwargs["iteration"]
         return train_step(*args, **kwargs)
 
@@ -92,7 +134,7 @@ def main(out: str, flags: list[str]) -> None:
     try:
         runpy.run_path("pretrain_hybrid.py", run_name="__main__")
     finally:
-        if counter.iteration is not None:
+        if started:
             counter.__exit__(None, None, None)
     reads = {str(k): dict(v) for k, v in sorted(counter.reads.items())}
     Path(out).write_text(json.dumps(reads, indent=1) + "\n")
@@ -111,4 +153,6 @@ if __name__ == "__main__":
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = _free_port()
     separator = sys.argv.index("--")
-    main(sys.argv[1], sys.argv[separator + 1 :])
+    options = sys.argv[1:separator]
+    on_cuda = "--cuda" in options
+    main([o for o in options if o != "--cuda"][0], sys.argv[separator + 1 :], on_cuda)

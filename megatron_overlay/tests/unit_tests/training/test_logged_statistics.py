@@ -38,6 +38,14 @@ from tests.unit_tests.gloo_single_rank import requires_cpu_training
 ROOT = Path(__file__).resolve().parents[3]
 
 
+def _replaced(flags, values):
+    """``flags`` with the value after each flag in ``values`` replaced."""
+    out = list(flags)
+    for flag, value in values.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
 @pytest.mark.parametrize("stat", [None, 0.1, 3e-4, 1.0, -1.0, 1e40, 7])
 def test_one_rank_max_of_a_number_is_upstreams(single_rank, stat):
     ours = model_parallel_max(stat)
@@ -110,29 +118,35 @@ TRAIN_FLAGS = [
 LOG_ITERATIONS = {0, 3, 7}  # train_step's 0-based iteration: the first, then every 4th
 
 
+def _reads_per_iteration(tmp_path, flags, iterations, cuda=False):
+    """Train with ``flags`` in host_reads_worker.py; {0-based iteration: {where: reads}}."""
+    out = tmp_path / "reads.json"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tests.unit_tests.training.host_reads_worker",
+            *(["--cuda"] if cuda else []), str(out), "--", *flags,
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"iteration {iterations:>8}/{iterations:>8}" in proc.stdout, proc.stdout[-3000:]
+    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
 @requires_cpu_training
 @pytest.mark.parametrize(
     "precision", [[], ["--bf16"], ["--bf16", "--use-distributed-optimizer"]], ids=str
 )
 def test_only_logging_iterations_read_the_device(tmp_path, precision):
-    out = tmp_path / "reads.json"
-    env = dict(
-        os.environ,
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "tests.unit_tests.training.host_reads_worker", str(out),
-            "--", *TRAIN_FLAGS, *precision,
-        ],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "iteration        8/       8" in proc.stdout, proc.stdout[-3000:]
-    reads = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    reads = _reads_per_iteration(tmp_path, TRAIN_FLAGS + precision, 8)
     for iteration in range(8):
         found = reads.get(iteration, {})
         if iteration in LOG_ITERATIONS:
@@ -144,3 +158,37 @@ def test_only_logging_iterations_read_the_device(tmp_path, precision):
         else:
             assert not found, f"iteration {iteration} read the device at {found}"
     assert set(reads) <= LOG_ITERATIONS | set(range(8))
+
+
+# On a GPU: the same model at sizes the mamba_ssm kernels take, bf16, whole-iteration and
+# optimizer CUDA graphs (captured after 3 warm-up steps), 16 iterations.
+GPU_FLAGS = [
+    flag for flag in TRAIN_FLAGS if flag not in ("--device", "cpu", "--distributed-backend", "gloo")
+]
+GPU_FLAGS = _replaced(
+    GPU_FLAGS,
+    {
+        "--train-iters": "16", "--seq-length": "64", "--max-position-embeddings": "64",
+        "--hidden-size": "64", "--ffn-hidden-size": "128", "--kv-channels": "16",
+        "--mamba-num-heads": "8", "--mamba-head-dim": "16", "--mamba-state-dim": "16",
+        "--mamba-chunk-size": "16",
+    },
+) + [
+    "--bf16", "--cuda-graph-impl", "full_iteration", "--optimizer-cuda-graph",
+    "--cuda-graph-warmup-steps", "3", "--no-gradient-accumulation-fusion",
+    "--no-create-attention-mask-in-dataloader",
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_steps_synchronise_only_to_log(tmp_path):
+    """torch.cuda.set_sync_debug_mode counts every synchronising operation: after the graphs
+    are captured (iteration 4 on), only the iterations that log have any."""
+    reads = _reads_per_iteration(tmp_path, GPU_FLAGS, 16, cuda=True)
+    for iteration in range(5, 16):
+        found = reads.get(iteration, {})
+        if (iteration + 1) % 4 == 0:
+            assert sum(found.values()) >= 1, (iteration, reads)
+        else:
+            assert not found, f"iteration {iteration} synchronised at {found}"
