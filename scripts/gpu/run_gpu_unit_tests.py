@@ -35,6 +35,7 @@ DEFAULT_TESTS = [
     "tests/unit_tests/bitnet/test_triton_kernels.py",
     "tests/unit_tests/bitnet/test_backend.py",
     "tests/unit_tests/bitnet/test_quant_reference.py",
+    "tests/unit_tests/training/test_logged_statistics.py",
 ]
 
 
