@@ -36,6 +36,9 @@
 #   count and keeps each Adam's own settings; scripts/gpu/check_adam_resume.py checks it on a GPU)
 # The local spec uses torch norms (--no-persist-layer-norm) and, without TE, unfused RoPE;
 # without apex, gradient-accumulation fusion is off.
+# Logs (and TensorBoard scalars, with --tensorboard-dir) every 10 iterations: with one
+# model-parallel rank the iterations between read nothing off the GPU (patch 0035), so the host
+# queues the next step while the GPU runs this one.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 megatron=${MEGATRON:-$root/build/Megatron-LM}
@@ -129,7 +132,8 @@ training=(
     --train-iters "${TRAIN_ITERS:-10000}" --lr "${LR:-3e-4}" --min-lr "${MIN_LR:-3e-5}"
     --lr-decay-style cosine --lr-warmup-iters "${WARMUP:-200}" --weight-decay 0.1 --clip-grad 1.0
     --attention-dropout 0.0 --hidden-dropout 0.0
-    --log-interval 10 --log-throughput --eval-interval 1000 --eval-iters 10
+    --log-interval 10 --tensorboard-log-interval 10 --log-throughput
+    --eval-interval 1000 --eval-iters 10
 )
 # The data loader's [b, 1, s, s] causal mask repeats what the causal mask type computes (unless
 # --reset-attention-mask makes it document-wise): building it costs host time every step, and with

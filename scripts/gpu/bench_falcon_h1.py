@@ -18,11 +18,13 @@ optimizer, gradient clipping 1.0, random tokens, on one GPU:
 Per run: step time = the median over timing windows of --log-interval steps (after warm-up and
 graph capture) of each window's mean step time (Megatron logs, and reads the GPU, once per
 window with its --log-interval; the HF loop reads its losses once per window too), tokens/s, peak
-allocated memory, the logged losses (ours: one mean per window; HF: every step), GPU-busy fraction of two profiled steps (torch profiler:
-union of kernel/memcpy time over the steps' wall time, scripts/lib/gpu_trace.py), the top
-kernels, and MFU = tokens/s x training FLOPs per token (scripts/falcon_h1/flops.py) / the bf16
-matmul rate measured at the start of the same job. Runs that fail are recorded with their error
-and do not stop the job. Writes ``bench_falcon_h1.json`` and ``.md`` to --out-dir after every run.
+allocated memory, the logged losses (ours: one mean per window; HF: every step), GPU-busy
+fraction of the last two steps (torch profiler: union of kernel/memcpy time over the steps'
+wall time, scripts/lib/gpu_trace.py; the last is a log step where --iters is a multiple of
+--log-interval), the top kernels, and MFU = tokens/s x training FLOPs per token
+(scripts/falcon_h1/flops.py) / the bf16 matmul rate measured at the start of the same job. Runs
+that fail are recorded with their error and do not stop the job. Writes ``bench_falcon_h1.json``
+and ``.md`` to --out-dir after every run.
 
 A device call is limited in time: ``--deadline-s`` starts no run after that many seconds, and
 ``--resume`` keeps the successful runs of an earlier call's JSON (same clean commit, same device
@@ -375,7 +377,7 @@ def run_ours(
         "--weight-decay", str(WEIGHT_DECAY), "--clip-grad", str(CLIP), "--seed", "1234",
         "--log-interval", str(log_interval), "--eval-iters", "0", "--eval-interval", "100000",
         "--no-gradient-accumulation-fusion", "--no-create-attention-mask-in-dataloader",
-        "--log-memory-to-tensorboard",
+        "--log-memory-to-tensorboard", "--tensorboard-log-interval", str(log_interval),
         "--tensorboard-dir", str(work / "tb"), "--profile", "--use-pytorch-profiler",
         "--profile-step-start", str(prof_start - 1), "--profile-step-end", str(prof_start + 1),
         *extra,
