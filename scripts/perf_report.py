@@ -53,7 +53,14 @@ LABELS = {
     "ours_te_graph_opt_bf_tadam_norerun": (
         "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW, rerun state machine off"
     ),
+    "ours_te_graph_opt_bf_tadam_norerun_tce": (
+        "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW, rerun state machine off, "
+        "Triton cross entropy"
+    ),
     "ours_local_graph_opt_bf_tadam": "ours, local spec, both graphs, batch-first, PyTorch fused AdamW",
+    "ours_local_graph_opt_bf_tadam_tce": (
+        "ours, local spec, both graphs, batch-first, PyTorch fused AdamW, Triton cross entropy"
+    ),
     "ours_te_graph_opt_bf_dist": "ours, TE spec, both graphs, batch-first, distributed optimizer",
     "ours_local_graph_opt_bf": "ours, local spec, both graphs, batch-first Mamba",
     "ours_local_graph_opt": "ours, local spec, both graphs",

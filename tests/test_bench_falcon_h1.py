@@ -196,3 +196,22 @@ def test_idle_gaps_are_charged_to_the_innermost_megatron_function():
     assert {r["name"] for r in small["by_function"]} == {
         "megatron/training.py(9): log", "megatron/training.py(1): train"
     }  # fmt: skip
+
+
+def test_long_kernels_are_grouped_by_name_and_grid_per_step():
+    """Two steps: 'div' over the logits grid runs 300 us once a step; 'div' on another grid and
+    the 20-30 us kernels of _trace() fall under min_us; a kernel outside the steps is ignored."""
+    trace = load_script("scripts/lib/gpu_trace.py")
+    data = _trace()
+    data["traceEvents"] += [
+        {"ph": "X", "name": "div", "ts": 5, "dur": 300, "cat": "kernel", "args": {"grid": [9, 1, 1]}},
+        {"ph": "X", "name": "div", "ts": 105, "dur": 300, "cat": "kernel", "args": {"grid": [9, 1, 1]}},
+        {"ph": "X", "name": "div", "ts": 60, "dur": 90, "cat": "kernel", "args": {"grid": [2, 1, 1]}},
+        {"ph": "X", "name": "div", "ts": 500, "dur": 900, "cat": "kernel", "args": {"grid": [9, 1, 1]}},
+    ]  # fmt: skip
+    rows = trace.long_kernel_launches(data, min_us=100)
+    assert rows == [
+        {"name": "div", "grid": "[9, 1, 1]", "mean_us": 300, "us_per_step": 300, "calls_per_step": 1}
+    ]
+    names = {(r["name"], r["grid"]) for r in trace.long_kernel_launches(data, min_us=20)}
+    assert names == {("div", "[9, 1, 1]"), ("div", "[2, 1, 1]"), ("_chunk_scan_fwd_kernel", "None"), ("gemm", "None")}

@@ -117,6 +117,10 @@ TORCH_ADAM = ["--use-torch-fused-adam"]
 # it on the host every step). With the whole-iteration graph it has nothing to validate: the NaN
 # check of the loss and gradients is off (FULL_GRAPH) and the spiky-loss check is off by default.
 NO_RERUN = ["--rerun-mode", "disabled"]
+# The language-model loss in two Triton passes over the bf16 logits (patch 0036): no fp32
+# copies of the [tokens, vocabulary] logits (about 5 ms of kernels per step and 2 GB at 0.5B
+# s2048 x 4 in the unfused path, traces of bench_falcon_h1_batch_first.json).
+TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "triton"]
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
     "ours_local_graph": (LOCAL + FULL_GRAPH, False),
@@ -134,8 +138,16 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
         TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN,
         True,
     ),
+    "ours_te_graph_opt_bf_tadam_norerun_tce": (
+        TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        True,
+    ),
     "ours_local_graph_opt_bf_tadam": (
         LOCAL + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM,
+        True,
+    ),
+    "ours_local_graph_opt_bf_tadam_tce": (
+        LOCAL + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + TRITON_CE,
         True,
     ),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),

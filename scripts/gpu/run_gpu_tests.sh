@@ -11,8 +11,8 @@
 #             (PARITY_ARGS: extra arguments of both parity steps, e.g. "--cases g1_norm0_memeff")
 #   bitnet    BitNet kernel correctness
 #   unit      overlay unit tests on the GPU (compiled Triton kernels, `gpu`-marked tests), by
-#             scripts/gpu/run_gpu_unit_tests.py (UNIT_TESTS: test paths, default the BitNet kernel tests
-#             and the graphed-step synchronisation test)
+#             scripts/gpu/run_gpu_unit_tests.py (UNIT_TESTS: test paths, default the BitNet kernel tests,
+#             the graphed-step synchronisation test and the Triton cross entropy)
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory
@@ -22,6 +22,10 @@
 #             errors against an fp32 reference (scripts/gpu/bench_sdpa.py; the local spec's kernel)
 #   adam      one AdamW step over the 0.5B model's fp32 parameters: TE's FusedAdam vs PyTorch's
 #             fused / foreach AdamW, graph replays (scripts/gpu/bench_adam.py; TE=1 for TE's)
+#   ce        the language-model loss alone: Megatron's unfused / fused-native cross entropy,
+#             ours in Triton (--cross-entropy-fusion-impl triton) and TE's, fwd+bwd on bf16 logits
+#             at Falcon-H1 vocabularies, graph replays + eager, peak memory, float64 errors
+#             (scripts/gpu/bench_cross_entropy.py; TE=1 for TE's)
 #   fusion    the parallel-hybrid projection fusion (QKV + in_proj in one GEMM, both output
 #             projections in one) vs separate GEMMs, fwd+bwd as graph replays
 #             (scripts/gpu/bench_hybrid_fusion.py)
@@ -103,6 +107,7 @@ for step in $steps; do
         gptaccum) run gptaccum "$results/bench_bitnet_gpt_step_mb4.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --micro-batches 4 --variants bitnet,bitnet_dgrad_cached ;;
         h1step) run h1step "$results/bench_bitnet_gpt_step_falcon_h1_0.5b.json" python3 scripts/gpu/bench_bitnet_gpt_step.py --megatron "$megatron" --out-dir "$results" --iters "${GPT_STEP_ITERS:-30}" --model falcon_h1_0.5b --variants bitnet ;;
         adam) run adam "$results/bench_adam.json" python3 scripts/gpu/bench_adam.py --out-dir "$results" ;;
+        ce) run ce "$results/bench_cross_entropy.json" python3 scripts/gpu/bench_cross_entropy.py --out-dir "$results" ;;
         fusion) run fusion "$results/bench_hybrid_fusion.json" python3 scripts/gpu/bench_hybrid_fusion.py --out-dir "$results" ;;
         sdpa) run sdpa "$results/bench_sdpa.json" python3 scripts/gpu/bench_sdpa.py --out-dir "$results" ;;
         falconh1) name=${FALCON_H1_NAME:-bench_falcon_h1}  # the results file stem (--name)

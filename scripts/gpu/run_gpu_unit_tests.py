@@ -36,6 +36,7 @@ DEFAULT_TESTS = [
     "tests/unit_tests/bitnet/test_backend.py",
     "tests/unit_tests/bitnet/test_quant_reference.py",
     "tests/unit_tests/training/test_logged_statistics.py",
+    "tests/unit_tests/fusions/test_triton_cross_entropy.py",
 ]
 
 

@@ -105,6 +105,34 @@ def top_kernels(trace: dict, count: int = 25) -> list[dict]:
     ]
 
 
+def long_kernel_launches(trace: dict, min_us: float) -> list[dict]:
+    """Kernels of the profiled steps whose mean duration is at least ``min_us``, per kernel name
+    and launch grid (the grid tells passes over one large tensor, e.g. the logits, from others):
+    calls and microseconds per step, longest first."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    start, end, steps = step_window(events)
+    totals: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") != "kernel" or e.get("ph") != "X" or not start <= float(e["ts"]) <= end:
+            continue
+        key = (str(e.get("name")), str((e.get("args") or {}).get("grid")))
+        entry = totals.setdefault(key, [0.0, 0])
+        entry[0] += float(e.get("dur", 0.0))
+        entry[1] += 1
+    rows = [
+        {
+            "name": name[:160],
+            "grid": grid,
+            "mean_us": t / n,
+            "us_per_step": t / steps,
+            "calls_per_step": n / steps,
+        }
+        for (name, grid), (t, n) in totals.items()
+        if t / n >= min_us
+    ]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
 HOST_CATEGORIES = ("python_function", "cpu_op")
 
 
