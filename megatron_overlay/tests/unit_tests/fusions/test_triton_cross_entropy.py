@@ -254,6 +254,46 @@ def test_cli_flag_selects_the_triton_impl(monkeypatch):
     assert args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "triton"
 
 
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from megatron.core.fusions import fused_cross_entropy_triton as m
+
+common = {"logits_row_stride": "i32", "target_ptr": "*i64", "n_cols": "i32",
+          "vocab_start": "i32", "BLOCK_SIZE": "constexpr"}
+for dtype in ("bf16", "fp16", "fp32"):
+    fwd = {"logits_ptr": f"*{dtype}", "stats_ptr": "*fp32", "n_rows": "i32", **common}
+    bwd = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "row_max_ptr": "*fp32",
+           "log_sum_exp_ptr": "*fp32", "grad_output_ptr": "*fp32", **common}
+    for kernel, signature in ((m._cross_entropy_fwd_kernel, fwd), (m._cross_entropy_bwd_kernel, bwd)):
+        source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_SIZE": 4096})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        assert compiled.asm["cubin"], (kernel.__name__, dtype)
+print("COMPILED")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Compiled (not interpreted) Triton is stricter about types: both kernels compile to sm_90
+    machine code for every logits dtype, here without a GPU (Triton's bundled ptxas)."""
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(ce_module.__file__).parents[3])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "COMPILED" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_falcon_h1_shape_matches_the_unfused_loss():
