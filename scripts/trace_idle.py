@@ -11,32 +11,27 @@ provenance and the benchmark file the trace came from.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
-from gpu_trace import idle_by_host_function, load_trace  # noqa: E402
-from provenance import provenance  # noqa: E402
+from gpu_trace import (  # noqa: E402
+    idle_by_host_function,
+    load_trace,
+    trace_report_header,
+    trace_report_parser,
+)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("trace", type=Path, help="a torch profiler trace (.json or .json.gz)")
-    parser.add_argument("--source", type=Path, required=True, help="the benchmark JSON it belongs to")
-    parser.add_argument("--out", type=Path, required=True, help="the JSON report")
+    parser = trace_report_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--min-gap-us", type=float, default=50.0, help="shorter gaps are left out")
     args = parser.parse_args(argv)
-    source = json.loads(args.source.read_text())
+    argv = sys.argv if argv is None else [__file__, *argv]
     report = {
-        **provenance(sys.argv if argv is None else [__file__, *argv]),
-        "trace": str(args.trace),
-        "trace_source": {
-            "file": str(args.source),
-            **{k: source[k] for k in ("commit", "dirty", "device", "date_utc") if k in source},
-        },
+        **trace_report_header(argv, args.trace, args.source),
         "min_gap_us": args.min_gap_us,
         **idle_by_host_function(load_trace(args.trace), min_gap_us=args.min_gap_us),
     }

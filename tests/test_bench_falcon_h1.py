@@ -215,3 +215,22 @@ def test_long_kernels_are_grouped_by_name_and_grid_per_step():
     ]
     names = {(r["name"], r["grid"]) for r in trace.long_kernel_launches(data, min_us=20)}
     assert names == {("div", "[9, 1, 1]"), ("div", "[2, 1, 1]"), ("_chunk_scan_fwd_kernel", "None"), ("gemm", "None")}
+
+
+def test_trace_scripts_write_reports_tied_to_the_benchmark_run(tmp_path):
+    """scripts/trace_idle.py and scripts/trace_kernels.py: a report with this analysis's
+    provenance, the trace and the benchmark run it came from, and the analysis itself."""
+    trace_file, source = tmp_path / "t.json", tmp_path / "bench.json"
+    data = _trace()
+    data["traceEvents"].append(
+        {"ph": "X", "name": "div", "ts": 5, "dur": 300, "cat": "kernel", "args": {"grid": [9, 1, 1]}}
+    )
+    trace_file.write_text(json.dumps(data))
+    source.write_text(json.dumps({"commit": "abc", "dirty": False, "device": "H200", "other": 1}))
+    for script, key in (("scripts/trace_idle.py", "by_function"), ("scripts/trace_kernels.py", "kernels")):
+        out = tmp_path / f"{key}.json"
+        assert load_script(script).main([str(trace_file), "--source", str(source), "--out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["trace_source"] == {"file": str(source), "commit": "abc", "dirty": False, "device": "H200"}
+        assert report["trace"] == str(trace_file) and "commit" in report and key in report
+    assert report["kernels"][0]["name"] == "div" and report["kernels"][0]["us_per_step"] == 150

@@ -201,3 +201,31 @@ def idle_by_host_function(trace: dict, prefix: str = "megatron/", min_gap_us: fl
             for name, t in sorted(totals.items(), key=lambda kv: -kv[1])
         ],
     }
+
+
+def trace_report_parser(description: str):
+    """Command line of a script that reports on a kept trace: the trace, ``--source`` (the
+    benchmark JSON it belongs to) and ``--out`` (the JSON report)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("trace", type=Path, help="a torch profiler trace (.json or .json.gz)")
+    parser.add_argument("--source", type=Path, required=True, help="the benchmark JSON it belongs to")
+    parser.add_argument("--out", type=Path, required=True, help="the JSON report")
+    return parser
+
+
+def trace_report_header(argv: list[str], trace_path: Path, source_path: Path) -> dict:
+    """The head of a report about a kept trace: this analysis's provenance (``argv``: its
+    command), the trace, and the benchmark file it came from (that run's commit and device)."""
+    from provenance import provenance  # scripts/lib, beside this module
+
+    source = json.loads(source_path.read_text())
+    return {
+        **provenance(argv),
+        "trace": str(trace_path),
+        "trace_source": {
+            "file": str(source_path),
+            **{k: source[k] for k in ("commit", "dirty", "device", "date_utc") if k in source},
+        },
+    }
