@@ -37,6 +37,7 @@ DEFAULT_TESTS = [
     "tests/unit_tests/bitnet/test_quant_reference.py",
     "tests/unit_tests/training/test_logged_statistics.py",
     "tests/unit_tests/fusions/test_triton_cross_entropy.py",
+    "tests/unit_tests/fusions/test_triton_rope.py",
     "tests/unit_tests/optimizer/test_param_copy.py",
 ]
 
