@@ -63,6 +63,10 @@ LABELS = {
     ),
     "ours_te_graph_opt_bf_dist": "ours, TE spec, both graphs, batch-first, distributed optimizer",
     "ours_local_graph_opt_bf": "ours, local spec, both graphs, batch-first Mamba",
+    "ours_local_graph_bf": "ours, local spec, whole-iteration graph, batch-first Mamba (no TE)",
+    "ours_local_graph_bf_triton": (
+        "ours, local spec, whole-iteration graph, batch-first, Triton RoPE and cross entropy (no TE)"
+    ),
     "ours_local_graph_opt": "ours, local spec, both graphs",
     "ours_bitnet_graph_opt": "ours, BitNet (local spec), both graphs",
 }

@@ -95,7 +95,11 @@ CASES = {  # name: (shape, sequence length, micro-batch size)
     "1.5b-deep_s4096_b1": ("1.5b-deep", 4096, 1),
 }
 
-LOCAL = ["--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm"]
+# The local spec as a user without Transformer Engine runs it: unfused RoPE (upstream's fused
+# RoPE is TE's). LOCAL_FUSED keeps --apply-rope-fusion (the default), which without TE runs the
+# Triton RoPE of patch 0038; with TE installed in the call, TE's.
+LOCAL_FUSED = ["--transformer-impl", "local", "--no-persist-layer-norm"]
+LOCAL = LOCAL_FUSED + ["--no-rope-fusion"]
 TE = ["--transformer-impl", "transformer_engine"]
 FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
 # Upstream's CUDA graph of the optimizer step; a captured step needs the tensor-valued gradient
@@ -150,6 +154,10 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
         LOCAL + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + TRITON_CE,
         True,
     ),
+    # Without TE (a TE=0 call): the local spec with whole-iteration graphs, unfused vs the Triton
+    # RoPE and cross entropy.
+    "ours_local_graph_bf": (LOCAL + FULL_GRAPH + BATCH_FIRST, False),
+    "ours_local_graph_bf_triton": (LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TRITON_CE, False),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
     "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),
