@@ -28,7 +28,6 @@ tests).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -36,10 +35,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-try:
-    _INTERPRET: bool = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # triton < 3.3
-    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from megatron.core.fusions.triton_support import runs_triton
 
 # Columns per loop iteration of a program (one program per row of logits). The interpreter runs
 # a block as one NumPy operation, so its block size only changes how often the online maximum
@@ -123,7 +119,7 @@ def _cross_entropy_bwd_kernel(
 
 
 def _check_device(tensor: torch.Tensor) -> None:
-    if not tensor.is_cuda and not _INTERPRET:
+    if not runs_triton(tensor):
         raise RuntimeError(
             "--cross-entropy-fusion-impl triton needs CUDA tensors (or TRITON_INTERPRET=1, "
             f"Triton's CPU interpreter, set before triton is imported); got logits on "

@@ -20,16 +20,11 @@ Needs CUDA tensors, or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tes
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-try:
-    _INTERPRET: bool = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # triton < 3.3
-    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from megatron.core.fusions.triton_support import runs_triton
 
 
 @triton.jit
@@ -91,7 +86,7 @@ def triton_rope_applies(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved
     shared by every sample and head, an even number of rotary channels."""
     rot_dim = freqs.shape[-1]
     return (
-        (t.is_cuda or _INTERPRET)
+        runs_triton(t)
         and not rotary_interleaved
         and t.dim() == 4
         and freqs.dim() == 4

@@ -17,15 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.core.fusions import fused_cross_entropy_triton as ce_module
+from megatron.core.fusions import triton_support
 from megatron.core.fusions.fused_cross_entropy_triton import triton_vocab_parallel_cross_entropy
+from tests.unit_tests.fusions.triton_compile import assert_compiles_for_hopper
 from tests.unit_tests.gloo_ranks import forkserver_env
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
 from tests.unit_tests.gloo_single_rank import requires_cpu_training
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and not ce_module._INTERPRET,
+    DEVICE == "cpu" and not triton_support.INTERPRET,
     reason="no GPU: run with TRITON_INTERPRET=1 (Triton's CPU interpreter), as `make test` does",
 )
 
@@ -133,7 +134,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(ce_module, "_INTERPRET", False)
+    monkeypatch.setattr(triton_support, "INTERPRET", False)
     logits, target, _ = _case((2, 2), 8)
     with pytest.raises(RuntimeError, match="--cross-entropy-fusion-impl triton needs CUDA"):
         triton_vocab_parallel_cross_entropy(logits.cpu(), target.cpu())
@@ -143,7 +144,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 def test_vocabulary_split_over_two_ranks_equals_one_rank(tmp_path):
     """TP=2 over gloo (CPU, interpreter): per-token losses as on the whole vocabulary, each
     rank's gradient the matching columns of the whole-vocabulary gradient."""
-    if not ce_module._INTERPRET:
+    if not triton_support.INTERPRET:
         pytest.skip("the ranks run on CPU: needs TRITON_INTERPRET=1")
     import torch.multiprocessing as mp
 
@@ -254,11 +255,7 @@ def test_cli_flag_selects_the_triton_impl(monkeypatch):
     assert args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "triton"
 
 
-_COMPILE_FOR_HOPPER = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+_COMPILE_KERNELS = """
 from megatron.core.fusions import fused_cross_entropy_triton as m
 
 common = {"logits_row_stride": "i32", "target_ptr": "*i64", "n_cols": "i32",
@@ -268,30 +265,13 @@ for dtype in ("bf16", "fp16", "fp32"):
     bwd = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "row_max_ptr": "*fp32",
            "log_sum_exp_ptr": "*fp32", "grad_output_ptr": "*fp32", **common}
     for kernel, signature in ((m._cross_entropy_fwd_kernel, fwd), (m._cross_entropy_bwd_kernel, bwd)):
-        source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_SIZE": 4096})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-        assert compiled.asm["cubin"], (kernel.__name__, dtype)
-print("COMPILED")
+        compile_for_hopper(kernel, signature, {"BLOCK_SIZE": 4096}, num_warps=8)
 """
 
 
 def test_kernels_compile_for_hopper():
-    """Compiled (not interpreted) Triton is stricter about types: both kernels compile to sm_90
-    machine code for every logits dtype, here without a GPU (Triton's bundled ptxas)."""
-    import subprocess
-
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(ce_module.__file__).parents[3])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_HOPPER],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0 and "COMPILED" in proc.stdout, proc.stderr[-3000:]
+    """Both kernels compile to sm_90 machine code for every logits dtype (no GPU needed)."""
+    assert_compiles_for_hopper(_COMPILE_KERNELS)
 
 
 @pytest.mark.gpu
