@@ -96,7 +96,7 @@ CASES = {  # name: (shape, sequence length, micro-batch size)
 }
 
 # The local spec as a user without Transformer Engine runs it: unfused RoPE (upstream's fused
-# RoPE is TE's). LOCAL_FUSED keeps --apply-rope-fusion (the default), which without TE runs the
+# RoPE is TE's). LOCAL_FUSED keeps RoPE fusion (the default), which without TE runs the
 # Triton RoPE of patch 0038; with TE installed in the call, TE's.
 LOCAL_FUSED = ["--transformer-impl", "local", "--no-persist-layer-norm"]
 LOCAL = LOCAL_FUSED + ["--no-rope-fusion"]

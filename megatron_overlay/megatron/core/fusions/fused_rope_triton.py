@@ -1,7 +1,8 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
-"""Rotary position embedding in one Triton kernel, for ``--apply-rope-fusion`` without
-Transformer Engine (whose fused RoPE Megatron uses when it is installed).
+"""Rotary position embedding in one Triton kernel, for RoPE fusion (``apply_rope_fusion``, on by
+default; ``--no-rope-fusion`` turns it off) without Transformer Engine, whose fused RoPE Megatron
+uses when it is installed.
 
 Computes what ``rope_utils._apply_rotary_pos_emb_bshd`` computes for the non-interleaved layout,
 ``out = t * cos(freqs) + rotate_half(t) * sin(freqs)`` on the first ``freqs.shape[-1]`` channels

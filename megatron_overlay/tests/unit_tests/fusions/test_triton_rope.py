@@ -1,10 +1,11 @@
 # Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
 
-"""``--apply-rope-fusion`` without Transformer Engine: the Triton RoPE kernel
-(megatron/core/fusions/fused_rope_triton.py) against upstream's unfused bshd RoPE evaluated in
-float64. The kernel computes in float32 and rounds once, so float32 inputs agree to float32
-rounding and low-precision inputs are the float64 result rounded (within one ulp). On CPU the
-kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, as ``make test`` sets).
+"""RoPE fusion (``apply_rope_fusion``, on unless ``--no-rope-fusion``) without Transformer
+Engine: the Triton RoPE kernel (megatron/core/fusions/fused_rope_triton.py) against upstream's
+unfused bshd RoPE evaluated in float64. The kernel computes in float32 and rounds once, so
+float32 inputs agree to float32 rounding and low-precision inputs are the float64 result rounded
+(within one ulp). On CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, as
+``make test`` sets).
 """
 
 import pytest
