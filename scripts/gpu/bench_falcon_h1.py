@@ -122,8 +122,8 @@ TORCH_ADAM = ["--use-torch-fused-adam"]
 # check of the loss and gradients is off (FULL_GRAPH) and the spiky-loss check is off by default.
 NO_RERUN = ["--rerun-mode", "disabled"]
 # The language-model loss in two Triton passes over the bf16 logits (patch 0036): no fp32
-# copies of the [tokens, vocabulary] logits (about 5 ms of kernels per step and 2 GB at 0.5B
-# s2048 x 4 in the unfused path, traces of bench_falcon_h1_batch_first.json).
+# copies of the [tokens, vocabulary] logits (in the unfused path at 0.5B s2048 x 4: 5.2 ms of
+# kernels per step, trace_long_kernels_te_graph_opt_bf.json, and a 1.1 GB fp32 copy).
 TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "triton"]
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),

@@ -2,7 +2,7 @@
 
 """After the optimizer step, the bf16 model parameters get the updated fp32 main parameters in one
 foreach copy (one multi-tensor kernel per dtype pair on a GPU, where a loop of copies launched a
-kernel per parameter: 688 per step for Falcon-H1-0.5B), with the distributed optimizer and
+kernel per parameter: 471 per step for Falcon-H1-0.5B), with the distributed optimizer and
 without it.
 
 Runs on a GPU (NCCL), or on CPU (gloo) where the tree has Megatron's CPU training support.
