@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from megatron.core.fusions import triton_support
 from megatron.core.fusions.fused_cross_entropy_triton import triton_vocab_parallel_cross_entropy
+from megatron.core.transformer.enums import AttnBackend
 from tests.unit_tests.fusions.triton_compile import assert_compiles_for_hopper
 from tests.unit_tests.gloo_ranks import forkserver_env
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
@@ -188,6 +189,9 @@ def _falcon_h1_loss(device, fusion: bool, state=None):
     from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
 
     config = tiny_hybrid_config(
+        # local: the model sets Transformer Engine's attention variables to what the tests'
+        # conftest sets where TE is installed (auto would refuse them there)
+        attention_backend=AttnBackend.local,
         cross_entropy_loss_fusion=fusion,
         cross_entropy_fusion_impl="triton" if fusion else "native",
         **MULTIPLIERS,

@@ -168,7 +168,11 @@ def test_gpu_falcon_h1_query_shape():
     freqs = _freqs(2048, 64)
     out, grad = _run(t, freqs, grad_output)
     ref_out, ref_grad = _reference(t, freqs, grad_output)
-    for got, want in ((out, ref_out), (grad, ref_grad)):
-        # GPU sin / cos are approximate (a few float32 ulps): still within one bf16 ulp
-        ulp = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-30)
-        assert ((got.double() - want).abs() <= ulp).all()
+    for got, want, x in ((out, ref_out, t), (grad, ref_grad, grad_output)):
+        # One bf16 rounding of the result, plus the float32 error of x1 * cos -/+ x2 * sin
+        # (libdevice's cos / sin within 2 ulps, two products and a sum): a few float32 ulps of
+        # the inputs, which outweigh a bf16 ulp of the result where the two products cancel
+        # (an exact float32 emulation on the CPU errs by 3e-8 at |out| ~ 1e-6 in these tensors)
+        ulp = torch.finfo(torch.bfloat16).eps * want.abs()
+        cancellation = 4 * torch.finfo(torch.float32).eps * x.abs().max().double()
+        assert ((got.double() - want).abs() <= ulp + cancellation).all()
