@@ -51,9 +51,7 @@ def wgrad_gemm_accum_fp32(
     if total_input.dtype == torch.float32 and grad_output.dtype == torch.float32:
         main_grad.addmm_(grad_output.t(), total_input)
     elif main_grad.is_cuda and _ADDMM_OUT_DTYPE and total_input.dtype == grad_output.dtype:
-        torch.addmm(
-            main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad
-        )
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
     else:
         main_grad.addmm_(grad_output.t().float(), total_input.float())
 
