@@ -252,6 +252,31 @@ def test_torch_fused_adam_on_gpus_by_default(tmp_path, gpu, env_vars, expected):
     assert ("--cuda-graph-impl" in args) == gpu  # the same probe decides the graphs
 
 
+@pytest.mark.parametrize(
+    "gpu,env_vars,expected",
+    [(True, {}, True), (False, {}, False), (True, {"CROSS_ENTROPY": "unfused"}, False),
+     (False, {"CROSS_ENTROPY": "triton"}, True)],
+    ids=["auto_gpu", "auto_cpu", "unfused", "triton_cpu"],
+)  # fmt: skip
+def test_triton_cross_entropy_on_gpus_by_default(tmp_path, gpu, env_vars, expected):
+    if gpu:
+        env_vars = {"PYTHON": _python_with_a_gpu(tmp_path), **env_vars}
+    proc = _launch_args(tmp_path, **env_vars)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = proc.stdout.splitlines()
+    fused = "--cross-entropy-loss-fusion" in args
+    assert fused == expected, proc.stdout
+    if fused:
+        assert args[args.index("--cross-entropy-fusion-impl") + 1] == "triton"
+    else:
+        assert "--cross-entropy-fusion-impl" not in args
+
+
+def test_cross_entropy_setting_is_checked(tmp_path):
+    proc = _launch_args(tmp_path, CROSS_ENTROPY="fused")
+    assert proc.returncode == 2 and "CROSS_ENTROPY" in proc.stderr
+
+
 def test_torch_fused_adam_setting_is_checked(tmp_path):
     proc = _launch_args(tmp_path, TORCH_FUSED_ADAM="yes")
     assert proc.returncode == 2 and "TORCH_FUSED_ADAM" in proc.stderr
