@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results" / "h200" / "falcon_h1"
 RESULTS = (
+    "bench_falcon_h1_tce.json",
+    "bench_falcon_h1_tce_call1.json",
     "bench_falcon_h1_norerun.json",
     "bench_falcon_h1_nomask.json",
     "bench_falcon_h1_liger_bitnet.json",
@@ -57,10 +59,6 @@ LABELS = {
         "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW, rerun state machine off, "
         "Triton cross entropy"
     ),
-    "ours_te_graph_opt_bf_tadam_norerun_tce_gaf": (
-        "ours, TE spec, both graphs, batch-first, PyTorch fused AdamW, rerun state machine off, "
-        "Triton cross entropy, gradient-accumulation fusion"
-    ),
     "ours_local_graph_opt_bf_tadam": "ours, local spec, both graphs, batch-first, PyTorch fused AdamW",
     "ours_local_graph_opt_bf_tadam_tce": (
         "ours, local spec, both graphs, batch-first, PyTorch fused AdamW, Triton cross entropy"
@@ -70,10 +68,6 @@ LABELS = {
     "ours_local_graph_bf": "ours, local spec, whole-iteration graph, batch-first Mamba (no TE)",
     "ours_local_graph_bf_triton": (
         "ours, local spec, whole-iteration graph, batch-first, Triton RoPE and cross entropy (no TE)"
-    ),
-    "ours_local_graph_bf_triton_gaf": (
-        "ours, local spec, whole-iteration graph, batch-first, Triton RoPE and cross entropy, "
-        "gradient-accumulation fusion (no TE)"
     ),
     "ours_local_graph_opt": "ours, local spec, both graphs",
     "ours_bitnet_graph_opt": "ours, BitNet (local spec), both graphs",

@@ -125,14 +125,9 @@ NO_RERUN = ["--rerun-mode", "disabled"]
 # copies of the [tokens, vocabulary] logits (in the unfused path at 0.5B s2048 x 4: 5.2 ms of
 # kernels per step, trace_long_kernels_te_graph_opt_bf.json, and a 1.1 GB fp32 copy).
 TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "triton"]
-# Systems whose name ends in WGRAD_FUSED keep upstream's default gradient-accumulation fusion
-# (weight gradients added into the fp32 main_grad by the GEMM: Transformer Engine's linears do it
-# themselves, Megatron's own through patch 0039 without apex); the others pass
-# --no-gradient-accumulation-fusion, as every file before patch 0039 measured.
-WGRAD_FUSED = "_gaf"
 # The path of a user without Transformer Engine: refused in a call where TE imports (the local
 # spec's RoPE fusion would run TE's kernel instead of the Triton one).
-WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_graph_bf_triton_gaf"}
+WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton"}
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
@@ -167,14 +162,6 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     # RoPE and cross entropy.
     "ours_local_graph_bf": (LOCAL + FULL_GRAPH + BATCH_FIRST, False),
     "ours_local_graph_bf_triton": (LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TRITON_CE, False),
-    "ours_local_graph_bf_triton_gaf": (
-        LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TRITON_CE,
-        False,
-    ),
-    "ours_te_graph_opt_bf_tadam_norerun_tce_gaf": (
-        TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
-        True,
-    ),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
     "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),
@@ -413,8 +400,7 @@ def run_ours(
         "--optimizer", "adam", "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]),
         "--weight-decay", str(WEIGHT_DECAY), "--clip-grad", str(CLIP), "--seed", "1234",
         "--log-interval", str(log_interval), "--eval-iters", "0", "--eval-interval", "100000",
-        *([] if name.endswith(WGRAD_FUSED) else ["--no-gradient-accumulation-fusion"]),
-        "--no-create-attention-mask-in-dataloader",
+        "--no-gradient-accumulation-fusion", "--no-create-attention-mask-in-dataloader",
         "--log-memory-to-tensorboard", "--tensorboard-log-interval", str(log_interval),
         "--tensorboard-dir", str(work / "tb"), "--profile", "--use-pytorch-profiler",
         "--profile-step-start", str(prof_start - 1), "--profile-step-end", str(prof_start + 1),

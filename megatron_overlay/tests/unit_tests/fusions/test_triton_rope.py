@@ -125,6 +125,34 @@ def test_rope_fusion_without_transformer_engine_takes_the_triton_kernel(monkeypa
     torch.testing.assert_close(fused, unfused, rtol=0, atol=2e-6)
 
 
+def test_config_takes_rope_fusion_without_transformer_engine(monkeypatch):
+    """TransformerConfig refused apply_rope_fusion (upstream's default) without TE's fused
+    RoPE ("Please install TE >= 1.4"), so a no-TE launch without --no-rope-fusion stopped before
+    reaching the Triton kernel (seen on an H200); it takes it now. Without TE nor Triton it still
+    refuses, naming --no-rope-fusion."""
+    import builtins
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", None)
+    config = TransformerConfig(
+        num_layers=1, hidden_size=16, num_attention_heads=2, apply_rope_fusion=True
+    )
+    assert config.apply_rope_fusion
+
+    real_import = builtins.__import__
+
+    def no_triton_rope(name, *args, **kwargs):
+        if name == "megatron.core.fusions.fused_rope_triton":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton_rope)
+    with pytest.raises(ValueError, match="--no-rope-fusion"):
+        TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, apply_rope_fusion=True)
+
+
 class _NoGroup:
     """Stands in for the context-parallel group (unused by the bshd paths)."""
 
