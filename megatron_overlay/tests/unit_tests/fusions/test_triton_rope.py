@@ -150,7 +150,9 @@ def test_config_takes_rope_fusion_without_transformer_engine(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_triton_rope)
     with pytest.raises(ValueError, match="--no-rope-fusion"):
-        TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, apply_rope_fusion=True)
+        TransformerConfig(
+            num_layers=1, hidden_size=16, num_attention_heads=2, apply_rope_fusion=True
+        )
 
 
 class _NoGroup:
