@@ -236,6 +236,15 @@ def _python_with_a_gpu(tmp_path) -> str:
     return str(shim)
 
 
+def _launch_args_on(tmp_path, gpu: bool, env_vars: dict) -> list[str]:
+    """The launcher's pretrain arguments (one per line) on a machine with or without a GPU."""
+    if gpu:
+        env_vars = {"PYTHON": _python_with_a_gpu(tmp_path), **env_vars}
+    proc = _launch_args(tmp_path, **env_vars)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
 @pytest.mark.parametrize(
     "gpu,env_vars,expected",
     [(True, {}, True), (False, {}, False), (True, {"TORCH_FUSED_ADAM": "0"}, False),
@@ -243,12 +252,8 @@ def _python_with_a_gpu(tmp_path) -> str:
     ids=["auto_gpu", "auto_cpu", "off", "on_cpu"],
 )  # fmt: skip
 def test_torch_fused_adam_on_gpus_by_default(tmp_path, gpu, env_vars, expected):
-    if gpu:
-        env_vars = {"PYTHON": _python_with_a_gpu(tmp_path), **env_vars}
-    proc = _launch_args(tmp_path, **env_vars)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    args = proc.stdout.splitlines()
-    assert ("--use-torch-fused-adam" in args) == expected, proc.stdout
+    args = _launch_args_on(tmp_path, gpu, env_vars)
+    assert ("--use-torch-fused-adam" in args) == expected, args
     assert ("--cuda-graph-impl" in args) == gpu  # the same probe decides the graphs
 
 
@@ -259,13 +264,9 @@ def test_torch_fused_adam_on_gpus_by_default(tmp_path, gpu, env_vars, expected):
     ids=["auto_gpu", "auto_cpu", "unfused", "triton_cpu"],
 )  # fmt: skip
 def test_triton_cross_entropy_on_gpus_by_default(tmp_path, gpu, env_vars, expected):
-    if gpu:
-        env_vars = {"PYTHON": _python_with_a_gpu(tmp_path), **env_vars}
-    proc = _launch_args(tmp_path, **env_vars)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    args = proc.stdout.splitlines()
+    args = _launch_args_on(tmp_path, gpu, env_vars)
     fused = "--cross-entropy-loss-fusion" in args
-    assert fused == expected, proc.stdout
+    assert fused == expected, args
     if fused:
         assert args[args.index("--cross-entropy-fusion-impl") + 1] == "triton"
     else:
