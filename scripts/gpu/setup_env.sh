@@ -26,14 +26,20 @@ PY
     touch "$_site/.wheels"
 fi
 export PYTHONPATH=$_site${PYTHONPATH:+:$PYTHONPATH}
+# Transformer Engine goes to a folder of its own, on the path only with --te: a call without it on
+# a machine still warm from a --te call must not import TE (it did when both shared /tmp/site, and
+# a "no TE" benchmark then ran TE's fused RoPE).
+_te_site=/tmp/site-te
 if [ "${1:-}" = "--te" ] && [ -f .carry/te/te_env.sh ]; then
-    if [ -d "$_site/transformer_engine" ]; then
+    if [ -d "$_te_site/transformer_engine" ]; then
         _nv=$(python3 -c "import nvidia; print(list(nvidia.__path__)[0])")
         export CUDNN_PATH=$_nv/cudnn NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        export PYTHONPATH=$_te_site:$PYTHONPATH
         unset _nv
     else
-        TE_SITE=$_site source .carry/te/te_env.sh
+        TE_SITE=$_te_site source .carry/te/te_env.sh
     fi
 fi
+unset _te_site
 export USE_HUB_KERNELS=NO HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 unset _site
