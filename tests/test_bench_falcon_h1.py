@@ -234,3 +234,16 @@ def test_trace_scripts_write_reports_tied_to_the_benchmark_run(tmp_path):
         assert report["trace_source"] == {"file": str(source), "commit": "abc", "dirty": False, "device": "H200"}
         assert report["trace"] == str(trace_file) and "commit" in report and key in report
     assert report["kernels"][0]["name"] == "div" and report["kernels"][0]["us_per_step"] == 150
+
+
+def test_no_te_systems_are_refused_where_te_imports():
+    """A 'no TE' system run where TE imports would time TE's fused RoPE under the no-TE label
+    (it happened on a warm H200): refused; TE systems are refused without TE; others run."""
+    bench = _bench()
+    assert bench.te_refusal("ours_local_graph_bf_triton", True) == bench.TE_PRESENT
+    assert bench.te_refusal("ours_local_graph_bf_triton", False) is None
+    assert bench.te_refusal("ours_te_graph_opt_bf_tadam_norerun_tce", False) == bench.TE_MISSING
+    assert bench.te_refusal("ours_te_graph_opt_bf_tadam_norerun_tce", True) is None
+    assert bench.te_refusal("ours_local", True) is None
+    # every no-TE system is one that does not need TE
+    assert all(not bench.OURS[name][1] for name in bench.WITHOUT_TE)

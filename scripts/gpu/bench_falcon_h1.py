@@ -129,6 +129,7 @@ TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "trit
 # spec's RoPE fusion would run TE's kernel instead of the Triton one).
 WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton"}
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
+TE_MISSING = "Transformer Engine not importable here"
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_local": (LOCAL, False),
     "ours_local_graph": (LOCAL + FULL_GRAPH, False),
@@ -483,6 +484,16 @@ def resumable(path: Optional[Path], report: dict) -> dict:
     }
 
 
+def te_refusal(name: str, have_te: bool) -> Optional[str]:
+    """Why Megatron system ``name`` cannot run where TE is (``have_te``) or is not importable,
+    or None: TE systems need it, the no-TE ones (WITHOUT_TE) need it absent."""
+    if OURS[name][1] and not have_te:
+        return TE_MISSING
+    if name in WITHOUT_TE and have_te:
+        return TE_PRESENT
+    return None
+
+
 def te_available() -> bool:
     probe = subprocess.run(
         [sys.executable, "-c", "import transformer_engine.pytorch"], capture_output=True
@@ -644,10 +655,8 @@ def main() -> int:
             keep = name in args.keep_traces.split(",")
             if name in HF:
                 r = run_hf(name, case, args.iters, args.log_interval, args.out_dir, keep)
-            elif OURS[name][1] and not have_te:
-                r = {"error": "Transformer Engine not importable here"}
-            elif name in WITHOUT_TE and have_te:
-                r = {"error": TE_PRESENT}
+            elif te_refusal(name, have_te):
+                r = {"error": te_refusal(name, have_te)}
             else:
                 r = run_ours(
                     name, case, args.iters, args.log_interval, args.megatron, args.out_dir,
@@ -669,9 +678,7 @@ def main() -> int:
         compare(entry)
         out_json.write_text(json.dumps(report, indent=1) + "\n")
     runs = [r for entry in report["cases"].values() for r in entry["systems"].values()]
-    skipped = (
-        "not run: --deadline-s reached", "Transformer Engine not importable here", TE_PRESENT,
-    )  # fmt: skip
+    skipped = ("not run: --deadline-s reached", TE_MISSING, TE_PRESENT)
     failed = [r for r in runs if "error" in r and r["error"] not in skipped]
     report["summary"] = {
         "n_checks": len(runs),
