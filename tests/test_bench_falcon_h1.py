@@ -198,6 +198,28 @@ def test_idle_gaps_are_charged_to_the_innermost_megatron_function():
     }  # fmt: skip
 
 
+def test_idle_gaps_without_stacks_are_charged_to_host_ops():
+    """A trace without Python stacks: the [50, 150] gap goes to the innermost op, annotation or
+    CUDA runtime call at its start (the graph launch inside the optimizer annotation); the step
+    annotations themselves never count, other categories neither."""
+    trace = load_script("scripts/lib/gpu_trace.py")
+    data = _trace()
+    data["traceEvents"] += [
+        {"ph": "X", "name": "optimizer", "ts": 40, "dur": 100, "cat": "user_annotation"},
+        {"ph": "X", "name": "cudaGraphLaunch", "ts": 48, "dur": 20, "cat": "cuda_runtime"},
+        {"ph": "X", "name": "megatron/x.py(1): f", "ts": 49, "dur": 2, "cat": "python_function"},
+    ]  # fmt: skip
+    events = ("cpu_op", "user_annotation", "cuda_runtime")
+    idle = trace.idle_by_host_function(data, prefix="", categories=events)
+    assert idle["by_function"] == [{"name": "cudaGraphLaunch", "us_per_step": 50}]
+    data["traceEvents"] = [e for e in data["traceEvents"] if e["name"] != "cudaGraphLaunch"]
+    idle = trace.idle_by_host_function(data, prefix="", categories=events)
+    assert idle["by_function"] == [{"name": "optimizer", "us_per_step": 50}]
+    data["traceEvents"] = [e for e in data["traceEvents"] if e["name"] != "optimizer"]
+    idle = trace.idle_by_host_function(data, prefix="", categories=events)
+    assert idle["by_function"] == [{"name": "(none)", "us_per_step": 50}]
+
+
 def test_long_kernels_are_grouped_by_name_and_grid_per_step():
     """Two steps: 'div' over the logits grid runs 300 us once a step; 'div' on another grid and
     the 20-30 us kernels of _trace() fall under min_us; a kernel outside the steps is ignored."""

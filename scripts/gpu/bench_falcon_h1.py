@@ -60,6 +60,7 @@ from flops import FalconH1Dims, training_flops_per_token  # noqa: E402
 from gpu_trace import (  # noqa: E402
     gpu_busy_fraction,
     host_hotspots,
+    idle_by_host_function,
     kernel_names,
     load_trace,
     top_kernels,
@@ -232,14 +233,22 @@ def mamba_path(names: set[str]) -> str:
     return " + ".join(found) if found else "no mamba_ssm/causal_conv1d kernels (torch path)"
 
 
+# Host events of a trace without Python stacks: what the host was in when the GPU went idle.
+HOST_EVENTS = ("cpu_op", "user_annotation", "cuda_runtime")
+
+
 def trace_summary(trace: dict) -> dict:
     busy = gpu_busy_fraction(trace)
+    idle = idle_by_host_function(trace, prefix="", min_gap_us=20.0, categories=HOST_EVENTS)
     return {
         "gpu_busy": busy["busy_fraction"],
         "profiled_steps": busy["steps"],
         "kernels_per_step": busy["kernels"] / max(busy["steps"], 1),
         "mamba_path": mamba_path(kernel_names(trace)),
-        "top_kernels": top_kernels(trace, 20),
+        "top_kernels": top_kernels(trace, 40),
+        # GPU gaps of >= 20 us, charged to the innermost host op / annotation / CUDA runtime
+        # call running at the gap's start (the 12 largest).
+        "idle_gaps": dict(idle, by_function=idle["by_function"][:12]),
     }
 
 
@@ -385,9 +394,11 @@ def run_ours(
     megatron: Path,
     out_dir: Path,
     stacks: bool = False,
+    keep: bool = False,
 ) -> dict:
     """One Megatron run; ``stacks``: the profiled steps also record Python call stacks (more
-    host time in those two steps: their GPU-busy figure is then a lower bound)."""
+    host time in those two steps: their GPU-busy figure is then a lower bound); ``keep``: the
+    trace is kept in ``out_dir/traces/``."""
     extra, _ = OURS[name]
     first, last, prof_start = timing_plan(iters)
     windows = timed_windows(iters, log_interval)
@@ -442,9 +453,9 @@ def run_ours(
     if traces:
         data = load_trace(traces[0])
         result.update(trace_summary(data))
-        if stacks:
+        if keep:
             result["trace"] = keep_trace(traces[0], data, out_dir, case, name)
-            result["trace_has_stacks"] = True
+            result["trace_has_stacks"] = stacks
     return result
 
 
@@ -594,6 +605,12 @@ def main() -> int:
         "are kept as OUT_DIR/traces/*.json.gz, with their host hotspots in *.host.json",
     )
     parser.add_argument(
+        "--keep-plain-traces",
+        default="",
+        help="comma-separated systems of ours whose profiler traces are kept without Python "
+        "call stacks (their GPU-busy figure stays exact; about 1 MB each)",
+    )
+    parser.add_argument(
         "--resume",
         type=Path,
         help="a JSON of an earlier call at the same clean commit: its successful runs are kept",
@@ -653,6 +670,7 @@ def main() -> int:
                 entry["systems"][name] = {"error": "not run: --deadline-s reached"}
                 continue
             keep = name in args.keep_traces.split(",")
+            plain = name in args.keep_plain_traces.split(",")
             if name in HF:
                 r = run_hf(name, case, args.iters, args.log_interval, args.out_dir, keep)
             elif te_refusal(name, have_te):
@@ -660,7 +678,7 @@ def main() -> int:
             else:
                 r = run_ours(
                     name, case, args.iters, args.log_interval, args.megatron, args.out_dir,
-                    stacks=keep,
+                    stacks=keep, keep=keep or plain,
                 )  # fmt: skip
             r["wall_s"] = round(time.time() - t0, 1)
             r["call"] = report["date_utc"]  # ratios only between runs of one call

@@ -162,11 +162,18 @@ def host_hotspots(trace: dict, count: int = 40) -> dict[str, list[dict]]:
     return out
 
 
-def idle_by_host_function(trace: dict, prefix: str = "megatron/", min_gap_us: float = 50.0) -> dict:
+def idle_by_host_function(
+    trace: dict,
+    prefix: str = "megatron/",
+    min_gap_us: float = 50.0,
+    categories: tuple[str, ...] = ("python_function",),
+) -> dict:
     """What the host was doing while the GPU idled: every gap of at least ``min_gap_us`` between
-    GPU activity inside the profiled steps is charged to the innermost Python function (needs
-    ``with_stack``) whose name contains ``prefix`` and that runs at the gap's start, or to
-    ``"(none)"``. ``{idle_us_per_step, gaps_per_step, by_function: [{name, us_per_step}]}``."""
+    GPU activity inside the profiled steps is charged to the innermost host event of
+    ``categories`` (default: Python functions, which need ``with_stack``; a trace without stacks
+    has ``cpu_op``, ``user_annotation`` and ``cuda_runtime`` events) whose name contains
+    ``prefix`` and that runs at the gap's start, or to ``"(none)"``.
+    ``{idle_us_per_step, gaps_per_step, by_function: [{name, us_per_step}]}``."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     start, end, steps = step_window(events)
     busy = sorted(
@@ -186,7 +193,10 @@ def idle_by_host_function(trace: dict, prefix: str = "megatron/", min_gap_us: fl
     functions = [
         (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name"))[:160])
         for e in events
-        if e.get("ph") == "X" and e.get("cat") == "python_function" and prefix in str(e.get("name"))
+        if e.get("ph") == "X"
+        and e.get("cat") in categories
+        and prefix in str(e.get("name"))
+        and not str(e.get("name")).startswith("ProfilerStep#")
     ]
     totals: dict[str, float] = {}
     for at, length in gaps:
