@@ -20,6 +20,9 @@
 #   h1step    BitNet vs bf16 training step of a Falcon-H1-0.5B-shaped model (pretrain_mamba.py)
 #   sdpa      causal GQA attention fwd+bwd per PyTorch SDPA backend at Falcon-H1's shapes, with
 #             errors against an fp32 reference (scripts/gpu/bench_sdpa.py; the local spec's kernel)
+#   layout    the batch-first Mamba layer's layout changes fwd+bwd: transpose().contiguous() vs
+#             swap_leading_dims (rows as 8-byte words, contiguous gradients), graph replays, bit
+#             equality checked (scripts/gpu/bench_layout_swap.py)
 #   adam      one AdamW step over the 0.5B model's fp32 parameters: TE's FusedAdam vs PyTorch's
 #             fused / foreach AdamW, graph replays (scripts/gpu/bench_adam.py; TE=1 for TE's)
 #   ce        the language-model loss alone: Megatron's unfused / fused-native cross entropy,
@@ -110,6 +113,7 @@ for step in $steps; do
         ce) run ce "$results/bench_cross_entropy.json" python3 scripts/gpu/bench_cross_entropy.py --out-dir "$results" ;;
         fusion) run fusion "$results/bench_hybrid_fusion.json" python3 scripts/gpu/bench_hybrid_fusion.py --out-dir "$results" ;;
         sdpa) run sdpa "$results/bench_sdpa.json" python3 scripts/gpu/bench_sdpa.py --out-dir "$results" ;;
+        layout) run layout "$results/bench_layout_swap.json" python3 scripts/gpu/bench_layout_swap.py --out-dir "$results" ;;
         falconh1) name=${FALCON_H1_NAME:-bench_falcon_h1}  # the results file stem (--name)
                   run falconh1 "$results/$name.json" python3 scripts/gpu/bench_falcon_h1.py --megatron "$megatron" --out-dir "$results" --name "$name" ${FALCON_H1_BENCH_ARGS:-} ;;
         resume) run resume "$results/adam_resume.json" python3 scripts/gpu/check_adam_resume.py --megatron "$megatron" --out "$results/adam_resume.json" --work "$results/work_resume" ;;

@@ -80,6 +80,22 @@ def test_batch_first_matches_sequence_first(single_rank, pattern, rms_norm):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_batch_first_layers_swap_layouts_with_swap_leading_dims(single_rank, monkeypatch):
+    """Each batch-first Mamba layer changes layout twice per forward through
+    ``swap_leading_dims`` (whole rows moved, contiguous gradients), not a strided copy."""
+    from megatron.core.ssm import mamba_mixer
+
+    calls = []
+    real = mamba_mixer.swap_leading_dims
+    monkeypatch.setattr(
+        mamba_mixer, "swap_leading_dims", lambda x: calls.append(tuple(x.shape)) or real(x)
+    )
+    tokens = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(3))
+    _run(_config(mamba_batch_first=True, **MULTIPLIERS), falcon_h1_stack_spec, "PP", tokens)
+    hidden = _config().hidden_size
+    assert calls == [(10, 3, hidden), (3, 10, hidden)] * 2
+
+
 def test_batch_first_micro_batch_one_is_bit_identical(single_rank):
     """With one sequence per micro-batch both layouts are the same memory: equal bits."""
     tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
