@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The batch-first Mamba layer's layout changes, fwd+bwd: the plain transposed copy vs
-``swap_leading_dims`` (megatron/core/ssm/batch_first_layout.py), at Falcon-H1's shapes.
+``swap_leading_dims`` (megatron/core/ssm/batch_first_layout.py), at Falcon-H1's shapes; and the
+per-channel multiplier fold into a weight: PyTorch's broadcasting multiply vs the Triton row
+scale (megatron/core/fusions/fused_row_scale_triton.py), at the 0.5B model's weights (GPU only).
 
 Why: in the 0.5B step's trace (TE spec, both graphs, batch-first) each parallel layer spent
 about 100 us on layout: two strided copies forward (the normed input to ``[b, s, h]``, the
@@ -115,24 +117,74 @@ def measure(shape: str, device: str, warmup: int, iters: int) -> dict:
     return out
 
 
+# Per-channel-scaled weights of the 0.5B model (rows x columns): linear_qkv (key multiplier),
+# mamba_in_proj (segment multipliers), linear_fc1 (gate multiplier).
+FOLD_WEIGHTS = {"linear_qkv": (1536, 1024), "mamba_in_proj": (3352, 1024), "linear_fc1": (4096, 1024)}
+
+
+def measure_fold(rows: int, cols: int, device: str, warmup: int, iters: int) -> dict:
+    """``weight * scale[:, None]`` fwd+bwd as PyTorch's broadcasting multiply (``torch``) and
+    the Triton row scale (``triton``, megatron/core/fusions/fused_row_scale_triton.py)."""
+    from megatron.core.fusions.fused_row_scale_triton import row_scaled
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    weight = torch.randn(rows, cols, generator=gen, device=device).bfloat16().requires_grad_()
+    scale = (torch.rand(rows, generator=gen, device=device) + 0.5).bfloat16()
+    grad = torch.randn(rows, cols, generator=gen, device=device).bfloat16()
+    fold = {"torch": lambda w: w * scale.unsqueeze(1), "triton": lambda w: row_scaled(w, scale)}
+    out: dict = {}
+    reference = None
+    for name, function in fold.items():
+
+        def step(function=function):
+            scaled = function(weight)
+            (grad_weight,) = torch.autograd.grad(scaled, weight, grad)
+            return scaled, grad_weight
+
+        if device == "cuda":
+            replay, static = graphed(step)
+            result = {"us": 1e3 * median_ms(replay, warmup, iters)}
+        else:
+            static, result = step(), {}
+        values = [t.detach().clone() for t in static]
+        reference = reference or values
+        result["bit_identical_to_torch"] = all(
+            torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(values, reference)
+        )
+        out[name] = result
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--shapes", default="0.5b_s2048_b4,0.5b_s4096_b2,1.5b-deep_s4096_b1")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument(
+        "--fold-on-cpu", action="store_true", help="also the fold cases on CPU (TRITON_INTERPRET=1)"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {**provenance(sys.argv), "dtype": "torch.bfloat16", "device_kind": device}
     report["shapes"] = {
         s: measure(s, device, args.warmup, args.iters) for s in args.shapes.split(",")
     }
-    exact = all(c["bit_identical_to_transpose"] for r in report["shapes"].values() for c in r["cases"].values())
+    if device == "cuda" or args.fold_on_cpu:  # the kernel needs CUDA (or Triton's interpreter)
+        report["fold"] = {
+            name: measure_fold(*shape, device, args.warmup, args.iters)
+            for name, shape in FOLD_WEIGHTS.items()
+        }
+    exact = all(
+        c["bit_identical_to_transpose"] for r in report["shapes"].values() for c in r["cases"].values()
+    ) and all(c["bit_identical_to_torch"] for r in report.get("fold", {}).values() for c in r.values())
     report["summary"] = {"passed": int(exact), "failed": int(not exact)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_layout_swap.json").write_text(json.dumps(report, indent=1) + "\n")
     for name, r in report["shapes"].items():
         print(name, json.dumps(r["cases"]))
+    for name, r in report.get("fold", {}).items():
+        print("fold", name, json.dumps(r))
     return 0 if exact else 1
 
 

@@ -50,6 +50,11 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+try:  # the Triton row scale of scale_weight; PyTorch's multiply where it is not available
+    from megatron.core.fusions.fused_row_scale_triton import row_scaled
+except ImportError:
+    row_scaled = None
+
 ROLES = ("linear_qkv", "linear_proj", "mamba_in_proj", "mamba_out_proj", "linear_fc1", "linear_fc2")
 
 
@@ -367,16 +372,29 @@ class ForwardMultipliers:
         return output if scalar == 1.0 else output * scalar
 
     def scale_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight with input and output scales folded into its rows (``x (s W)^T``)."""
+        """The weight with input and output scales folded into its rows (``x (s W)^T``).
+
+        Per-channel scales of a 2-D CUDA weight take one Triton pass each way
+        (``megatron.core.fusions.fused_row_scale_triton``, same bits as the PyTorch product).
+        """
         if self.combined_vector is None:
             return weight * self.combined
-        return weight * self._as(self.combined_vector, weight).unsqueeze(1)
+        scale = self._as(self.combined_vector, weight)
+        if _row_scale_in_triton(weight):
+            return row_scaled(weight, scale)
+        return weight * scale.unsqueeze(1)
 
     def __repr__(self) -> str:
         if self.identity:
             return f"ForwardMultipliers(role={self.role!r}, identity)"
         out = "per-channel" if self.output_vector is not None else f"{self.output:g}"
         return f"ForwardMultipliers(role={self.role!r}, input={self.input:g}, output={out})"
+
+
+def _row_scale_in_triton(weight: torch.Tensor) -> bool:
+    """True when ``scale_weight`` scales ``weight``'s rows with the Triton kernel: a 2-D CUDA
+    weight where the kernel is available (elsewhere PyTorch's broadcasting multiply, same bits)."""
+    return row_scaled is not None and weight.is_cuda and weight.dim() == 2
 
 
 def _tokens(input_: torch.Tensor) -> int:

@@ -1,0 +1,102 @@
+# Copyright (c) 2026 NVIDIA CORPORATION & AFFILIATES. All rights reserved.
+
+"""The Triton row scale (megatron/core/fusions/fused_row_scale_triton.py) gives the bits of
+PyTorch's ``weight * scale[:, None]``, forward and backward, and ``scale_weight`` of the
+Falcon-H1 multipliers uses it for CUDA weights. On CPU the kernel runs in Triton's interpreter
+(``TRITON_INTERPRET=1``, as ``make test`` sets)."""
+
+import pytest
+import torch
+
+from megatron.core.fusions import triton_support
+from megatron.core.fusions.fused_row_scale_triton import row_scaled, scale_rows
+from megatron.core.transformer import forward_multipliers
+from tests.unit_tests.fusions.triton_compile import assert_compiles_for_hopper
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not triton_support.INTERPRET,
+    reason="no GPU: run with TRITON_INTERPRET=1 (Triton's CPU interpreter), as `make test` does",
+)
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def _inputs(rows, cols, dtype, seed=0):
+    """A weight with values spread over many binades (rounding ties and subnormal products
+    included) and scales like Falcon-H1's multipliers, also exact powers of two and zero."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen) * torch.exp2(
+        torch.randint(-20, 8, (rows, cols), generator=gen).float()
+    )
+    scale = torch.rand(rows, generator=gen) * 4 + 0.05
+    scale[0], scale[-1] = 0.5, 0.0
+    return weight.to(dtype).to(DEVICE), scale.to(dtype).to(DEVICE)
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(7, 33), (3, 1024), (5, 2500), (1, 1)], ids=str)
+def test_forward_and_backward_are_the_pytorch_product_bit_for_bit(dtype, shape):
+    weight, scale = _inputs(*shape, dtype)
+    grad_out = _inputs(*shape, dtype, seed=1)[0]
+    w = weight.clone().requires_grad_()
+    out = row_scaled(w, scale)
+    out.backward(grad_out)
+    ref_w = weight.clone().requires_grad_()
+    ref = ref_w * scale.unsqueeze(1)
+    ref.backward(grad_out)
+    assert _same_bits(out.detach(), ref.detach())
+    assert _same_bits(w.grad, ref_w.grad)
+
+
+def test_bad_inputs_name_what_is_allowed():
+    weight, scale = _inputs(4, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match="one scale per row in its dtype"):
+        scale_rows(weight, scale.float())
+    with pytest.raises(ValueError, match="2-D matrix"):
+        scale_rows(weight.view(2, 2, 8), scale)
+
+
+def test_scale_weight_takes_the_kernel_where_it_applies(monkeypatch):
+    """``ForwardMultipliers.scale_weight`` with per-channel scales: the kernel where
+    ``_row_scale_in_triton`` says so (CUDA weights; forced here), the same bits either way."""
+    calls = []
+    real = forward_multipliers._row_scale_in_triton
+
+    fm = forward_multipliers.ForwardMultipliers.__new__(forward_multipliers.ForwardMultipliers)
+    fm.identity, fm.combined, fm._cast = False, 1.0, {}
+    fm.combined_vector = torch.rand(6, generator=torch.Generator().manual_seed(3)) + 0.5
+    weight = _inputs(6, 40, torch.bfloat16)[0]
+    plain = fm.scale_weight(weight)
+    monkeypatch.setattr(
+        forward_multipliers, "_row_scale_in_triton", lambda w: calls.append(1) or True
+    )
+    fused = fm.scale_weight(weight)
+    assert calls and _same_bits(fused, plain)
+    assert real(torch.zeros(2, 2)) is False  # CPU weights keep PyTorch's multiply
+
+
+_COMPILE_KERNEL = """
+from megatron.core.fusions.fused_row_scale_triton import _scale_rows_kernel
+
+for dtype in ("bf16", "fp16", "fp32"):
+    signature = {"src_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "dst_ptr": f"*{dtype}",
+                 "cols": "i32", "BLOCK": "constexpr"}
+    compile_for_hopper(_scale_rows_kernel, signature, {"BLOCK": 1024})
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """The kernel compiles to sm_90 machine code for every dtype (no GPU needed)."""
+    assert_compiles_for_hopper(_COMPILE_KERNEL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_falcon_h1_in_proj_shape():
+    """Compiled kernel at the 0.5B ``mamba_in_proj`` weight (3352 x 1024), bf16: same bits."""
+    weight, scale = _inputs(3352, 1024, torch.bfloat16)
+    assert _same_bits(scale_rows(weight, scale), weight * scale.unsqueeze(1))
