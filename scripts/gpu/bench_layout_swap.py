@@ -2,7 +2,10 @@
 """The batch-first Mamba layer's layout changes, fwd+bwd: the plain transposed copy vs
 ``swap_leading_dims`` (megatron/core/ssm/batch_first_layout.py), at Falcon-H1's shapes; and the
 per-channel multiplier fold into a weight: PyTorch's broadcasting multiply vs the Triton row
-scale (megatron/core/fusions/fused_row_scale_triton.py), at the 0.5B model's weights (GPU only).
+scale (megatron/core/fusions/fused_row_scale_triton.py), and the backward hook's gradient
+accumulation into float32 main_grad: main_grad.add_ vs the Triton kernel
+(megatron/core/fusions/fused_grad_accumulation.py), at the 0.5B model's weights (GPU only; these
+replays rerun the accumulation, so only the first result is compared, from a fresh start).
 
 Why: in the 0.5B step's trace (TE spec, both graphs, batch-first) each parallel layer spent
 about 100 us on layout: two strided copies forward (the normed input to ``[b, s, h]``, the
@@ -155,6 +158,32 @@ def measure_fold(rows: int, cols: int, device: str, warmup: int, iters: int) -> 
     return out
 
 
+def measure_accumulate(rows: int, cols: int, device: str, warmup: int, iters: int) -> dict:
+    """``main_grad += grad`` (float32 += bf16) as ``main_grad.add_`` (``torch``) and the Triton
+    kernel of the backward hook (``triton``, megatron/core/fusions/fused_grad_accumulation.py)."""
+    from megatron.core.fusions.fused_grad_accumulation import triton_accumulate_
+
+    gen = torch.Generator(device=device).manual_seed(2)
+    start = torch.randn(rows * cols, generator=gen, device=device)
+    grad = torch.randn(rows * cols, generator=gen, device=device).bfloat16()
+    add = {"torch": lambda m: m.add_(grad), "triton": lambda m: triton_accumulate_(m, grad)}
+    out: dict = {}
+    reference = None
+    for name, function in add.items():
+        main = start.clone()
+        if device == "cuda":
+            replay, _ = graphed(lambda main=main, function=function: function(main))
+            result = {"us": 1e3 * median_ms(replay, warmup, iters)}
+        else:
+            result = {}
+        main.copy_(start)
+        function(main)  # once from the same start: the bits to compare
+        reference = main if reference is None else reference
+        result["bit_identical_to_torch"] = torch.equal(main.view(torch.int32), reference.view(torch.int32))
+        out[name] = result
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -175,16 +204,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             name: measure_fold(*shape, device, args.warmup, args.iters)
             for name, shape in FOLD_WEIGHTS.items()
         }
+        report["accumulate"] = {
+            name: measure_accumulate(*shape, device, args.warmup, args.iters)
+            for name, shape in FOLD_WEIGHTS.items()
+        }
     exact = all(
         c["bit_identical_to_transpose"] for r in report["shapes"].values() for c in r["cases"].values()
-    ) and all(c["bit_identical_to_torch"] for r in report.get("fold", {}).values() for c in r.values())
+    ) and all(
+        c["bit_identical_to_torch"]
+        for section in ("fold", "accumulate")
+        for r in report.get(section, {}).values()
+        for c in r.values()
+    )
     report["summary"] = {"passed": int(exact), "failed": int(not exact)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_layout_swap.json").write_text(json.dumps(report, indent=1) + "\n")
     for name, r in report["shapes"].items():
         print(name, json.dumps(r["cases"]))
-    for name, r in report.get("fold", {}).items():
-        print("fold", name, json.dumps(r))
+    for section in ("fold", "accumulate"):
+        for name, r in report.get(section, {}).items():
+            print(section, name, json.dumps(r))
     return 0 if exact else 1
 
 

@@ -23,7 +23,7 @@
 #   layout    the batch-first Mamba layer's layout changes fwd+bwd: transpose().contiguous() vs
 #             swap_leading_dims (rows as 8-byte words, contiguous gradients), graph replays, bit
 #             equality checked; and the multiplier fold into weights: PyTorch vs the Triton row
-#             scale (scripts/gpu/bench_layout_swap.py)
+#             scale; main_grad.add_ vs the Triton accumulation (scripts/gpu/bench_layout_swap.py)
 #   adam      one AdamW step over the 0.5B model's fp32 parameters: TE's FusedAdam vs PyTorch's
 #             fused / foreach AdamW, graph replays (scripts/gpu/bench_adam.py; TE=1 for TE's)
 #   ce        the language-model loss alone: Megatron's unfused / fused-native cross entropy,
