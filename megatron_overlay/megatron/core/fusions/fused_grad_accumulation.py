@@ -9,7 +9,10 @@ into a float32 one with its dtype-casting elementwise kernel, which on an H200 r
 the memory bandwidth (2.9 ms of the 0.5B step). The kernel here loads both in wide vectors and
 adds in float32: the same bits (the bf16 value converts to float32 exactly, one float32 add).
 
-CUDA tensors take the kernel where Triton is installed; everything else ``main_grad.add_``.
+CUDA tensors take the kernel where Triton is installed and the caller runs under CUDA graphs;
+everything else ``main_grad.add_``. A Triton launch costs the host more than PyTorch's: with
+graphs that is paid once, at capture, but an eager step that is host-bound would pay it for
+every parameter of every step.
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ def triton_accumulate_(main_grad: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     return main_grad
 
 
-def accumulate_grad(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
-    """``main_grad.add_(grad)``, by :func:`triton_accumulate_` where it applies (CUDA tensors,
-    Triton installed, a float32 ``main_grad`` and a contiguous ``grad`` of its size)."""
+def accumulate_grad(main_grad: torch.Tensor, grad: torch.Tensor, graphed: bool) -> None:
+    """``main_grad.add_(grad)``, by :func:`triton_accumulate_` where it applies (``graphed``: the
+    step runs under CUDA graphs; CUDA tensors, Triton installed, a float32 ``main_grad`` and a
+    contiguous ``grad`` of its size)."""
     if (
-        HAVE_TRITON
+        graphed
+        and HAVE_TRITON
         and main_grad.is_cuda
         and main_grad.dtype == torch.float32
         and grad.dtype in (torch.bfloat16, torch.float16, torch.float32)

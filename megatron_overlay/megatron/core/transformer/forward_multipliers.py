@@ -345,6 +345,8 @@ class ForwardMultipliers:
             self.output_vector = (channels * self.output).float()
             self.combined_vector = (channels * self.combined).float()
         self._cast: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        #: The step runs under CUDA graphs (``cuda_graph_impl``): per-channel folds take Triton.
+        self.graphed = config.cuda_graph_impl != "none"
 
     def _as(self, vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         key = (id(vector), like.device, like.dtype)
@@ -374,13 +376,13 @@ class ForwardMultipliers:
     def scale_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight with input and output scales folded into its rows (``x (s W)^T``).
 
-        Per-channel scales of a 2-D CUDA weight take one Triton pass each way
+        Per-channel scales of a 2-D CUDA weight take one Triton pass each way under CUDA graphs
         (``megatron.core.fusions.fused_row_scale_triton``, same bits as the PyTorch product).
         """
         if self.combined_vector is None:
             return weight * self.combined
         scale = self._as(self.combined_vector, weight)
-        if _row_scale_in_triton(weight):
+        if _row_scale_in_triton(weight, self.graphed):
             return row_scaled(weight, scale)
         return weight * scale.unsqueeze(1)
 
@@ -391,10 +393,12 @@ class ForwardMultipliers:
         return f"ForwardMultipliers(role={self.role!r}, input={self.input:g}, output={out})"
 
 
-def _row_scale_in_triton(weight: torch.Tensor) -> bool:
+def _row_scale_in_triton(weight: torch.Tensor, graphed: bool) -> bool:
     """True when ``scale_weight`` scales ``weight``'s rows with the Triton kernel: a 2-D CUDA
-    weight where the kernel is available (elsewhere PyTorch's broadcasting multiply, same bits)."""
-    return row_scaled is not None and weight.is_cuda and weight.dim() == 2
+    weight where the kernel is available, in a step run under CUDA graphs (``graphed``: a Triton
+    launch costs the host more than PyTorch's, paid once at capture with graphs, every step
+    without). Elsewhere PyTorch's broadcasting multiply, same bits."""
+    return graphed and row_scaled is not None and weight.is_cuda and weight.dim() == 2
 
 
 def _tokens(input_: torch.Tensor) -> int:

@@ -2,7 +2,7 @@
 
 """``main_grad += grad`` of the data-parallel wrapper's backward hooks in one Triton pass
 (megatron/core/fusions/fused_grad_accumulation.py): the bits of ``main_grad.add_(grad)``, and
-the hook uses it. On CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, as
+the hook uses it under CUDA graphs. On CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, as
 ``make test`` sets)."""
 
 import inspect
@@ -53,17 +53,18 @@ def test_bad_inputs_name_what_is_allowed():
         triton_accumulate_(main, grad[:8])
 
 
-def test_dispatch_takes_the_kernel_for_cuda_tensors_only(monkeypatch):
+@pytest.mark.parametrize("graphed", [True, False])
+def test_dispatch_takes_the_kernel_for_graphed_cuda_steps_only(monkeypatch, graphed):
     calls = []
     monkeypatch.setattr(
         fused_grad_accumulation, "triton_accumulate_", lambda m, g: calls.append(m.device)
     )
     main, grad = _tensors(8, torch.bfloat16)
     expected = main.clone().add_(grad)
-    fused_grad_accumulation.accumulate_grad(main, grad)
-    if DEVICE == "cuda":
+    fused_grad_accumulation.accumulate_grad(main, grad, graphed=graphed)
+    if DEVICE == "cuda" and graphed:
         assert calls == [main.device]
-    else:  # CPU tensors keep PyTorch's add, also under the interpreter
+    else:  # eager steps and CPU tensors keep PyTorch's add (also under the interpreter)
         assert calls == [] and torch.equal(main, expected)
 
 
@@ -72,7 +73,7 @@ def test_the_data_parallel_hook_accumulates_through_it():
     assert distributed_data_parallel.accumulate_grad is fused_grad_accumulation.accumulate_grad
     source = distributed_data_parallel.DistributedDataParallel._make_backward_post_hook
     text = inspect.getsource(source)
-    assert "accumulate_grad(param.main_grad, param.grad.data)" in text
+    assert "accumulate_grad(" in text and "graphed=self.config.cuda_graph_impl" in text
     assert "main_grad.add_(" not in text
 
 

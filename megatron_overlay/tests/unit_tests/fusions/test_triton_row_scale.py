@@ -67,16 +67,31 @@ def test_scale_weight_takes_the_kernel_where_it_applies(monkeypatch):
     real = forward_multipliers._row_scale_in_triton
 
     fm = forward_multipliers.ForwardMultipliers.__new__(forward_multipliers.ForwardMultipliers)
-    fm.identity, fm.combined, fm._cast = False, 1.0, {}
+    fm.identity, fm.combined, fm._cast, fm.graphed = False, 1.0, {}, True
     fm.combined_vector = torch.rand(6, generator=torch.Generator().manual_seed(3)) + 0.5
     weight = _inputs(6, 40, torch.bfloat16)[0]
     plain = fm.scale_weight(weight)
     monkeypatch.setattr(
-        forward_multipliers, "_row_scale_in_triton", lambda w: calls.append(1) or True
+        forward_multipliers,
+        "_row_scale_in_triton",
+        lambda w, graphed: calls.append(graphed) or True,
     )
     fused = fm.scale_weight(weight)
-    assert calls and _same_bits(fused, plain)
-    assert real(torch.zeros(2, 2)) is False  # CPU weights keep PyTorch's multiply
+    assert calls == [True] and _same_bits(fused, plain)
+    assert real(torch.zeros(2, 2), graphed=True) is False  # CPU weights keep PyTorch's multiply
+    if torch.cuda.is_available():  # eager steps too (host launch cost)
+        assert real(torch.zeros(2, 2, device="cuda"), graphed=False) is False
+        assert real(torch.zeros(2, 2, device="cuda"), graphed=True) is True
+
+
+def test_multipliers_know_whether_the_step_is_graphed():
+    from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
+
+    for impl, graphed in (("none", False), ("full_iteration", True)):
+        config = tiny_hybrid_config(**MULTIPLIERS)
+        config.cuda_graph_impl = impl
+        fm = forward_multipliers.ForwardMultipliers(config, "linear_proj", config.hidden_size, 1)
+        assert fm.graphed is graphed
 
 
 _COMPILE_KERNEL = """
