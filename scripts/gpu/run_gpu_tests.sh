@@ -11,8 +11,9 @@
 #             (PARITY_ARGS: extra arguments of both parity steps, e.g. "--cases g1_norm0_memeff")
 #   bitnet    BitNet kernel correctness
 #   unit      overlay unit tests on the GPU (compiled Triton kernels, `gpu`-marked tests), by
-#             scripts/gpu/run_gpu_unit_tests.py (UNIT_TESTS: test paths, default the BitNet kernel tests,
-#             the graphed-step synchronisation test and the Triton cross entropy)
+#             scripts/gpu/run_gpu_unit_tests.py (UNIT_TESTS: test paths, default its DEFAULT_TESTS:
+#             the BitNet kernels, the graphed-step synchronisation, the Triton fusions, the
+#             parameter copy and batch-first layout swap)
 #   bench     BitNet benchmark (bf16 vs ours vs PR #3002 method)
 #   convert   Falcon-H1 HF -> Megatron -> HF on a 0.5B-shaped random model, bf16 logits
 #   gptstep   whole BitNet GPT training step vs bf16 (pretrain_gpt.py), peak memory

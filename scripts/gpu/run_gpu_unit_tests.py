@@ -39,6 +39,9 @@ DEFAULT_TESTS = [
     "tests/unit_tests/fusions/test_triton_cross_entropy.py",
     "tests/unit_tests/fusions/test_triton_rope.py",
     "tests/unit_tests/optimizer/test_param_copy.py",
+    "tests/unit_tests/fusions/test_triton_row_scale.py",
+    "tests/unit_tests/fusions/test_triton_grad_accumulation.py",
+    "tests/unit_tests/ssm/test_batch_first_layout.py",
 ]
 
 
