@@ -42,18 +42,28 @@ if HAVE_TRITON:
         tl.store(main_ptr + offsets, total, mask=mask)
 
 
+_GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _kernel_applies(main_grad: torch.Tensor, grad: torch.Tensor) -> bool:
+    """A contiguous float32 ``main_grad`` and a contiguous ``grad`` of as many elements in one of
+    ``_GRAD_DTYPES``."""
+    return (
+        main_grad.dtype == torch.float32
+        and grad.dtype in _GRAD_DTYPES
+        and main_grad.numel() == grad.numel()
+        and main_grad.is_contiguous()
+        and grad.is_contiguous()
+    )
+
+
 def triton_accumulate_(main_grad: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``main_grad += grad`` in the Triton kernel: a contiguous float32 ``main_grad`` and a
     contiguous ``grad`` of as many elements (bf16, fp16 or float32), on CUDA (or in Triton's
     CPU interpreter). Returns ``main_grad``."""
     if not HAVE_TRITON:
         raise RuntimeError("triton_accumulate_: Triton is not installed")
-    if (
-        main_grad.dtype != torch.float32
-        or grad.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-        or main_grad.numel() != grad.numel()
-        or not (main_grad.is_contiguous() and grad.is_contiguous())
-    ):
+    if not _kernel_applies(main_grad, grad):
         raise ValueError(
             "triton_accumulate_: needs a contiguous float32 main_grad and a contiguous bf16, fp16 "
             f"or float32 grad of as many elements, got {main_grad.dtype} {tuple(main_grad.shape)} "
@@ -67,18 +77,8 @@ def triton_accumulate_(main_grad: torch.Tensor, grad: torch.Tensor) -> torch.Ten
 
 def accumulate_grad(main_grad: torch.Tensor, grad: torch.Tensor, graphed: bool) -> None:
     """``main_grad.add_(grad)``, by :func:`triton_accumulate_` where it applies (``graphed``: the
-    step runs under CUDA graphs; CUDA tensors, Triton installed, a float32 ``main_grad`` and a
-    contiguous ``grad`` of its size)."""
-    if (
-        graphed
-        and HAVE_TRITON
-        and main_grad.is_cuda
-        and main_grad.dtype == torch.float32
-        and grad.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and main_grad.numel() == grad.numel()
-        and main_grad.is_contiguous()
-        and grad.is_contiguous()
-    ):
+    step runs under CUDA graphs; CUDA tensors, Triton installed, and the kernel's layouts)."""
+    if graphed and HAVE_TRITON and main_grad.is_cuda and _kernel_applies(main_grad, grad):
         triton_accumulate_(main_grad, grad)
     else:
         main_grad.add_(grad)
