@@ -5,9 +5,10 @@
 Falcon-H1's per-channel multipliers (the key multiplier of ``linear_qkv``, the segment
 multipliers of ``mamba_in_proj``, the gate multiplier of ``linear_fc1``) are folded into the
 weight rows for training micro-batches (``ForwardMultipliers.scale_weight``). PyTorch computes
-``weight * scale.unsqueeze(1)`` with its generic broadcasting kernel, which on an H200 moved the
-0.5B model's ``mamba_in_proj`` weight at about a third of the memory bandwidth, forward and again
-for the gradient. These kernels read each row once with its one scale.
+``weight * scale.unsqueeze(1)`` with its generic broadcasting kernel (not vectorised): on an H200
+10.5 us for the 0.5B model's 3352 x 1024 bf16 ``mamba_in_proj`` weight, forward and again for the
+gradient, where a vectorised add of a 16 MiB bf16 tensor took 11.3 us. These kernels read each
+row once with its one scale.
 
 Same bits as PyTorch: each element is ``float32(w) * float32(s)`` rounded once to the weight's
 dtype (round to nearest even), as PyTorch's bf16/fp16 multiply computes it.

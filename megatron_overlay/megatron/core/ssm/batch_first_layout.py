@@ -6,8 +6,9 @@
 returns the gradient swapped back, contiguous.
 
 Only the two leading dimensions trade places; every ``[*rest]`` row stays one contiguous block
-in both layouts. PyTorch's generic strided copy moves such rows one element at a time (for a
-bf16 ``[s, b, 1024]`` tensor it ran at about half the GPU's copy bandwidth); viewing the rows as
+in both layouts. PyTorch's generic strided copy moves such rows one element at a time (on an
+H200 21.4 us for a bf16 ``[2048, 4, 1024]`` tensor, where a contiguous add of that size took
+11.3 us); viewing the rows as
 8-byte words first moves a quarter as many elements, bit for bit. The gradient comes back
 contiguous, so where it meets the other branch's gradient (Falcon-H1's parallel layers) the
 two add as plain contiguous tensors instead of one strided, permuted sum followed by a copy.
