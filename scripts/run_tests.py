@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "Megatron-LM"
 UPSTREAM_TESTS = ROOT / "ci" / "upstream_unit_tests.txt"
+MAMBA_SSM_DIR = "mamba-ssm-src"  # scripts/setup_env.py installs mamba_ssm's sources there
 
 
 def upstream_test_paths() -> list[str]:
@@ -57,6 +58,11 @@ def main(argv: list[str]) -> int:
             # the variable when first imported, which the tree's tests/unit_tests/conftest.py
             # does before any test module, so it is set for the whole run.
             tree_env.setdefault("TRITON_INTERPRET", "1")
+        # mamba_ssm's sources for the tests that run its kernels in a subprocess (make setup).
+        mamba_src = Path(sys.prefix) / MAMBA_SSM_DIR
+        if not (mamba_src / "mamba_ssm").is_dir():
+            sys.exit(f"error: {mamba_src} has no mamba_ssm: run `make setup`")
+        tree_env.setdefault("MAMBA_SSM_PYTHONPATH", str(mamba_src))
         status = run(pytest + ["-q", *paths, *argv], BUILD, tree_env) or status
     return status
 

@@ -6,6 +6,11 @@
 * torch: if a Python 3.12 on this machine already imports torch (a GPU box, an NGC container),
   the venv is created with ``--system-site-packages`` and reuses it; otherwise
   ``$TORCH_SPEC`` (default ``torch==2.14.1``) is installed from the package index.
+* mamba_ssm's Python sources (``MAMBA_SSM_SPEC``, the version of the GPU machine's wheel, built
+  from the package index's source archive without its CUDA extension) go into
+  ``<venv>/mamba-ssm-src``, outside the venv's import path: only tests that run mamba_ssm's
+  Triton kernels in Triton's interpreter put them on a subprocess's path (importing mamba_ssm
+  here would change which Mamba code the other CPU tests run).
 * Idempotent: a stamp in the venv records the inputs; a second run with the same inputs only
   checks that the interpreter still works.
 """
@@ -23,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements" / "cpu.txt"
 DEFAULT_TORCH = "torch==2.14.1"
+MAMBA_SSM_SPEC = "mamba-ssm==2.3.2.post1"
+MAMBA_SSM_DIR = "mamba-ssm-src"  # inside the venv; scripts/run_tests.py passes it to the tests
 
 
 def find_python312() -> list[str]:
@@ -73,7 +80,7 @@ def main() -> int:
     python = find_python312()
     reuse = system_torch(python)
     stamp_data = "\n".join(
-        [python[0], f"reuse-torch={reuse}", torch_spec, REQUIREMENTS.read_text()]
+        [python[0], f"reuse-torch={reuse}", torch_spec, REQUIREMENTS.read_text(), MAMBA_SSM_SPEC]
     ).encode()
     stamp_value = hashlib.sha256(stamp_data).hexdigest()
     stamp = venv / ".falcon-mcore-setup"
@@ -95,6 +102,14 @@ def main() -> int:
         subprocess.run(pip + [torch_spec], check=True)
     print(f"[setup] installing {REQUIREMENTS.relative_to(ROOT)}")
     subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True)
+    mamba_dir = venv / MAMBA_SSM_DIR
+    print(f"[setup] installing {MAMBA_SSM_SPEC} (Python sources only) into {mamba_dir}")
+    shutil.rmtree(mamba_dir, ignore_errors=True)
+    subprocess.run(
+        pip + ["--no-deps", "--no-build-isolation", "--target", str(mamba_dir), MAMBA_SSM_SPEC],
+        check=True,
+        env={**os.environ, "MAMBA_SKIP_CUDA_BUILD": "TRUE"},
+    )
     stamp.write_text(stamp_value + "\n")
     version = subprocess.run(
         [str(vpy), "-c", "import sys, torch; print(sys.version.split()[0], torch.__version__)"],

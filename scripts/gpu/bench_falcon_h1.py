@@ -126,6 +126,10 @@ NO_RERUN = ["--rerun-mode", "disabled"]
 # copies of the [tokens, vocabulary] logits (in the unfused path at 0.5B s2048 x 4: 5.2 ms of
 # kernels per step, trace_long_kernels_te_graph_opt_bf.json, and a 1.1 GB fp32 copy).
 TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "triton"]
+# Mamba layers keep the convolution output and scan intermediates for the backward instead of
+# recomputing them (same bits; 3.24 ms of recompute kernels per 0.5B s2048 x 4 step in
+# trace_kernels_te_graph_opt_bf_all.json; more activation memory).
+KEEP_SSD = ["--mamba-keep-ssd-activations"]
 # The path of a user without Transformer Engine: refused in a call where TE imports (the local
 # spec's RoPE fusion would run TE's kernel instead of the Triton one).
 WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton"}
@@ -150,6 +154,10 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     ),
     "ours_te_graph_opt_bf_tadam_norerun_tce": (
         TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        True,
+    ),
+    "ours_te_graph_opt_bf_tadam_norerun_tce_keep": (
+        TE + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE + KEEP_SSD,
         True,
     ),
     "ours_local_graph_opt_bf_tadam": (
