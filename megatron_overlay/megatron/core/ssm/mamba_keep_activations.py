@@ -28,6 +28,7 @@ convolution) also runs in Triton's interpreter, which is how the CPU tests compa
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -107,15 +108,17 @@ def missing_keywords(wrappers: dict) -> list:
     return problems
 
 
-def kernel_interface_problems() -> list:
+@functools.lru_cache(maxsize=None)
+def kernel_interface_problems() -> tuple:
     """What keeps this module from running: missing kernels, or mamba_ssm kernel wrappers
-    without a keyword argument this module passes (empty when it can run)."""
+    without a keyword argument this module passes (empty when it can run). Checked once per
+    process (it inspects signatures; the training step calls it every forward)."""
     if not HAVE_MAMBA_SSM_KERNELS:
-        return ["mamba_ssm's Triton kernels do not import"]
+        return ("mamba_ssm's Triton kernels do not import",)
     problems = missing_keywords({name: globals()[name] for name in _KEYWORDS})
     if not HAVE_CAUSAL_CONV1D_KERNELS:
         problems.append("causal_conv1d's kernels (causal_conv1d.cpp_functions) do not import")
-    return problems
+    return tuple(problems)
 
 
 @dataclass
