@@ -8,6 +8,10 @@ outcome and a ``summary`` (``n_checks``, ``n_passed``, ``n_failed``, ``n_errors`
 ``n_skipped``) that scripts/gpu/gpu_job_summary.py reads. A run where no test passed, or any
 failed or errored, exits non-zero.
 
+pytest runs with ``MAMBA_DETERMINISTIC=1`` unless the caller sets it: mamba_ssm then reduces
+without atomic adds (tests compare its kernels bit for bit) and keeps one configuration per
+autotuner, so a cold machine compiles one kernel per shape instead of every configuration.
+
 Usage::
 
     python scripts/gpu/run_gpu_unit_tests.py --megatron build/Megatron-LM --out unit_gpu.json \
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -92,7 +97,9 @@ def main() -> int:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
         cmd += [f"--junitxml={junit}", *args.tests]
-        rc = subprocess.run(cmd, cwd=args.megatron).returncode
+        env = dict(os.environ)
+        env.setdefault("MAMBA_DETERMINISTIC", "1")
+        rc = subprocess.run(cmd, cwd=args.megatron, env=env).returncode
         cases = outcomes(junit) if junit.is_file() else []
     summary = summarise(cases)
     tree = ROOT / ".carry" / "tree.txt"  # the carried tree's revision (prepare_carry.sh)
