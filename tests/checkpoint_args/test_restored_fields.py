@@ -44,6 +44,10 @@ NOT_RESTORED = {
     # model either way, and whether it can be used depends on the resuming run's parallelism
     # (it refuses sequence and context parallelism), like upstream's --sequence-parallel.
     "mamba_batch_first",
+    # Whether the Mamba mixer's backward recomputes its activations or keeps them
+    # (mamba-keep-activations feature): same model and same bits, a memory / speed choice for
+    # the machine a run uses.
+    "mamba_keep_ssd_activations",
     # Which implementation steps Adam (torch-fused-adam feature): the same AdamW update, chosen
     # for the machine like --device, not a property of the model. (Switching implementations
     # between a save and a resume is not covered by a test yet.)
