@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from megatron.core.fusions import triton_support
-from megatron.core.fusions.fused_row_scale_triton import row_scaled, scale_rows
+from megatron.core.fusions.fused_row_scale_triton import (
+    row_scaled,
+    scale_rows,
+    scale_rows_accumulate_,
+)
 from megatron.core.transformer import forward_multipliers
 from tests.unit_tests.fusions.triton_compile import assert_compiles_for_hopper
+from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -60,6 +65,92 @@ def test_bad_inputs_name_what_is_allowed():
         scale_rows(weight.view(2, 2, 8), scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(7, 33), (5, 2500), (1, 1)], ids=str)
+def test_scaled_accumulation_is_scaling_then_adding_bit_for_bit(dtype, shape):
+    """``main_grad += scale_rows(grad, scale)`` in one pass: the product rounded to the
+    gradient's dtype, then a float32 add, as the two kernels it replaces compute it."""
+    grad, scale = _inputs(*shape, dtype)
+    main = _inputs(*shape, torch.float32, seed=2)[0]
+    expected = main + scale_rows(grad, scale).float()
+    assert scale_rows_accumulate_(main, grad, scale) is main
+    assert _same_bits(main, expected)
+    with pytest.raises(ValueError, match="contiguous float32 main_grad"):
+        scale_rows_accumulate_(main.bfloat16(), grad, scale)
+
+
+def _parameter_with_main_grad(weight, seed=4):
+    """A parameter as the data-parallel wrapper leaves it: a float32 ``main_grad`` holding
+    earlier micro-batches' gradients and ``grad_added_to_main_grad`` reset."""
+    param = torch.nn.Parameter(weight.clone())
+    param.main_grad = _inputs(*weight.shape, torch.float32, seed=seed)[0]
+    param.grad_added_to_main_grad = False
+    return param
+
+
+@pytest.mark.parametrize("zero_out_wgrad", [False, True])
+def test_backward_adds_into_main_grad_under_the_data_parallel_protocol(zero_out_wgrad):
+    """For a parameter with a ``main_grad`` (the data-parallel wrapper's), the backward adds
+    the scaled gradient into it (bits of scaling, then the wrapper's add), marks the
+    parameter ``grad_added_to_main_grad`` and hands autograd a placeholder of its shape; the
+    wrapper's hook then skips it. With ``zero_out_wgrad`` (the hook adds whatever gradient it
+    gets), and for a plain tensor, the gradient is returned as before."""
+    weight, scale = _inputs(6, 40, torch.bfloat16)
+    grad_out = _inputs(6, 40, torch.bfloat16, seed=1)[0]
+    param = _parameter_with_main_grad(weight)
+    param.zero_out_wgrad = zero_out_wgrad
+    before = param.main_grad.clone()
+    row_scaled(param, scale).backward(grad_out)
+    scaled = scale_rows(grad_out, scale)
+    if zero_out_wgrad:
+        assert torch.equal(param.main_grad, before) and not param.grad_added_to_main_grad
+        assert _same_bits(param.grad, scaled)
+    else:
+        assert _same_bits(param.main_grad, before + scaled.float())
+        assert param.grad_added_to_main_grad is True
+        assert param.grad.shape == param.shape  # placeholder, never read
+
+
+def test_data_parallel_wrapper_accumulates_the_fused_gradient_once(single_rank):
+    """Megatron's DistributedDataParallel around a module whose weight is row-scaled: two
+    micro-batches accumulate into the grad buffer exactly what scaling every gradient and adding
+    it does (the hook does not add the placeholder)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True
+    )
+    weight, scale = _inputs(6, 40, torch.bfloat16)
+    inputs = [_inputs(3, 40, torch.bfloat16, seed=s)[0] for s in (5, 6)]
+
+    class RowScaled(MegatronModule):
+        def __init__(self, fused):
+            super().__init__(config)
+            self.weight = torch.nn.Parameter(weight.clone())
+            self.fused = fused
+
+        def forward(self, x):
+            scaled = row_scaled(self.weight, scale) if self.fused else self.weight * scale[:, None]
+            return x @ scaled.t()
+
+    grads = {}
+    for fused in (True, False):
+        model = DistributedDataParallel(
+            config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+            RowScaled(fused).to(DEVICE),
+        )
+        model.zero_grad_buffer()
+        for x in inputs:
+            model(x.to(DEVICE)).float().pow(2).sum().backward()
+        grads[fused] = model.module.weight.main_grad.clone()
+        assert model.module.weight.grad is None  # the hook consumed it
+    assert _same_bits(grads[True], grads[False])
+    assert grads[True].abs().sum() > 0
+
+
 def test_scale_weight_takes_the_kernel_where_it_applies(monkeypatch):
     """``ForwardMultipliers.scale_weight`` with per-channel scales: the kernel where
     ``_row_scale_in_triton`` says so (CUDA weights; forced here), the same bits either way."""
@@ -95,12 +186,18 @@ def test_multipliers_know_whether_the_step_is_graphed():
 
 
 _COMPILE_KERNEL = """
-from megatron.core.fusions.fused_row_scale_triton import _scale_rows_kernel
+from megatron.core.fusions.fused_row_scale_triton import (
+    _scale_rows_accumulate_kernel,
+    _scale_rows_kernel,
+)
 
 for dtype in ("bf16", "fp16", "fp32"):
     signature = {"src_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "dst_ptr": f"*{dtype}",
                  "cols": "i32", "BLOCK": "constexpr"}
     compile_for_hopper(_scale_rows_kernel, signature, {"BLOCK": 1024})
+    signature = {"grad_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "main_ptr": "*fp32",
+                 "cols": "i32", "BLOCK": "constexpr"}
+    compile_for_hopper(_scale_rows_accumulate_kernel, signature, {"BLOCK": 1024})
 """
 
 
