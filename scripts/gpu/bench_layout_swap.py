@@ -4,8 +4,10 @@
 per-channel multiplier fold into a weight: PyTorch's broadcasting multiply vs the Triton row
 scale (megatron/core/fusions/fused_row_scale_triton.py), and the backward hook's gradient
 accumulation into float32 main_grad: main_grad.add_ vs the Triton kernel
-(megatron/core/fusions/fused_grad_accumulation.py), at the 0.5B model's weights (GPU only; these
-replays rerun the accumulation, so only the first result is compared, from a fresh start).
+(megatron/core/fusions/fused_grad_accumulation.py), and the fold's backward adding into main_grad
+in the same pass, at the 0.5B model's weights (GPU, or Triton's interpreter with
+``--fold-on-cpu``; these replays rerun the accumulation, so only the first result is compared,
+from a fresh start).
 
 Why: in the 0.5B step's trace (TE spec, both graphs, batch-first) each parallel layer spent
 about 100 us on layout: two strided copies forward (the normed input to ``[b, s, h]``, the
@@ -123,6 +125,7 @@ def measure(shape: str, device: str, warmup: int, iters: int) -> dict:
 # Per-channel-scaled weights of the 0.5B model (rows x columns): linear_qkv (key multiplier),
 # mamba_in_proj (segment multipliers), linear_fc1 (gate multiplier).
 FOLD_WEIGHTS = {"linear_qkv": (1536, 1024), "mamba_in_proj": (3352, 1024), "linear_fc1": (4096, 1024)}
+FOLD_TINY = {"tiny": (6, 40)}  # for the CPU test of this script (Triton's interpreter)
 
 
 def measure_fold(rows: int, cols: int, device: str, warmup: int, iters: int) -> dict:
@@ -184,6 +187,65 @@ def measure_accumulate(rows: int, cols: int, device: str, warmup: int, iters: in
     return out
 
 
+def measure_fold_accumulate(rows: int, cols: int, device: str, warmup: int, iters: int) -> dict:
+    """The fold fwd+bwd with the weight gradient added into a float32 ``main_grad``: PyTorch
+    (broadcasting multiply, then ``main_grad.add_``: ``torch``), two Triton passes (the row
+    scale, then the backward hook's accumulation kernel: ``two_passes``) and one (the fold's
+    backward adds into the parameter's ``main_grad``: ``one_pass``). Replays rerun the
+    accumulation, so the bits compared come from one run from the same start."""
+    from megatron.core.fusions.fused_grad_accumulation import triton_accumulate_
+    from megatron.core.fusions.fused_row_scale_triton import row_scaled
+
+    gen = torch.Generator(device=device).manual_seed(3)
+    weight = torch.randn(rows, cols, generator=gen, device=device).bfloat16()
+    scale = (torch.rand(rows, generator=gen, device=device) + 0.5).bfloat16()
+    grad = torch.randn(rows, cols, generator=gen, device=device).bfloat16()
+    start = torch.randn(rows, cols, generator=gen, device=device)
+    out: dict = {}
+    reference = None
+    for name in ("torch", "two_passes", "one_pass"):
+        param = torch.nn.Parameter(weight.clone())
+        main = start.clone()
+        if name == "one_pass":  # as the data-parallel wrapper leaves a parameter
+            param.main_grad, param.grad_added_to_main_grad = main, False
+
+        def step(name=name, param=param, main=main):
+            if name == "torch":
+                scaled = param * scale.unsqueeze(1)
+            else:
+                scaled = row_scaled(param, scale)
+            (grad_weight,) = torch.autograd.grad(scaled, param, grad)
+            if name == "torch":
+                main.add_(grad_weight)
+            elif name == "two_passes":
+                triton_accumulate_(main, grad_weight)
+            return scaled
+
+        if device == "cuda":
+            replay, _ = graphed(step)
+            result = {"us": 1e3 * median_ms(replay, warmup, iters)}
+        else:
+            result = {}
+        main.copy_(start)
+        scaled = step().detach().clone()
+        if name == "one_pass":
+            result["added_in_backward"] = bool(param.grad_added_to_main_grad)
+        values = (scaled, main)
+        reference = reference or values
+        result["bit_identical_to_torch"] = torch.equal(
+            scaled.view(torch.int16), reference[0].view(torch.int16)
+        ) and torch.equal(main.view(torch.int32), reference[1].view(torch.int32))
+        out[name] = result
+    return out
+
+
+FOLD_SECTIONS = {
+    "fold": measure_fold,
+    "accumulate": measure_accumulate,
+    "fold_accumulate": measure_fold_accumulate,
+}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -193,26 +255,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--fold-on-cpu", action="store_true", help="also the fold cases on CPU (TRITON_INTERPRET=1)"
     )
+    parser.add_argument(
+        "--fold-weights",
+        default=",".join(FOLD_WEIGHTS),
+        help=f"weights of the fold cases, from {sorted(FOLD_WEIGHTS | FOLD_TINY)}",
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {**provenance(sys.argv), "dtype": "torch.bfloat16", "device_kind": device}
     report["shapes"] = {
         s: measure(s, device, args.warmup, args.iters) for s in args.shapes.split(",")
     }
+    weights = {n: (FOLD_WEIGHTS | FOLD_TINY)[n] for n in args.fold_weights.split(",")}
     if device == "cuda" or args.fold_on_cpu:  # the kernel needs CUDA (or Triton's interpreter)
-        report["fold"] = {
-            name: measure_fold(*shape, device, args.warmup, args.iters)
-            for name, shape in FOLD_WEIGHTS.items()
-        }
-        report["accumulate"] = {
-            name: measure_accumulate(*shape, device, args.warmup, args.iters)
-            for name, shape in FOLD_WEIGHTS.items()
-        }
+        for section, function in FOLD_SECTIONS.items():
+            report[section] = {
+                name: function(*shape, device, args.warmup, args.iters)
+                for name, shape in weights.items()
+            }
     exact = all(
         c["bit_identical_to_transpose"] for r in report["shapes"].values() for c in r["cases"].values()
     ) and all(
         c["bit_identical_to_torch"]
-        for section in ("fold", "accumulate")
+        for section in FOLD_SECTIONS
         for r in report.get(section, {}).values()
         for c in r.values()
     )
@@ -221,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     (args.out_dir / "bench_layout_swap.json").write_text(json.dumps(report, indent=1) + "\n")
     for name, r in report["shapes"].items():
         print(name, json.dumps(r["cases"]))
-    for section in ("fold", "accumulate"):
+    for section in FOLD_SECTIONS:
         for name, r in report.get(section, {}).items():
             print(section, name, json.dumps(r))
     return 0 if exact else 1
