@@ -42,35 +42,36 @@ def _round_to_bfloat16(x):
 
 
 @triton.jit
-def _scale_rows_kernel(src_ptr, scale_ptr, dst_ptr, cols, BLOCK: tl.constexpr):
-    """``dst[r, c] = src[r, c] * scale[r]``; program (row, column block)."""
+def _scaled_block(src_ptr, scale_ptr, cols, BLOCK: tl.constexpr):
+    """This program's block of ``src[r, :] * scale[r]`` (program: row, column block), each
+    element ``float32(src) * float32(scale)`` rounded once to ``src``'s dtype (to nearest even);
+    returns the elements' offsets, their mask and the values."""
     row = tl.program_id(0).to(tl.int64)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < cols
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = columns < cols
     scale = tl.load(scale_ptr + row).to(tl.float32)
-    product = tl.load(src_ptr + row * cols + offsets, mask=mask).to(tl.float32) * scale
-    if dst_ptr.dtype.element_ty == tl.bfloat16:
-        out = _round_to_bfloat16(product)
+    product = tl.load(src_ptr + row * cols + columns, mask=mask).to(tl.float32) * scale
+    if src_ptr.dtype.element_ty == tl.bfloat16:
+        scaled = _round_to_bfloat16(product)
     else:
-        out = product.to(dst_ptr.dtype.element_ty)
-    tl.store(dst_ptr + row * cols + offsets, out, mask=mask)
+        scaled = product.to(src_ptr.dtype.element_ty)
+    return row * cols + columns, mask, scaled
+
+
+@triton.jit
+def _scale_rows_kernel(src_ptr, scale_ptr, dst_ptr, cols, BLOCK: tl.constexpr):
+    """``dst[r, c] = src[r, c] * scale[r]`` (``dst`` in ``src``'s dtype)."""
+    offsets, mask, scaled = _scaled_block(src_ptr, scale_ptr, cols, BLOCK)
+    tl.store(dst_ptr + offsets, scaled, mask=mask)
 
 
 @triton.jit
 def _scale_rows_accumulate_kernel(grad_ptr, scale_ptr, main_ptr, cols, BLOCK: tl.constexpr):
-    """``main[r, c] += float32(grad[r, c] * scale[r])`` with the product rounded to the
-    gradient's dtype first, as :func:`scale_rows` writes it; program (row, column block)."""
-    row = tl.program_id(0).to(tl.int64)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < cols
-    scale = tl.load(scale_ptr + row).to(tl.float32)
-    product = tl.load(grad_ptr + row * cols + offsets, mask=mask).to(tl.float32) * scale
-    if grad_ptr.dtype.element_ty == tl.bfloat16:
-        scaled = _round_to_bfloat16(product).to(tl.float32)
-    else:
-        scaled = product.to(grad_ptr.dtype.element_ty).to(tl.float32)
-    main = tl.load(main_ptr + row * cols + offsets, mask=mask)
-    tl.store(main_ptr + row * cols + offsets, main + scaled, mask=mask)
+    """``main[r, c] += float32(grad[r, c] * scale[r])``, the product rounded to the gradient's
+    dtype first, as :func:`scale_rows` writes it."""
+    offsets, mask, scaled = _scaled_block(grad_ptr, scale_ptr, cols, BLOCK)
+    main = tl.load(main_ptr + offsets, mask=mask)
+    tl.store(main_ptr + offsets, main + scaled.to(tl.float32), mask=mask)
 
 
 def scale_rows(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
