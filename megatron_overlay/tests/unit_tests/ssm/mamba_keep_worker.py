@@ -42,11 +42,20 @@ CASES = {
 
 def conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
     """causal_conv1d's ``causal_conv1d_fwd_function`` for ``x`` ``(b, d, s)``: depthwise causal
-    convolution, optional SiLU, output in ``x``'s layout (no sequence index or states)."""
-    assert seq_idx is None and initial_states is None and final_states_out is None
-    width = weight.shape[-1]
-    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])
-    y = y[..., : x.shape[-1]]
+    convolution, optional SiLU, output in ``x``'s layout. With ``seq_idx`` (``(b, s)``) a tap
+    reads only tokens of its own sequence, as the CUDA kernel does (no states)."""
+    assert initial_states is None and final_states_out is None
+    width, seqlen = weight.shape[-1], x.shape[-1]
+    # windows[..., t, k] = x[..., t - (width - 1) + k] (zero before the first token)
+    windows = F.pad(x, (width - 1, 0)).unfold(-1, width, 1)
+    if seq_idx is not None:
+        own = F.pad(seq_idx, (width - 1, 0), value=-1).unfold(-1, width, 1)
+        windows = windows * (own == seq_idx[..., None]).unsqueeze(1).to(x.dtype)
+    y = (windows.float() * weight.float()[:, None, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.float()[:, None]
+    y = y.to(x.dtype)
+    assert y.shape[-1] == seqlen
     out = torch.empty_like(x)
     out.copy_(F.silu(y) if silu else y)
     return out
@@ -54,12 +63,13 @@ def conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
 
 def conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, dinit, silu):
     """causal_conv1d's ``causal_conv1d_bwd_function``: writes into ``dx`` when given."""
-    assert seq_idx is None and initial_states is None and dfinal_states is None and not dinit
+    assert initial_states is None and dfinal_states is None and not dinit
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (x, weight)]
         if bias is not None:
             leaves.append(bias.detach().requires_grad_())
-        out = conv_fwd(*leaves[:2], leaves[2] if bias is not None else None, None, None, None, silu)
+        bias_leaf = leaves[2] if bias is not None else None
+        out = conv_fwd(*leaves[:2], bias_leaf, seq_idx, None, None, silu)
         grads = torch.autograd.grad(out, leaves, dout)
     dx = torch.empty_like(x) if dx is None else dx
     dx.copy_(grads[0])
@@ -76,6 +86,13 @@ def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
+def packed_seq_idx(batch: int, seqlen: int) -> torch.Tensor:
+    """``(batch, seqlen)`` int32 sequence index: three sequences per row."""
+    cuts = torch.tensor([seqlen // 3, seqlen // 2 + 5])
+    seq_idx = (torch.arange(seqlen)[None, :, None] >= cuts).sum(-1).to(torch.int32)
+    return seq_idx.expand(batch, -1).contiguous()
+
+
 def scan_inputs(batch, seqlen, heads, headdim, groups, state, D_per_channel, packed, seed):
     """Inputs of the chunked scan (bfloat16 activations, float32 A / D / dt_bias)."""
     gen = torch.Generator().manual_seed(seed)
@@ -83,12 +100,6 @@ def scan_inputs(batch, seqlen, heads, headdim, groups, state, D_per_channel, pac
     def randn(*shape, scale=1.0, dtype=torch.bfloat16):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
-    seq_idx = None
-    if packed:
-        # Three sequences per row, split at different tokens.
-        cuts = torch.tensor([seqlen // 3, seqlen // 2 + 5])
-        seq_idx = (torch.arange(seqlen)[None, :, None] >= cuts).sum(-1).to(torch.int32)
-        seq_idx = seq_idx.expand(batch, -1).contiguous()
     return dict(
         x=randn(batch, seqlen, heads, headdim),
         dt=randn(batch, seqlen, heads, scale=0.5),
@@ -102,7 +113,7 @@ def scan_inputs(batch, seqlen, heads, headdim, groups, state, D_per_channel, pac
         ),
         z=randn(batch, seqlen, heads, headdim),
         dt_bias=randn(heads, scale=0.5, dtype=torch.float32),
-        seq_idx=seq_idx,
+        seq_idx=packed_seq_idx(batch, seqlen) if packed else None,
         dout=randn(batch, seqlen, heads, headdim),
     )
 
@@ -134,7 +145,7 @@ def reference_scan(x, dt, A, B, C, chunk_size, **kwargs):
     )
 
 
-def split_inputs(batch, seqlen, heads, headdim, groups, state, D_per_channel, seed):
+def split_inputs(batch, seqlen, heads, headdim, groups, state, D_per_channel, packed, seed):
     """Inputs of the split-convolution function: in_proj output, convolution, dt_bias, A, D."""
     gen = torch.Generator().manual_seed(seed)
     d_inner = heads * headdim
@@ -154,6 +165,7 @@ def split_inputs(batch, seqlen, heads, headdim, groups, state, D_per_channel, se
             else torch.randn(heads, generator=gen)
         ),
         dout=torch.randn(batch, seqlen, d_inner, generator=gen).bfloat16(),
+        seq_idx=packed_seq_idx(batch, seqlen) if packed else None,
     )
 
 
@@ -169,6 +181,7 @@ def run_split(fn, inputs, chunk_size, headdim, groups):
         leaves["A"],
         leaves["D"],
         chunk_size,
+        seq_idx=inputs["seq_idx"],
         headdim=None if leaves["D"].dim() == 2 else headdim,
         ngroups=groups,
     )
@@ -176,7 +189,9 @@ def run_split(fn, inputs, chunk_size, headdim, groups):
     return {"out": out.detach(), **{f"d{n}": leaves[n].grad for n in names}}
 
 
-def keep_split(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, headdim, ngroups):
+def keep_split(
+    zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx, headdim, ngroups
+):
     """The keeping function past its CUDA-only entry check."""
     # pylint: disable=protected-access
     return keep._SplitConv1dScanKeepFn.apply(
@@ -187,7 +202,7 @@ def keep_split(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, he
         A,
         D,
         chunk_size,
-        None,
+        seq_idx,
         keep.NO_DT_LIMIT,
         "silu",
         headdim,
@@ -196,7 +211,7 @@ def keep_split(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, he
 
 
 def reference_split(
-    zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, headdim, ngroups
+    zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx, headdim, ngroups
 ):
     """mamba_ssm's function as MambaMixer calls it."""
     return ssd_combined.mamba_split_conv1d_scan_combined(
@@ -207,6 +222,7 @@ def reference_split(
         A,
         D,
         chunk_size,
+        seq_idx=seq_idx,
         activation="silu",
         headdim=headdim,
         ngroups=ngroups,
@@ -225,12 +241,11 @@ def main(out_path: str) -> None:
             "keep": run_scan(keep.mamba_chunk_scan_keep, scan, chunk),
             "mamba_ssm": run_scan(reference_scan, scan, chunk),
         }
-        if not packed:  # the stand-in convolution has no sequence index
-            split = split_inputs(b, l, h, p, g, n, D_per_channel, seed=len(results) - 1)
-            results[f"split/{name}"] = {
-                "keep": run_split(keep_split, split, chunk, p, g),
-                "mamba_ssm": run_split(reference_split, split, chunk, p, g),
-            }
+        split = split_inputs(b, l, h, p, g, n, D_per_channel, packed, seed=len(results) - 1)
+        results[f"split/{name}"] = {
+            "keep": run_split(keep_split, split, chunk, p, g),
+            "mamba_ssm": run_split(reference_split, split, chunk, p, g),
+        }
     torch.save(results, out_path)
 
 

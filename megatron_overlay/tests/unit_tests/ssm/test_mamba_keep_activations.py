@@ -68,14 +68,14 @@ def worker_results(tmp_path_factory):
     return torch.load(out)
 
 
-# The worker's cases (its CASES; the split function skips packed sequences: the stand-in
-# convolution has no sequence index).
+# The worker's cases (its CASES, through the scan and through the split-convolution function).
 CASES = [
     "scan/two_groups",
     "scan/one_group_D_per_channel",
     "scan/packed_sequences",
     "split/two_groups",
     "split/one_group_D_per_channel",
+    "split/packed_sequences",
 ]
 
 
