@@ -8,7 +8,7 @@ the weight gradients into the data-parallel ``main_grad`` inside the backward gr
 Falcon-H1-0.5B run under this mode left the eager loss curve at the first replayed step and
 stalled, so ``ParallelHybridLayer`` refuses it. These tests locate the fault: for each layer
 kind (upstream attention + MLP layers, Mamba layers, parallel hybrid layers, all from the
-Falcon-H1 local spec with every multiplier set) a small model trains a few SGD steps on
+Falcon-H1 local spec, with every multiplier set or none) a small model trains a few SGD steps on
 Megatron's ``DistributedDataParallel`` eagerly and under per-layer graphs, from the same weights
 on the same batches, and the graphed run must follow the eager one.
 
@@ -55,7 +55,7 @@ def _allow_parallel_layers_under_local_graphs(monkeypatch):
     monkeypatch.setattr(ParallelHybridLayer, "__init__", TransformerLayer.__init__)
 
 
-def _train(pattern, graphs, state, batches):
+def _train(pattern, graphs, state, batches, multipliers):
     """Losses and, per step, the main_grad of every parameter, of SGD on ``batches``."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
@@ -69,7 +69,7 @@ def _train(pattern, graphs, state, batches):
         mamba_state_dim=16,
         mamba_chunk_size=16,
         cuda_graph_impl="local" if graphs else "none",
-        **MULTIPLIERS,
+        **(MULTIPLIERS if multipliers else {}),
     )
     torch.manual_seed(7)
     model = HybridModel(
@@ -112,10 +112,15 @@ def _train(pattern, graphs, state, batches):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("multipliers", [True, False], ids=["multipliers", "plain"])
 @pytest.mark.parametrize("kind", sorted(PATTERNS))
-def test_per_layer_cuda_graphs_train_like_eager(single_rank, graph_state, monkeypatch, kind):
+def test_per_layer_cuda_graphs_train_like_eager(
+    single_rank, graph_state, monkeypatch, kind, multipliers
+):
     """Per-step losses and main_grads of the graphed run follow the eager run's (the first step
-    runs eagerly in both: its gradients also show that capture did not disturb them)."""
+    runs eagerly in both: its gradients also show that capture did not disturb them). With and
+    without the Falcon-H1 multipliers (under graphs they fold into weights by a Triton kernel
+    that adds weight gradients into main_grad itself)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("mamba_ssm")
@@ -123,8 +128,8 @@ def test_per_layer_cuda_graphs_train_like_eager(single_rank, graph_state, monkey
     _allow_parallel_layers_under_local_graphs(monkeypatch)
     tokens = torch.randint(0, VOCAB, (2, 49), generator=torch.Generator().manual_seed(11)).cuda()
     batches = [(tokens[:, :-1], tokens[:, 1:])] * STEPS  # one batch, learnt over the steps
-    eager_losses, eager_grads, state = _train(pattern, False, None, batches)
-    graph_losses, graph_grads, _ = _train(pattern, True, state, batches)
+    eager_losses, eager_grads, state = _train(pattern, False, None, batches, multipliers)
+    graph_losses, graph_grads, _ = _train(pattern, True, state, batches, multipliers)
     assert eager_losses[-1] < eager_losses[0] - 0.05, f"eager run did not train: {eager_losses}"
     problems = []
     for step, (eager, graphed) in enumerate(zip(eager_losses, graph_losses)):
