@@ -119,7 +119,11 @@ def scale_rows_accumulate_(
     rows, cols = grad.shape
     if grad.numel():
         grid = (rows, triton.cdiv(cols, _BLOCK))
-        _scale_rows_accumulate_kernel[grid](grad, scale.contiguous(), main_grad, cols, BLOCK=_BLOCK)
+        # No fused multiply-add: for a float32 gradient it would round product and sum once,
+        # not the twice of scaling, then adding.
+        _scale_rows_accumulate_kernel[grid](
+            grad, scale.contiguous(), main_grad, cols, BLOCK=_BLOCK, enable_fp_fusion=False
+        )
     return main_grad
 
 

@@ -197,12 +197,21 @@ for dtype in ("bf16", "fp16", "fp32"):
     compile_for_hopper(_scale_rows_kernel, signature, {"BLOCK": 1024})
     signature = {"grad_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "main_ptr": "*fp32",
                  "cols": "i32", "BLOCK": "constexpr"}
-    compile_for_hopper(_scale_rows_accumulate_kernel, signature, {"BLOCK": 1024})
+    for fusion in (True, False):
+        ptx = compile_for_hopper(
+            _scale_rows_accumulate_kernel, signature, {"BLOCK": 1024}, enable_fp_fusion=fusion
+        ).asm["ptx"]
+        if dtype == "fp32":
+            # With fusion (Triton's default) the float32 product and the add become one FMA (one
+            # rounding: not the bits of scaling, then adding), as the launch turns it off.
+            assert ("fma.rn.f32" in ptx) == fusion, (fusion, "fma.rn.f32" in ptx)
 """
 
 
 def test_kernel_compiles_for_hopper():
-    """The kernel compiles to sm_90 machine code for every dtype (no GPU needed)."""
+    """The kernels compile to sm_90 machine code for every dtype (no GPU needed); for float32
+    gradients the accumulating kernel, launched without floating-point fusion, multiplies and
+    adds in two instructions (with Triton's default fusion they would be one FMA)."""
     assert_compiles_for_hopper(_COMPILE_KERNEL)
 
 

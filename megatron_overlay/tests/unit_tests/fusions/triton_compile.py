@@ -30,6 +30,7 @@ def compile_for_hopper(kernel, signature, constexprs, **options):
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], (kernel.__name__, signature, constexprs)
+    return compiled
 """
 
 
