@@ -43,9 +43,17 @@ requires_cpu_training = pytest.mark.skipif(
 )
 
 
+# Transformer Engine's attention selection variables: upstream's autouse ``set_env`` fixture
+# sets two to 0 where TE is installed, and a language model built with the default attention
+# backend refuses them (upstream's ``Utils.initialize_model_parallel`` clears them too).
+NVTE_ATTENTION_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
 @pytest.fixture
-def single_rank(tmp_path):
+def single_rank(tmp_path, monkeypatch):
     """A world of size 1, TP = PP = 1, seeded RNG trackers; yields the test device."""
+    for name in NVTE_ATTENTION_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     if cpu_training_supported():
         created = not dist.is_initialized()
         if created:
