@@ -40,3 +40,20 @@ def tiny_hybrid_config(**overrides):
     )
     values.update(overrides)
     return TransformerConfig(**values)
+
+
+def tiny_hybrid_model(config, pattern="PP", spec=None, position_embedding_type="rope"):
+    """A HybridModel of ``pattern`` layers from ``spec`` (default: the Falcon-H1 local stack
+    spec) for the tiny configs: 64-token vocabulary and sequences, untied output layer."""
+    from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=falcon_h1_stack_spec if spec is None else spec,
+        vocab_size=64,
+        max_sequence_length=64,
+        hybrid_layer_pattern=pattern,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type=position_embedding_type,
+    )

@@ -8,10 +8,13 @@ import torch
 
 from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
 from megatron.core.models.hybrid.hybrid_backend_specs import hybrid_stack_spec_local
-from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
-from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
+from tests.unit_tests.ssm.falcon_h1_test_utils import (
+    MULTIPLIERS,
+    tiny_hybrid_config,
+    tiny_hybrid_model,
+)
 
 
 def _config(**overrides):
@@ -22,15 +25,7 @@ def _config(**overrides):
 def _run(config, spec, pattern, tokens, state=None):
     """Logits, loss gradients by parameter name, the state dict and the shapes in_proj saw."""
     torch.manual_seed(7)
-    model = HybridModel(
-        config=config,
-        hybrid_stack_spec=spec,
-        vocab_size=64,
-        max_sequence_length=64,
-        hybrid_layer_pattern=pattern,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-    )
+    model = tiny_hybrid_model(config, pattern, spec)
     if state is not None:
         model.load_state_dict(state)
     seen = []

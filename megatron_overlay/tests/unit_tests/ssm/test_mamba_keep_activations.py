@@ -272,18 +272,10 @@ def test_cuda_kernels_match_mamba_split_conv1d_scan_combined(
 def _mamba_model_run(config, tokens, state=None):
     """Logits and parameter gradients of a two-layer Mamba model on the GPU, and its state."""
     from megatron.core.models.hybrid.hybrid_backend_specs import hybrid_stack_spec_local
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from tests.unit_tests.ssm.falcon_h1_test_utils import tiny_hybrid_model
 
     torch.manual_seed(7)
-    model = HybridModel(
-        config=config,
-        hybrid_stack_spec=hybrid_stack_spec_local,
-        vocab_size=64,
-        max_sequence_length=64,
-        hybrid_layer_pattern="MM",
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="none",
-    )
+    model = tiny_hybrid_model(config, "MM", hybrid_stack_spec_local, position_embedding_type="none")
     if state is not None:
         model.load_state_dict(state)
     model = model.cuda()

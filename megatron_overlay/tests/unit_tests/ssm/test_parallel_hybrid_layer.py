@@ -10,29 +10,20 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
 from megatron.core.models.hybrid.hybrid_backend_specs import hybrid_stack_spec_local
-from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.models.hybrid.parallel_hybrid_layer import (
     ParallelHybridLayer,
     ParallelHybridMixer,
 )
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
-from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
-
-
-def _model(config, spec=falcon_h1_stack_spec, pattern="PP", vocab=64):
-    return HybridModel(
-        config=config,
-        hybrid_stack_spec=spec,
-        vocab_size=vocab,
-        max_sequence_length=64,
-        hybrid_layer_pattern=pattern,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-    )
+from tests.unit_tests.ssm.falcon_h1_test_utils import (
+    MULTIPLIERS,
+    tiny_hybrid_config,
+    tiny_hybrid_model,
+)
 
 
 def test_layer_structure(single_rank):
-    model = _model(tiny_hybrid_config(**MULTIPLIERS))
+    model = tiny_hybrid_model(tiny_hybrid_config(**MULTIPLIERS))
     layer = model.decoder.layers[0]
     assert isinstance(layer, ParallelHybridLayer)
     assert isinstance(layer.self_attention, ParallelHybridMixer)
@@ -57,7 +48,7 @@ def test_layer_structure(single_rank):
 def test_every_block_runs_once_and_outputs_sum(single_rank):
     """The mixer output is attention(u) + mamba(u); no block of the layer runs twice."""
     device = single_rank
-    model = _model(tiny_hybrid_config(**MULTIPLIERS)).to(device).eval()
+    model = tiny_hybrid_model(tiny_hybrid_config(**MULTIPLIERS)).to(device).eval()
     layer = model.decoder.layers[0]
     calls = {}
     for name in ("input_layernorm", "pre_mlp_layernorm", "mlp"):
@@ -92,7 +83,7 @@ def test_every_block_runs_once_and_outputs_sum(single_rank):
 
 def test_spec_without_parallel_layer_fails_clearly(single_rank):
     with pytest.raises(ValueError, match="parallel_hybrid_layer"):
-        _model(tiny_hybrid_config(), spec=hybrid_stack_spec_local, pattern="P*")
+        tiny_hybrid_model(tiny_hybrid_config(), spec=hybrid_stack_spec_local, pattern="P*")
 
 
 def test_per_layer_cuda_graphs_are_refused(single_rank):
@@ -100,7 +91,7 @@ def test_per_layer_cuda_graphs_are_refused(single_rank):
     config = tiny_hybrid_config()
     config.cuda_graph_impl = "local"  # set after validation: the config checks need a GPU
     with pytest.raises(ValueError, match="--cuda-graph-impl local"):
-        _model(config)
+        tiny_hybrid_model(config)
 
 
 def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
@@ -109,8 +100,10 @@ def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
     device = single_rank
     config = tiny_hybrid_config()
     torch.manual_seed(5)
-    plain = _model(config, spec=hybrid_stack_spec_local, pattern="M*-M").to(device).eval()
-    falcon = _model(config, spec=falcon_h1_stack_spec, pattern="M*-M").to(device).eval()
+    plain = (
+        tiny_hybrid_model(config, spec=hybrid_stack_spec_local, pattern="M*-M").to(device).eval()
+    )
+    falcon = tiny_hybrid_model(config, spec=falcon_h1_stack_spec, pattern="M*-M").to(device).eval()
     falcon.load_state_dict(plain.state_dict())
     tokens = torch.randint(0, 64, (2, 9), device=device)
     positions = torch.arange(9, device=device).expand(2, -1)
@@ -123,7 +116,7 @@ def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):
 def test_static_inference_prefill_then_decode_matches_full_forward(single_rank):
     """Prefill + one decode step (separate KV and Mamba caches) give the full-sequence logits."""
     device = single_rank
-    model = _model(tiny_hybrid_config(**MULTIPLIERS), pattern="PP").to(device).eval()
+    model = tiny_hybrid_model(tiny_hybrid_config(**MULTIPLIERS), pattern="PP").to(device).eval()
     tokens = torch.randint(0, 64, (1, 9), device=device)
     positions = torch.arange(9, device=device).unsqueeze(0)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture
 PATTERNS = {"attention": "*-*-", "mamba": "MMMM", "parallel": "PPPP"}
 STEPS = 5
 LEARNING_RATE = 0.2
-VOCAB = 64
+VOCAB = 64  # tiny_hybrid_model's vocabulary
 
 
 @pytest.fixture
@@ -59,11 +59,13 @@ def _allow_parallel_layers_under_local_graphs(monkeypatch):
 def _train(pattern, graphs, state, batches, multipliers, bf16):
     """Losses and, per step, the main_grad of every parameter, of SGD on ``batches``."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.hybrid.falcon_h1_layer_specs import falcon_h1_stack_spec
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.transformer.cuda_graphs import create_cudagraphs
     from megatron.core.transformer.module import Float16Module
-    from tests.unit_tests.ssm.falcon_h1_test_utils import MULTIPLIERS, tiny_hybrid_config
+    from tests.unit_tests.ssm.falcon_h1_test_utils import (
+        MULTIPLIERS,
+        tiny_hybrid_config,
+        tiny_hybrid_model,
+    )
 
     config = tiny_hybrid_config(
         num_layers=len(pattern),
@@ -76,15 +78,7 @@ def _train(pattern, graphs, state, batches, multipliers, bf16):
         **(MULTIPLIERS if multipliers else {}),
     )
     torch.manual_seed(7)
-    model = HybridModel(
-        config=config,
-        hybrid_stack_spec=falcon_h1_stack_spec,
-        vocab_size=VOCAB,
-        max_sequence_length=64,
-        hybrid_layer_pattern=pattern,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-    )
+    model = tiny_hybrid_model(config, pattern)
     if state is not None:
         model.load_state_dict(state)
     start = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
