@@ -220,6 +220,80 @@ def test_idle_gaps_without_stacks_are_charged_to_host_ops():
     assert idle["by_function"] == [{"name": "(none)", "us_per_step": 50}]
 
 
+def _charge_gaps_by_scanning_every_event(trace, prefix, min_gap_us, categories):
+    """The definition idle_by_host_function implements with one sweep: each gap of at least
+    ``min_gap_us`` goes to the shortest event (then the smallest name) covering its start."""
+    events = trace["traceEvents"]
+    steps = [e for e in events if e["name"].startswith("ProfilerStep#")]
+    start = min(e["ts"] for e in steps)
+    end = max(e["ts"] + e["dur"] for e in steps)
+    busy = sorted(
+        (max(e["ts"], start), min(e["ts"] + e["dur"], end))
+        for e in events
+        if e["cat"] in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
+    gaps, cursor = [], start
+    for lo, hi in busy:
+        if hi > lo:
+            if lo - cursor >= min_gap_us:
+                gaps.append((cursor, lo - cursor))
+            cursor = max(cursor, hi)
+    if end - cursor >= min_gap_us:
+        gaps.append((cursor, end - cursor))
+    totals = {}
+    for at, length in gaps:
+        covering = [
+            (e["dur"], e["name"])
+            for e in events
+            if e["cat"] in categories and prefix in e["name"]
+            and not e["name"].startswith("ProfilerStep#") and e["ts"] <= at <= e["ts"] + e["dur"]
+        ]  # fmt: skip
+        name = min(covering)[1] if covering else "(none)"
+        totals[name] = totals.get(name, 0.0) + length
+    return totals
+
+
+def test_idle_gaps_sweep_charges_like_scanning_every_event():
+    """A random host-bound trace: three threads of nested host events (ties in length, events
+    that end exactly at a gap, gaps before any event), GPU work with gaps of every size; the
+    sweep charges each gap exactly as testing every event against it does."""
+    import random
+
+    trace = load_script("scripts/lib/gpu_trace.py")
+    rng = random.Random(5)
+    events = [
+        {"ph": "X", "name": f"ProfilerStep#{i}", "ts": 1000 * i, "dur": 1000, "cat": "user_annotation"}
+        for i in (1, 2, 3)
+    ]  # fmt: skip
+
+    def nest(lo, hi, depth, thread):
+        t = lo
+        while depth and t < hi:
+            length = rng.choice([5, 10, 10, 40, 120, 300])
+            stop = min(t + length, hi)
+            events.append({"ph": "X", "name": f"t{thread}/op{rng.randrange(12)}", "ts": t,
+                           "dur": stop - t, "cat": rng.choice(["cpu_op", "cuda_runtime"])})  # fmt: skip
+            nest(t, stop, depth - 1, thread)
+            t = stop + rng.choice([0, 0, 3, 25])
+
+    for thread in range(3):
+        nest(rng.randrange(0, 200), 4100, 3, thread)
+    t = 1000.0
+    while t < 4000:
+        length = rng.choice([2, 8, 30])
+        events.append({"ph": "X", "name": "k", "ts": t, "dur": length, "cat": rng.choice(["kernel", "gpu_memcpy"])})
+        t += length + rng.choice([0, 1, 19, 20, 21, 60, 150])
+    data = {"traceEvents": events}
+    for prefix, min_gap in (("", 20.0), ("op1", 20.0), ("", 1.0)):
+        categories = ("cpu_op", "cuda_runtime")
+        idle = trace.idle_by_host_function(data, prefix=prefix, min_gap_us=min_gap, categories=categories)
+        want = _charge_gaps_by_scanning_every_event(data, prefix, min_gap, categories)
+        assert len(want) >= 3, want  # the gaps fall under several events
+        assert {r["name"]: r["us_per_step"] for r in idle["by_function"]} == {
+            name: t / 3 for name, t in want.items()
+        }
+
+
 def test_long_kernels_are_grouped_by_name_and_grid_per_step():
     """Two steps: 'div' over the logits grid runs 300 us once a step; 'div' on another grid and
     the 20-30 us kernels of _trace() fall under min_us; a kernel outside the steps is ignored."""

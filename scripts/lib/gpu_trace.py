@@ -190,17 +190,27 @@ def idle_by_host_function(
         cursor = max(cursor, hi)
     if end - cursor >= min_gap_us:
         gaps.append((cursor, end - cursor))
-    functions = [
+    functions = sorted(
         (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name"))[:160])
         for e in events
         if e.get("ph") == "X"
         and e.get("cat") in categories
         and prefix in str(e.get("name"))
         and not str(e.get("name")).startswith("ProfilerStep#")
-    ]
+    )
+    # One sweep: the gaps come in time order, so the events running at a gap's start are those
+    # already started and not yet ended. Testing every event against every gap grows with their
+    # product: 44 s for 18k gaps and 136k events here, 0.14 s this way; HF's host-bound 1.5B-Deep
+    # trace did not finish within a device call.
     totals: dict[str, float] = {}
+    running: list[tuple[float, float, str]] = []
+    upcoming = 0
     for at, length in gaps:
-        covering = [(hi - lo, name) for lo, hi, name in functions if lo <= at <= hi]
+        while upcoming < len(functions) and functions[upcoming][0] <= at:
+            running.append(functions[upcoming])
+            upcoming += 1
+        running = [f for f in running if f[1] >= at]
+        covering = [(hi - lo, name) for lo, hi, name in running]
         name = min(covering)[1] if covering else "(none)"
         totals[name] = totals.get(name, 0.0) + length
     return {
