@@ -13,7 +13,7 @@ optimizer, gradient clipping 1.0, random tokens, on one GPU:
   the same HF config by the checkpoint converter's mapping), mixed precision (bf16 compute, fp32
   master weights and gradients), Adam; variants: local / Transformer Engine spec, eager /
   full-iteration CUDA graph (+ optimizer graph), batch-first Mamba layers (``_bf``), the
-  distributed optimizer (``_dist``), BitNet (per-layer graphs are refused for Falcon-H1 layers).
+  distributed optimizer (``_dist``), BitNet (per-layer graphs: no system yet).
 
 Per run: step time = the median over timing windows of --log-interval steps (after warm-up and
 graph capture) of each window's mean step time (Megatron logs, and reads the GPU, once per

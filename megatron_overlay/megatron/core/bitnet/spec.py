@@ -99,8 +99,9 @@ def validate_bitnet_config(config) -> None:
     graph_impl = getattr(config, "cuda_graph_impl", "none") or "none"
     if graph_impl not in ("none", "full_iteration"):
         # The weight quantisation must be inside what a graph replays (see BitNetWeightCache).
-        # Whole-iteration graphs are verified on a GPU; per-layer graphs are not (and trained
-        # Falcon-H1 wrongly without BitNet), TE's graphs do not go through the cache logic.
+        # Whole-iteration graphs are verified on a GPU; per-layer graphs are not with BitNet
+        # (without it they trained wrongly before patch 0042), TE's graphs do not go through
+        # the cache logic.
         problems.append(
             f"--cuda-graph-impl {graph_impl} (use full_iteration: its capture includes the "
             "per-step weight quantisation)"

@@ -86,12 +86,33 @@ def test_spec_without_parallel_layer_fails_clearly(single_rank):
         tiny_hybrid_model(tiny_hybrid_config(), spec=hybrid_stack_spec_local, pattern="P*")
 
 
-def test_per_layer_cuda_graphs_are_refused(single_rank):
-    """Per-layer graphs trained P layers wrongly on GPU (measured): refused, not silent."""
+def test_per_layer_cuda_graphs_get_a_graph_manager_per_layer(single_rank, monkeypatch):
+    """Under ``--cuda-graph-impl local`` each P layer gets upstream's per-layer graph manager, as
+    attention and Mamba layers do (whether they then train like eager: the GPU test
+    test_per_layer_cuda_graphs.py, with the saved-tensor fix of patch 0042). The manager itself
+    needs CUDA, so a stand-in records what each layer asks for."""
+    from megatron.core.transformer import cuda_graphs
+
+    created = []
+
+    class RecordingManager(torch.nn.Module):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__()
+            created.append(config)
+
+    monkeypatch.setattr(cuda_graphs, "CudaGraphManager", RecordingManager)
     config = tiny_hybrid_config()
     config.cuda_graph_impl = "local"  # set after validation: the config checks need a GPU
-    with pytest.raises(ValueError, match="--cuda-graph-impl local"):
-        tiny_hybrid_model(config)
+    model = tiny_hybrid_model(config)
+    layers = list(model.decoder.layers)
+    assert [type(layer).__name__ for layer in layers] == ["ParallelHybridLayer"] * 2
+    assert all(isinstance(layer.cudagraph_manager, RecordingManager) for layer in layers)
+    assert created == [config, config]
+    created.clear()
+    eager = tiny_hybrid_model(tiny_hybrid_config())
+    assert not created and not any(
+        hasattr(layer, "cudagraph_manager") for layer in eager.decoder.layers
+    )
 
 
 def test_default_multipliers_are_bit_identical_to_plain_spec(single_rank):

@@ -151,17 +151,6 @@ class ParallelHybridLayer(TransformerLayer):
     """
 
     def __init__(self, config: TransformerConfig, submodules, *args, **kwargs):
-        if config.cuda_graph_impl == "local":
-            # Measured on an H200 (Falcon-H1-0.5B shape): with per-layer graphs the loss left
-            # the eager / whole-iteration-graph curve at the first captured step and stalled. On
-            # an H100 the local specs' attention and Mamba layers trained wrongly under them too
-            # (tests/unit_tests/ssm/test_per_layer_cuda_graphs.py: input-norm weight gradients);
-            # lift this once that test passes on a GPU with the saved-tensor fix (patch 0042).
-            raise ValueError(
-                "--cuda-graph-impl local (per-layer CUDA graphs) is not supported for parallel "
-                "hybrid ('P') layers: the captured layers trained wrongly. Use --cuda-graph-impl "
-                "full_iteration (whole-iteration graph, same losses as eager) or none."
-            )
         self_attention = submodules.self_attention
         mixer_cls = getattr(self_attention, "module", self_attention)
         if not (isinstance(mixer_cls, type) and issubclass(mixer_cls, ParallelHybridMixer)):
