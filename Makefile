@@ -80,7 +80,7 @@ functional: setup apply-patches dataset-helpers ## Run one functional case: make
 	@test -n "$(CASE)" || { echo "usage: make functional CASE=<model>/<case> [PLATFORM=cpu] [RECORD=1]" >&2; exit 2; }
 	@$(VPY) scripts/functional.py --case "$(CASE)" --platform "$(or $(PLATFORM),cpu)" $(if $(RECORD),--record)
 
-perf-report: ## Regenerate README's performance table and results/h200/falcon_h1/throughput.svg from the results files
+perf-report: ## Regenerate README's performance table and results/falcon_h1_throughput.svg from the results files
 	@python3 scripts/perf_report.py
 
 demo: setup apply-patches dataset-helpers ## Train a tiny model for ~50 steps on whatever device exists

@@ -7,8 +7,8 @@ Reads the `scripts/gpu/bench_falcon_h1.py` reports listed in RESULTS (the files 
 current model code; `results/README.md` explains each and the older ones). Every successful run
 becomes one row: step time, tokens/s, tokens/s over HF's *in the same call* (host-bound HF
 timings move between machine instances, so ratios across calls mean nothing), MFU, GPU busy and
-the commit the file records. The table goes between the markers in README.md, the plot (one bar
-per row, tokens/s) to PLOT.
+the device and commit the file records. The table goes between the markers in README.md, the plot
+(one bar per row, tokens/s) to PLOT.
 """
 
 from __future__ import annotations
@@ -20,24 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "results" / "h200" / "falcon_h1"
-RESULTS = (
-    "bench_falcon_h1_tce.json",
-    "bench_falcon_h1_tce_call1.json",
-    "bench_falcon_h1_norerun.json",
-    "bench_falcon_h1_nomask.json",
-    "bench_falcon_h1_liger_bitnet.json",
-    "bench_falcon_h1_bitnet_fold.json",
-    "bench_falcon_h1_tadam.json",
-    "bench_falcon_h1_hf_peers.json",
-    "bench_falcon_h1_targets.json",
-    "bench_falcon_h1_batch_first.json",
-    "bench_falcon_h1_dist.json",
-    "bench_falcon_h1_s4096.json",
-    "bench_falcon_h1_1.5b_deep.json",
+RESULTS_DIR = ROOT / "results"
+RESULTS = (  # paths under RESULTS_DIR
+    "h200/falcon_h1/bench_falcon_h1_tce.json",
+    "h200/falcon_h1/bench_falcon_h1_tce_call1.json",
+    "h200/falcon_h1/bench_falcon_h1_norerun.json",
+    "h200/falcon_h1/bench_falcon_h1_nomask.json",
+    "h200/falcon_h1/bench_falcon_h1_liger_bitnet.json",
+    "h200/falcon_h1/bench_falcon_h1_bitnet_fold.json",
+    "h200/falcon_h1/bench_falcon_h1_tadam.json",
+    "h200/falcon_h1/bench_falcon_h1_hf_peers.json",
+    "h200/falcon_h1/bench_falcon_h1_targets.json",
+    "h200/falcon_h1/bench_falcon_h1_batch_first.json",
+    "h200/falcon_h1/bench_falcon_h1_dist.json",
+    "h200/falcon_h1/bench_falcon_h1_s4096.json",
+    "h200/falcon_h1/bench_falcon_h1_1.5b_deep.json",
+    "h100/falcon_h1/bench_falcon_h1_hf_tce_c694895.json",
+    "h100/falcon_h1/bench_falcon_h1_s4096_c694895.json",
 )
 README = ROOT / "README.md"
-PLOT = RESULTS_DIR / "throughput.svg"
+PLOT = RESULTS_DIR / "falcon_h1_throughput.svg"
 BEGIN = "<!-- perf-table:begin (scripts/perf_report.py writes this; do not edit) -->"
 END = "<!-- perf-table:end -->"
 
@@ -86,7 +88,14 @@ class Row:
     mfu: float
     gpu_busy: float | None
     source: str
+    device: str
     commit: str
+
+
+def short_device(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``H100``: the model, without vendor and memory."""
+    words = name.removeprefix("NVIDIA ").split()
+    return words[0] if words else name
 
 
 def load_rows(results_dir: Path = RESULTS_DIR, names: tuple[str, ...] = RESULTS) -> list[Row]:
@@ -99,6 +108,7 @@ def load_rows(results_dir: Path = RESULTS_DIR, names: tuple[str, ...] = RESULTS)
         except (OSError, json.JSONDecodeError) as err:
             raise SystemExit(f"perf_report: cannot read results file {path}: {err}") from None
         commit = report["commit"][:7] + (" (dirty)" if report.get("dirty") else "")
+        device = short_device(report["device"])
         for case, entry in report["cases"].items():
             hf = entry["systems"].get("hf", {})
             hf_tok_s = hf.get("tok_s") if "error" not in hf else None
@@ -115,6 +125,7 @@ def load_rows(results_dir: Path = RESULTS_DIR, names: tuple[str, ...] = RESULTS)
                         mfu=run["mfu"],
                         gpu_busy=run.get("gpu_busy"),
                         source=name,
+                        device=device,
                         commit=commit,
                     )
                 )
@@ -124,14 +135,16 @@ def load_rows(results_dir: Path = RESULTS_DIR, names: tuple[str, ...] = RESULTS)
 def table(rows: list[Row]) -> str:
     """The markdown table of ``rows``."""
     lines = [
-        "| case | configuration | step ms | tokens/s | x HF (same call) | MFU | GPU busy | file (commit) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| case | configuration | device | step ms | tokens/s | x HF (same call) | MFU | GPU busy "
+        "| file (commit) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         over = "-" if r.over_hf is None else f"{r.over_hf:.2f}"
         busy = "-" if r.gpu_busy is None else f"{r.gpu_busy:.0%}"
         lines.append(
-            f"| {r.case} | {LABELS.get(r.system, r.system)} | {r.step_ms:.1f} | {r.tok_s:,.0f} | "
+            f"| {r.case} | {LABELS.get(r.system, r.system)} | {r.device} | {r.step_ms:.1f} | "
+            f"{r.tok_s:,.0f} | "
             f"{over} | {r.mfu:.1%} | {busy} | `{r.source}` ({r.commit}) |"
         )
     return "\n".join(lines)
@@ -158,7 +171,8 @@ def plot(rows: list[Row]) -> str:
             group = (r.source, r.case)
             y += 8
             parts.append(
-                f'<text x="4" y="{y + 10}" font-weight="bold">{r.case} ({r.source})</text>'
+                f'<text x="4" y="{y + 10}" font-weight="bold">{r.case} on {r.device} '
+                f"({r.source})</text>"
             )
             y += bar_h
         length = width * r.tok_s / peak
@@ -175,8 +189,8 @@ def plot(rows: list[Row]) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{total}" height="{height}" '
         f'font-family="sans-serif" font-size="12">'
         f'<rect width="{total}" height="{height}" fill="white"/>'
-        f'<text x="4" y="18" font-size="14">Falcon-H1 training step on one H200: tokens/s '
-        f"(bars: this run; ratios to HF only within one file)</text>"
+        f'<text x="4" y="18" font-size="14">Falcon-H1 training step on one GPU: tokens/s '
+        f"(bars: one run each; compare only within one file)</text>"
     )
     return head + "".join(parts) + "</svg>\n"
 

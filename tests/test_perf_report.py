@@ -29,6 +29,7 @@ def test_a_changed_result_changes_table_and_plot(tmp_path):
     report = _report()
     names = report.RESULTS
     for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(report.RESULTS_DIR / name, tmp_path / name)
     # The first file with HF and this system in one call (the ratio is against that HF).
     for name in names:
@@ -57,7 +58,7 @@ def test_ratio_only_against_hf_of_the_same_file():
     """The distributed-optimizer file has no HF run: its rows show no ratio rather than one
     against another call's HF."""
     report = _report()
-    rows = [r for r in report.load_rows() if r.source == "bench_falcon_h1_dist.json"]
+    rows = [r for r in report.load_rows() if r.source == "h200/falcon_h1/bench_falcon_h1_dist.json"]
     assert rows and all(r.over_hf is None for r in rows)
     assert all(f"| - | {r.mfu:.1%}" in report.table(rows) for r in rows)
 
@@ -66,3 +67,13 @@ def test_missing_markers_are_an_error_naming_the_readme():
     report = _report()
     with pytest.raises(SystemExit, match="README.md needs exactly one"):
         report.readme_with_table("no markers here\n", report.load_rows())
+
+
+def test_rows_name_the_device_of_their_file():
+    """H100 and H200 files sit in one table: each row says which GPU measured it."""
+    report = _report()
+    rows = report.load_rows()
+    assert {r.device for r in rows} == {"H100", "H200"}
+    assert all(r.device == r.source[:4].upper() for r in rows)
+    assert report.short_device("NVIDIA H100 80GB HBM3") == "H100"
+    assert report.short_device("NVIDIA H200") == "H200"
