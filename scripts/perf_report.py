@@ -73,6 +73,13 @@ LABELS = {
     ),
     "ours_local_graph_opt": "ours, local spec, both graphs",
     "ours_bitnet_graph_opt": "ours, BitNet (local spec), both graphs",
+    "ours_te_layer_graph_opt_bf_tadam_norerun_tce": (
+        "ours, TE spec, per-layer graphs + optimizer graph, batch-first, PyTorch fused AdamW, "
+        "rerun state machine off, Triton cross entropy"
+    ),
+    "ours_local_layer_graph_bf_triton": (
+        "ours, local spec, per-layer graphs, batch-first, Triton RoPE and cross entropy (no TE)"
+    ),
 }
 
 

@@ -148,6 +148,35 @@ def test_ratios_only_between_runs_of_one_call():
     assert entry["best_ours"] == "ours_te_graph_opt" and entry["ours_over_hf"] == 3.5
 
 
+def test_loss_curves_of_ours_are_compared_within_one_call():
+    """Each of our runs against the first of ours in the call: the largest relative difference
+    of the logged losses; other calls, failed runs and HF (another initialisation) are left out;
+    curves of different lengths are not compared; the markdown names the figures."""
+    bench = _bench()
+    entry = {
+        "tokens_per_step": 8, "flops_per_token": 1e9,
+        "systems": {
+            "hf": {"tok_s": 1.0, "mfu": 0.1, "call": "A", "losses": [9.0, 8.0]},
+            "ours_te_graph_opt": {"tok_s": 3.0, "mfu": 0.3, "call": "A", "losses": [10.0, 8.0, 6.0]},
+            "ours_te_graph": {"tok_s": 2.0, "mfu": 0.2, "call": "A", "losses": [10.0, 8.2, 6.0]},
+            "ours_te": {"tok_s": 2.0, "mfu": 0.2, "call": "A", "losses": [10.0, 8.0]},
+            "ours_local": {"error": "exit 1"},
+            "ours_local_graph": {"tok_s": 2.0, "mfu": 0.2, "call": "B", "losses": [1.0, 1.0, 1.0]},
+        },
+    }  # fmt: skip
+    bench.compare(entry)
+    assert entry["loss_reference"] == "ours_te_graph_opt"
+    assert entry["loss_max_rel_diff"] == {"ours_te_graph": pytest.approx(0.025), "ours_te": None}
+    assert bench.max_rel_diff([2.0, 4.0], [2.0, 3.0]) == 0.25
+    assert bench.max_rel_diff([2.0, 4.0], [2.0, 4.0]) == 0.0
+    for r in entry["systems"].values():
+        r.update(median_ms=1.0, peak_allocated_mb=1.0) if "error" not in r else None
+    md = bench.markdown({"device": "d", "date_utc": "t", "commit": "c", "versions": {}, "command": "x",
+                         "matmul_tflops": 1.0, "cases": {"case": entry}})  # fmt: skip
+    assert "Loss curves vs ours_te_graph_opt" in md
+    assert "ours_te_graph 2.5e-02; ours_te n/a (other window count)" in md
+
+
 _OPTION_STRINGS = """
 import json, sys
 sys.argv = ["pretrain_mamba.py"]

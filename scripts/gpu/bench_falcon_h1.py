@@ -13,7 +13,7 @@ optimizer, gradient clipping 1.0, random tokens, on one GPU:
   the same HF config by the checkpoint converter's mapping), mixed precision (bf16 compute, fp32
   master weights and gradients), Adam; variants: local / Transformer Engine spec, eager /
   full-iteration CUDA graph (+ optimizer graph), batch-first Mamba layers (``_bf``), the
-  distributed optimizer (``_dist``), BitNet (per-layer graphs: no system yet).
+  distributed optimizer (``_dist``), per-layer graphs (``_layer_graph``), BitNet.
 
 Per run: step time = the median over timing windows of --log-interval steps (after warm-up and
 graph capture) of each window's mean step time (Megatron logs, and reads the GPU, once per
@@ -103,6 +103,11 @@ LOCAL_FUSED = ["--transformer-impl", "local", "--no-persist-layer-norm"]
 LOCAL = LOCAL_FUSED + ["--no-rope-fusion"]
 TE = ["--transformer-impl", "transformer_engine"]
 FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
+# Upstream's per-layer graphs: each layer's forward and backward captured on its own (the host
+# still runs the schedule, embedding, loss and optimizer between them). They train like eager
+# since patch 0042 (tests/unit_tests/ssm/test_per_layer_cuda_graphs.py, GPU). The NaN check is off
+# as in FULL_GRAPH, so that the two graph modes differ only in what is captured.
+LAYER_GRAPH = ["--cuda-graph-impl", "local", "--no-check-for-nan-in-loss-and-grad"]
 # Upstream's CUDA graph of the optimizer step; a captured step needs the tensor-valued gradient
 # clipping of Transformer Engine's multi-tensor ops (without TE, clipping reads the norm on the
 # host), so these runs need TE installed even with the local spec.
@@ -132,7 +137,7 @@ TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "trit
 KEEP_SSD = ["--mamba-keep-ssd-activations"]
 # The path of a user without Transformer Engine: refused in a call where TE imports (the local
 # spec's RoPE fusion would run TE's kernel instead of the Triton one).
-WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton"}
+WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton"}
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
 TE_MISSING = "Transformer Engine not importable here"
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
@@ -172,6 +177,16 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     # RoPE and cross entropy.
     "ours_local_graph_bf": (LOCAL + FULL_GRAPH + BATCH_FIRST, False),
     "ours_local_graph_bf_triton": (LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TRITON_CE, False),
+    # Per-layer graphs instead of the whole-iteration graph: the TE setting of the launchers,
+    # and the no-TE one (a TE=0 call).
+    "ours_te_layer_graph_opt_bf_tadam_norerun_tce": (
+        TE + LAYER_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        True,
+    ),
+    "ours_local_layer_graph_bf_triton": (
+        LOCAL_FUSED + LAYER_GRAPH + BATCH_FIRST + TRITON_CE,
+        False,
+    ),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
     "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),
@@ -555,8 +570,23 @@ def markdown(report: dict) -> str:
                 f"{'n/a' if busy is None else f'{busy:.1%}'} | {r['peak_allocated_mb']:.0f} | "
                 f"{r.get('kernels_per_step', 0):.0f} | {r.get('mamba_path', 'n/a')} |"
             )
+        if entry.get("loss_max_rel_diff"):
+            diffs = "; ".join(
+                f"{name} {'n/a (other window count)' if d is None else f'{d:.1e}'}"
+                for name, d in entry["loss_max_rel_diff"].items()
+            )
+            lines += ["", f"Loss curves vs {entry['loss_reference']} (max relative difference of "
+                      f"the logged window means): {diffs}"]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
+
+
+def max_rel_diff(reference: list[float], other: list[float]) -> float | None:
+    """Largest ``|other - reference| / |reference|`` over two loss curves of the same
+    length (None when the lengths differ: the curves do not describe the same steps)."""
+    if len(reference) != len(other) or not reference:
+        return None
+    return max(abs(b - a) / abs(a) for a, b in zip(reference, other))
 
 
 def compare(entry: dict) -> None:
@@ -582,6 +612,20 @@ def compare(entry: dict) -> None:
         entry.update(hf_tok_s=hf["tok_s"], mfu_hf=hf["mfu"])
     if "ours_tok_s" in entry and "hf_tok_s" in entry:
         entry["ours_over_hf"] = entry["ours_tok_s"] / entry["hf_tok_s"]
+    # Our runs start from the same seed on the same tokens and differ only in how they compute
+    # (graphs, kernels, layouts): their loss curves, against the first of ours in this call.
+    ran = [
+        n for n, r in entry["systems"].items() if n in OURS and "error" not in r and r.get("losses")
+    ]  # fmt: skip
+    if ran:
+        call = entry["systems"][ran[0]].get("call")
+        ran = [n for n in ran if entry["systems"][n].get("call") == call]
+    if len(ran) > 1:
+        reference = entry["systems"][ran[0]]["losses"]
+        entry["loss_reference"] = ran[0]
+        entry["loss_max_rel_diff"] = {
+            n: max_rel_diff(reference, entry["systems"][n]["losses"]) for n in ran[1:]
+        }
 
 
 def main() -> int:
