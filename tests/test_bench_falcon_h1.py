@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import json
+import statistics
 import sys
+from pathlib import Path
 
 import pytest
 from project_paths import load_script
@@ -175,6 +177,45 @@ def test_loss_curves_of_ours_are_compared_within_one_call():
                          "matmul_tflops": 1.0, "cases": {"case": entry}})  # fmt: skip
     assert "Loss curves vs ours_te_graph_opt" in md
     assert "ours_te_graph 2.5e-02; ours_te n/a (other window count)" in md
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_megatron_run_is_read_then_its_work_folder_removed(tmp_path, monkeypatch, exit_code):
+    """run_ours on a stand-in for torchrun: the log's window times, losses and peak memory and the
+    profiler trace are read; the work folder (TensorBoard events, raw trace) is gone afterwards,
+    after a failed run too, while the log stays; a kept trace is copied out first."""
+    bench = _bench()
+
+    def fake_run(args, cwd, env, stdout, stderr, timeout):
+        work = Path(args[args.index("--tensorboard-dir") + 1]).parent
+        (work / "torch_profile").mkdir(parents=True)
+        (work / "tb").mkdir()
+        (work / "torch_profile" / "rank-0.json").write_text(json.dumps(_trace()))
+        for i in range(10, 51, 10):
+            stdout.write(
+                f" [2026] iteration       {i}/      50 | elapsed time per iteration (ms): "
+                f"{100.0 + i} | lm loss: {11.0 - i / 100:.6E} |\n"
+            )
+        stdout.write("[Rank 0] (after 10 iterations) memory (MB) | max allocated: 2048.5 |\n")
+        return subprocess.CompletedProcess(args, exit_code)
+
+    import subprocess
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "megatron_flags", lambda case: [])  # needs the patched tree
+    result = bench.run_ours(
+        "ours_te_graph_opt", "0.5b_s2048_b4", 50, 10, tmp_path, tmp_path, keep=True
+    )
+    assert not (tmp_path / "work_0.5b_s2048_b4_ours_te_graph_opt").exists()
+    assert (tmp_path / "0.5b_s2048_b4_ours_te_graph_opt.log").exists()
+    if exit_code:
+        assert result["error"].startswith("exit 1")
+        return
+    windows = bench.timed_windows(50, 10)
+    assert result["median_ms"] == statistics.median(100.0 + end for _, end in windows)
+    assert result["losses"] == [10.9, 10.8, 10.7, 10.6, 10.5]
+    assert result["peak_allocated_mb"] == 2048.5 and result["gpu_busy"] == 70 / 200
+    assert (tmp_path / "traces" / "trace_0.5b_s2048_b4_ours_te_graph_opt.json.gz").exists()
 
 
 _OPTION_STRINGS = """

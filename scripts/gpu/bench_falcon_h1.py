@@ -43,6 +43,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -421,11 +422,30 @@ def run_ours(
 ) -> dict:
     """One Megatron run; ``stacks``: the profiled steps also record Python call stacks (more
     host time in those two steps: their GPU-busy figure is then a lower bound); ``keep``: the
-    trace is kept in ``out_dir/traces/``."""
+    trace is kept in ``out_dir/traces/``. The run's work folder (TensorBoard events, the raw
+    profiler trace) is removed afterwards: what it measured is in the result and the log, and a
+    device call brings back only so many files."""
+    work = out_dir / f"work_{case}_{name}"
+    try:
+        return _run_ours(name, case, iters, log_interval, megatron, out_dir, work, stacks, keep)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_ours(
+    name: str,
+    case: str,
+    iters: int,
+    log_interval: int,
+    megatron: Path,
+    out_dir: Path,
+    work: Path,
+    stacks: bool,
+    keep: bool,
+) -> dict:
     extra, _ = OURS[name]
     first, last, prof_start = timing_plan(iters)
     windows = timed_windows(iters, log_interval)
-    work = out_dir / f"work_{case}_{name}"
     work.mkdir(parents=True, exist_ok=True)
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
