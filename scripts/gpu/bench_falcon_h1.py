@@ -138,7 +138,9 @@ TRITON_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "trit
 KEEP_SSD = ["--mamba-keep-ssd-activations"]
 # The path of a user without Transformer Engine: refused in a call where TE imports (the local
 # spec's RoPE fusion would run TE's kernel instead of the Triton one).
-WITHOUT_TE = {"ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton"}
+WITHOUT_TE = {
+    "ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton"
+}  # fmt: skip
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
 TE_MISSING = "Transformer Engine not importable here"
 OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
@@ -427,79 +429,65 @@ def run_ours(
     device call brings back only so many files."""
     work = out_dir / f"work_{case}_{name}"
     try:
-        return _run_ours(name, case, iters, log_interval, megatron, out_dir, work, stacks, keep)
+        extra, _ = OURS[name]
+        first, last, prof_start = timing_plan(iters)
+        windows = timed_windows(iters, log_interval)
+        work.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+            "--master-port", "29555", str(megatron / "pretrain_mamba.py"),
+            *megatron_flags(case), "--bf16", "--mock-data", "--tokenizer-type", "NullTokenizer",
+            "--train-iters", str(iters), "--lr", str(LR), "--lr-decay-style", "constant",
+            "--optimizer", "adam", "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]),
+            "--weight-decay", str(WEIGHT_DECAY), "--clip-grad", str(CLIP), "--seed", "1234",
+            "--log-interval", str(log_interval), "--eval-iters", "0", "--eval-interval", "100000",
+            "--no-gradient-accumulation-fusion", "--no-create-attention-mask-in-dataloader",
+            "--log-memory-to-tensorboard", "--tensorboard-log-interval", str(log_interval),
+            "--tensorboard-dir", str(work / "tb"), "--profile", "--use-pytorch-profiler",
+            "--profile-step-start", str(prof_start - 1), "--profile-step-end", str(prof_start + 1),
+            *extra,
+        ]  # fmt: skip
+        if stacks:
+            args += ["--pytorch-profiler-collect-callstack", "--pytorch-profiler-collect-shapes"]
+        env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
+        log = out_dir / f"{case}_{name}.log"
+        with open(log, "w") as fh:
+            fh.write(" ".join(args) + "\n")
+            fh.flush()
+            try:
+                proc = subprocess.run(
+                    args, cwd=megatron, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=900
+                )
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        text = log.read_text(errors="replace")
+        if code != 0:
+            errors = [l for l in text.splitlines() if "Error" in l or "error" in l]
+            return {"error": f"exit {code}: " + " | ".join(errors[-3:])[-1500:]}
+        times = megatron_log_times(text)
+        losses = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", text)]
+        peak = [float(v) for v in re.findall(r"max allocated: ([0-9.]+)", text)]
+        missing = [end for _, end in windows if end not in times]
+        if missing:
+            return {"error": f"no 'elapsed time per iteration' logged at iterations {missing}"}
+        result = {
+            "median_ms": statistics.median(window_ms(times, windows)),
+            "timed_steps": [first, last],
+            "timed_windows": windows,
+            "peak_allocated_mb": max(peak) if peak else None,
+            "losses": losses,
+        }
+        traces = sorted((work / "torch_profile").glob("rank-0.json*"))
+        if traces:
+            data = load_trace(traces[0])
+            result.update(trace_summary(data))
+            if keep:
+                result["trace"] = keep_trace(traces[0], data, out_dir, case, name)
+                result["trace_has_stacks"] = stacks
+        return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _run_ours(
-    name: str,
-    case: str,
-    iters: int,
-    log_interval: int,
-    megatron: Path,
-    out_dir: Path,
-    work: Path,
-    stacks: bool,
-    keep: bool,
-) -> dict:
-    extra, _ = OURS[name]
-    first, last, prof_start = timing_plan(iters)
-    windows = timed_windows(iters, log_interval)
-    work.mkdir(parents=True, exist_ok=True)
-    args = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-        "--master-port", "29555", str(megatron / "pretrain_mamba.py"),
-        *megatron_flags(case), "--bf16", "--mock-data", "--tokenizer-type", "NullTokenizer",
-        "--train-iters", str(iters), "--lr", str(LR), "--lr-decay-style", "constant",
-        "--optimizer", "adam", "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]),
-        "--weight-decay", str(WEIGHT_DECAY), "--clip-grad", str(CLIP), "--seed", "1234",
-        "--log-interval", str(log_interval), "--eval-iters", "0", "--eval-interval", "100000",
-        "--no-gradient-accumulation-fusion", "--no-create-attention-mask-in-dataloader",
-        "--log-memory-to-tensorboard", "--tensorboard-log-interval", str(log_interval),
-        "--tensorboard-dir", str(work / "tb"), "--profile", "--use-pytorch-profiler",
-        "--profile-step-start", str(prof_start - 1), "--profile-step-end", str(prof_start + 1),
-        *extra,
-    ]  # fmt: skip
-    if stacks:
-        args += ["--pytorch-profiler-collect-callstack", "--pytorch-profiler-collect-shapes"]
-    env = dict(os.environ, PYTHONPATH=f"{megatron}:{os.environ.get('PYTHONPATH', '')}")
-    log = out_dir / f"{case}_{name}.log"
-    with open(log, "w") as fh:
-        fh.write(" ".join(args) + "\n")
-        fh.flush()
-        try:
-            proc = subprocess.run(
-                args, cwd=megatron, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=900
-            )
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    text = log.read_text(errors="replace")
-    if code != 0:
-        errors = [l for l in text.splitlines() if "Error" in l or "error" in l]
-        return {"error": f"exit {code}: " + " | ".join(errors[-3:])[-1500:]}
-    times = megatron_log_times(text)
-    losses = [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", text)]
-    peak = [float(v) for v in re.findall(r"max allocated: ([0-9.]+)", text)]
-    missing = [end for _, end in windows if end not in times]
-    if missing:
-        return {"error": f"no 'elapsed time per iteration' logged at iterations {missing}"}
-    result = {
-        "median_ms": statistics.median(window_ms(times, windows)),
-        "timed_steps": [first, last],
-        "timed_windows": windows,
-        "peak_allocated_mb": max(peak) if peak else None,
-        "losses": losses,
-    }
-    traces = sorted((work / "torch_profile").glob("rank-0.json*"))
-    if traces:
-        data = load_trace(traces[0])
-        result.update(trace_summary(data))
-        if keep:
-            result["trace"] = keep_trace(traces[0], data, out_dir, case, name)
-            result["trace_has_stacks"] = stacks
-    return result
 
 
 def megatron_log_times(text: str) -> dict[int, float]:
