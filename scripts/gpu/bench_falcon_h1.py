@@ -190,6 +190,14 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
         LOCAL_FUSED + LAYER_GRAPH + BATCH_FIRST + TRITON_CE,
         False,
     ),
+    # Eager (no CUDA graph) with every other setting of the launchers, and with the Mamba
+    # activations kept (the backward then skips mamba_ssm's forward recompute: fewer launches
+    # on the host-bound eager step): the eager target of the throughput issue.
+    "ours_te_bf_tadam_norerun_tce": (TE + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE, True),
+    "ours_te_bf_tadam_norerun_tce_keep": (
+        TE + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE + KEEP_SSD,
+        True,
+    ),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
     "ours_bitnet_graph_opt": (LOCAL + FULL_GRAPH + OPT_GRAPH + ["--use-bitnet"], True),
