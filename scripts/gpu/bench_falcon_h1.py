@@ -139,7 +139,8 @@ KEEP_SSD = ["--mamba-keep-ssd-activations"]
 # The path of a user without Transformer Engine: refused in a call where TE imports (the local
 # spec's RoPE fusion would run TE's kernel instead of the Triton one).
 WITHOUT_TE = {
-    "ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton"
+    "ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton",
+    "ours_local_graph_bf_tadam_norerun_tce", "ours_local_graph_bf_tadam_norerun_triton",
 }  # fmt: skip
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
 TE_MISSING = "Transformer Engine not importable here"
@@ -180,6 +181,17 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     # RoPE and cross entropy.
     "ours_local_graph_bf": (LOCAL + FULL_GRAPH + BATCH_FIRST, False),
     "ours_local_graph_bf_triton": (LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TRITON_CE, False),
+    # The launcher's setting without TE (scripts/falcon_h1/train_falcon_h1.sh: unfused RoPE,
+    # PyTorch's fused AdamW, rerun off, the Triton loss; the optimizer step stays outside the
+    # graph), and the same with the Triton RoPE.
+    "ours_local_graph_bf_tadam_norerun_tce": (
+        LOCAL + FULL_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        False,
+    ),
+    "ours_local_graph_bf_tadam_norerun_triton": (
+        LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        False,
+    ),
     # Per-layer graphs instead of the whole-iteration graph: the TE setting of the launchers,
     # and the no-TE one (a TE=0 call).
     "ours_te_layer_graph_opt_bf_tadam_norerun_tce": (
