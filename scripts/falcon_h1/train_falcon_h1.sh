@@ -14,16 +14,17 @@
 # indexed dataset prefix) and TOKENIZER_MODEL (HF tokenizer dir), or leave DATA_PATH unset for
 # --mock-data. Everything after the script name is passed through (and wins over defaults).
 #
-# Speed defaults (results/README.md: on one H200 the 0.5B step with the TE spec, a whole-iteration
-# CUDA graph, the optimizer graph and batch-first Mamba layers ran 3.1-3.5x the tokens/s of HF
-# transformers; TE eager 0.6x, host-bound):
+# Speed defaults (results/README.md: on one H100 the 0.5B step with these defaults and the TE
+# spec ran 3.46-4.42x the tokens/s of HF transformers, without TE 2.50x; eager 0.6-0.9x,
+# host-bound; HF's own host-bound step moves between calls, hence the ranges):
 #   IMPL=auto|transformer_engine|local   auto: Transformer Engine when it imports, else local
-#   CUDA_GRAPHS=full_iteration|none   default full_iteration on GPUs (none without CUDA; with it
-#   --no-check-for-nan-in-loss-and-grad and --rerun-mode disabled). Per-layer graphs
-#   (--cuda-graph-impl local) are not offered here: they train like eager in the layer-level
-#   GPU test (with patch 0042) but have not been timed on a whole model
+#   CUDA_GRAPHS=full_iteration|local|none   default full_iteration on GPUs (none without CUDA;
+#   with a graph --no-check-for-nan-in-loss-and-grad and --rerun-mode disabled). local: upstream's
+#   per-layer graphs (the host still runs the schedule, embedding, loss and optimizer): 0.5B on
+#   one H100 with TE 107.5 ms and 17.8 GB peak vs 103.6 ms and 21.9 GB for full_iteration
+#   (two calls; losses within 4e-5 of the eager run of its call)
 #   OPTIMIZER_GRAPH=auto|0|1   1 also captures the optimizer step (upstream --optimizer-cuda-graph;
-#   needs CUDA_GRAPHS=full_iteration and Transformer Engine's multi-tensor ops). auto: on when
+#   needs a CUDA graph and Transformer Engine's multi-tensor ops). auto: on when
 #   both are there and the run has one data-parallel rank (NPROC x NNODES = TP x PP x CP): with
 #   the distributed optimizer this script uses it measured as fast as without (110.8 vs 110.2 ms
 #   on one H200); with more data-parallel ranks it has not been measured yet
@@ -40,8 +41,10 @@
 #   on one H200 with TE and both graphs: 104.0 -> 100.5 ms, the loss alone 4.6 -> 0.5 ms,
 #   results/h200/falcon_h1/bench_falcon_h1_tce.json, bench_cross_entropy.json); auto: triton
 #   with a GPU (the kernels need CUDA)
-# The local spec uses torch norms (--no-persist-layer-norm) and, without TE, unfused RoPE;
-# without apex, gradient-accumulation fusion is off.
+# The local spec uses torch norms (--no-persist-layer-norm); without TE its fused RoPE is the
+# Triton kernel of patch 0039 on GPUs (0.5B, one H100, no TE: 129.9 ms = 2.50x HF with it,
+# bench_falcon_h1_no_te_launcher_279cb2e.json), unfused RoPE without a GPU or Triton; without
+# apex, gradient-accumulation fusion is off.
 # Logs (and TensorBoard scalars, with --tensorboard-dir) every 10 iterations: with one
 # model-parallel rank the iterations between read nothing off the GPU (patch 0035), so the host
 # queues the next step while the GPU runs this one.
@@ -74,13 +77,15 @@ if [ "$impl" = auto ]; then
 fi
 case $impl in
     transformer_engine) speed=(--transformer-impl transformer_engine) ;;
-    local) speed=(--transformer-impl local --no-persist-layer-norm)
-           have transformer_engine.pytorch || speed+=(--no-rope-fusion) ;;
+    local) speed=(--transformer-impl local --no-persist-layer-norm) ;;
     *) echo "IMPL must be auto, transformer_engine or local, got '$impl'" >&2; exit 2 ;;
 esac
 have fused_weight_gradient_mlp_cuda || speed+=(--no-gradient-accumulation-fusion)
 gpu=1
 "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || gpu=0
+if [ "$impl" = local ] && ! have transformer_engine.pytorch; then
+    { [ "$gpu" = 1 ] && have triton; } || speed+=(--no-rope-fusion)
+fi
 graphs=${CUDA_GRAPHS:-full_iteration}
 [ "$gpu" = 1 ] || graphs=${CUDA_GRAPHS:-none}
 case $graphs in
@@ -90,21 +95,23 @@ case $graphs in
     # H200: 109.6 -> 106.6 ms, results/h200/falcon_h1/bench_falcon_h1_norerun.json).
     full_iteration) speed+=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad
                             --rerun-mode disabled) ;;
-    *) echo "CUDA_GRAPHS must be full_iteration or none, got '$graphs'" >&2; exit 2 ;;
+    local) speed+=(--cuda-graph-impl local --no-check-for-nan-in-loss-and-grad
+                   --rerun-mode disabled) ;;
+    *) echo "CUDA_GRAPHS must be full_iteration, local or none, got '$graphs'" >&2; exit 2 ;;
 esac
 optimizer_graph=${OPTIMIZER_GRAPH:-auto}
 if [ "$optimizer_graph" = auto ]; then
     optimizer_graph=0
     world=$(( ${NPROC:-8} * ${NNODES:-1} )) model_ranks=$(( ${TP:-1} * ${PP:-1} * ${CP:-1} ))
-    if [ "$graphs" = full_iteration ] && [ "$world" -eq "$model_ranks" ] \
+    if [ "$graphs" != none ] && [ "$world" -eq "$model_ranks" ] \
             && have transformer_engine.pytorch; then
         optimizer_graph=1
     fi
 fi
 case $optimizer_graph in
     0) ;;
-    1) if [ "$graphs" != full_iteration ] || ! have transformer_engine.pytorch; then
-           echo "OPTIMIZER_GRAPH=1 needs CUDA_GRAPHS=full_iteration (a GPU) and Transformer Engine" >&2
+    1) if [ "$graphs" = none ] || ! have transformer_engine.pytorch; then
+           echo "OPTIMIZER_GRAPH=1 needs CUDA_GRAPHS=full_iteration or local (a GPU) and Transformer Engine" >&2
            exit 2
        fi
        speed+=(--optimizer-cuda-graph) ;;

@@ -185,8 +185,10 @@ def _python_with_transformer_engine(tmp_path) -> str:
     "env_vars,expected",
     [({"NPROC": "1"}, True), ({"NPROC": "2", "TP": "2"}, True), ({"NPROC": "8"}, False),
      ({"NPROC": "1", "NNODES": "2"}, False), ({"NPROC": "1", "CUDA_GRAPHS": "none"}, False),
-     ({"NPROC": "1", "OPTIMIZER_GRAPH": "0"}, False), ({"NPROC": "8", "OPTIMIZER_GRAPH": "1"}, True)],
-    ids=["auto_one_rank", "auto_tp2", "auto_dp8", "auto_two_nodes", "auto_no_graphs", "off", "on_dp8"],
+     ({"NPROC": "1", "OPTIMIZER_GRAPH": "0"}, False), ({"NPROC": "8", "OPTIMIZER_GRAPH": "1"}, True),
+     ({"NPROC": "1", "CUDA_GRAPHS": "local"}, True)],
+    ids=["auto_one_rank", "auto_tp2", "auto_dp8", "auto_two_nodes", "auto_no_graphs", "off", "on_dp8",
+         "auto_per_layer_graphs"],
 )  # fmt: skip
 def test_optimizer_graph_auto_with_one_data_parallel_rank(tmp_path, env_vars, expected):
     """auto captures the optimizer step only where it was measured: a whole-iteration graph,
@@ -198,9 +200,11 @@ def test_optimizer_graph_auto_with_one_data_parallel_rank(tmp_path, env_vars, ex
     assert proc.returncode == 0, proc.stdout + proc.stderr
     args = proc.stdout.splitlines()
     assert ("--optimizer-cuda-graph" in args) == expected, proc.stdout
-    assert ("--cuda-graph-impl" in args) == (env_vars["CUDA_GRAPHS"] == "full_iteration")
+    graphed = env_vars["CUDA_GRAPHS"] != "none"
+    assert ("--cuda-graph-impl" in args) == graphed
+    if graphed:
+        assert args[args.index("--cuda-graph-impl") + 1] == env_vars["CUDA_GRAPHS"]
     # The graph comes with the rerun state machine off (nothing to validate without the NaN check).
-    graphed = env_vars["CUDA_GRAPHS"] == "full_iteration"
     assert (" --rerun-mode disabled" in " " + " ".join(args)) == graphed, proc.stdout
 
 
@@ -281,3 +285,36 @@ def test_cross_entropy_setting_is_checked(tmp_path):
 def test_torch_fused_adam_setting_is_checked(tmp_path):
     proc = _launch_args(tmp_path, TORCH_FUSED_ADAM="yes")
     assert proc.returncode == 2 and "TORCH_FUSED_ADAM" in proc.stderr
+
+
+def test_cuda_graphs_setting_is_checked(tmp_path):
+    proc = _launch_args(tmp_path, CUDA_GRAPHS="per_layer")
+    assert proc.returncode == 2 and "CUDA_GRAPHS must be full_iteration, local or none" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "gpu,te,expected",
+    [(True, False, False), (False, False, True), (True, True, False)],
+    ids=["gpu_no_te", "cpu_no_te", "gpu_te"],
+)
+def test_local_spec_fuses_rope_where_a_kernel_runs(tmp_path, gpu, te, expected):
+    """The local spec passes --no-rope-fusion only where no fused RoPE can run: without Transformer
+    Engine and without a GPU (patch 0039's Triton kernel needs CUDA). This interpreter has
+    Triton (a dependency of the CPU test environment)."""
+    if te:
+        te_python = _python_with_transformer_engine(tmp_path)
+        shim = tmp_path / "python_with_gpu_and_te"
+        shim.write_text(
+            "#!/bin/sh\n"
+            'case "$2" in *torch.cuda.is_available*) exit 0 ;; esac\n'
+            f'exec "{te_python}" "$@"\n'
+        )
+        shim.chmod(0o755)
+        env_vars = {"PYTHON": str(shim), "IMPL": "local", "OPTIMIZER_GRAPH": "0"}
+        proc = _launch_args(tmp_path, **env_vars)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        args = proc.stdout.splitlines()
+    else:
+        args = _launch_args_on(tmp_path, gpu, {"IMPL": "local"})
+    assert args[args.index("--transformer-impl") + 1] == "local"
+    assert ("--no-rope-fusion" in args) == expected, args
