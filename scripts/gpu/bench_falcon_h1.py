@@ -594,7 +594,7 @@ def markdown(report: dict) -> str:
             busy = r.get("gpu_busy")
             lines.append(
                 f"| {name} | {r['median_ms']:.1f} | {r['tok_s']:.0f} | "
-                f"{r.get('over_hf', float('nan')):.2f} | {r['mfu']:.1%} | "
+                f"{r.get('over_hf', float('nan')):.3f} | {r['mfu']:.1%} | "
                 f"{'n/a' if busy is None else f'{busy:.1%}'} | {r['peak_allocated_mb']:.0f} | "
                 f"{r.get('kernels_per_step', 0):.0f} | {r.get('mamba_path', 'n/a')} |"
             )
