@@ -15,7 +15,7 @@
 # --mock-data. Everything after the script name is passed through (and wins over defaults).
 #
 # Speed defaults (results/README.md: on one H100 the 0.5B step with these defaults and the TE
-# spec ran 3.46-4.42x the tokens/s of HF transformers, without TE 2.50x; eager 0.6-0.9x,
+# spec ran 3.46-4.42x the tokens/s of HF transformers, without TE 2.497x; eager 0.63-0.88x,
 # host-bound; HF's own host-bound step moves between calls, hence the ranges):
 #   IMPL=auto|transformer_engine|local   auto: Transformer Engine when it imports, else local
 #   CUDA_GRAPHS=full_iteration|local|none   default full_iteration on GPUs (none without CUDA;
@@ -42,7 +42,7 @@
 #   results/h200/falcon_h1/bench_falcon_h1_tce.json, bench_cross_entropy.json); auto: triton
 #   with a GPU (the kernels need CUDA)
 # The local spec uses torch norms (--no-persist-layer-norm); without TE its fused RoPE is the
-# Triton kernel of patch 0039 on GPUs (0.5B, one H100, no TE: 129.9 ms = 2.50x HF with it,
+# Triton kernel of patch 0039 on GPUs (0.5B, one H100, no TE: 129.9 ms = 2.497x HF with it,
 # bench_falcon_h1_no_te_launcher_279cb2e.json), unfused RoPE without a GPU or Triton; without
 # apex, gradient-accumulation fusion is off.
 # Logs (and TensorBoard scalars, with --tensorboard-dir) every 10 iterations: with one
