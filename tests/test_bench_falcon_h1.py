@@ -150,6 +150,32 @@ def test_ratios_only_between_runs_of_one_call():
     assert entry["best_ours"] == "ours_te_graph_opt" and entry["ours_over_hf"] == 3.5
 
 
+@pytest.mark.parametrize(
+    "again,reference,ratio",
+    [({"tok_s": 120.0, "mfu": 0.12, "call": "A"}, "hf_again", 3.0),
+     ({"tok_s": 90.0, "mfu": 0.09, "call": "A"}, "hf", 3.6),
+     ({"tok_s": 200.0, "mfu": 0.2, "call": "B"}, "hf", 3.6),
+     ({"error": "not run: --deadline-s reached"}, "hf", 3.6)],
+    ids=["faster_again", "slower_again", "again_other_call", "again_not_run"],
+)  # fmt: skip
+def test_ratios_against_the_faster_plain_hf_run_of_the_call(again, reference, ratio):
+    """HF's host-bound step moves between runs: a second plain HF run (hf_again) that finished
+    faster in the same call becomes the reference, never a slower or another call's one."""
+    bench = _bench()
+    entry = {
+        "systems": {
+            "hf": {"tok_s": 100.0, "mfu": 0.1, "call": "A"},
+            "ours_te_graph_opt": {"tok_s": 360.0, "mfu": 0.3, "call": "A"},
+            "hf_again": again,
+        }
+    }
+    bench.compare(entry)
+    assert entry["hf_reference"] == reference
+    assert entry["ours_over_hf"] == pytest.approx(ratio)
+    assert entry["systems"]["ours_te_graph_opt"]["over_hf"] == pytest.approx(ratio)
+    assert entry["hf_tok_s"] == entry["systems"][reference]["tok_s"]
+
+
 def test_loss_curves_of_ours_are_compared_within_one_call():
     """Each of our runs against the first of ours in the call: the largest relative difference
     of the logged losses; other calls, failed runs and HF (another initialisation) are left out;

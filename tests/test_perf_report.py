@@ -91,3 +91,20 @@ def test_ratio_just_below_a_target_does_not_read_as_met():
     assert len(rows) == 1 and 2.49 < rows[0].over_hf < 2.5
     text = report.table(rows)
     assert f"| {rows[0].over_hf:.3f} |" in text and "| 2.50 |" not in text
+
+
+def test_ratios_use_the_benchmarks_reference_hf(tmp_path):
+    """The table divides by the call's reference HF (``hf_tok_s``, the faster of two plain HF
+    runs where the benchmark made two), not by the ``hf`` run itself."""
+    report = _report()
+    name = "h100/falcon_h1/bench_falcon_h1_deep_ba9b54d.json"
+    (tmp_path / name).parent.mkdir(parents=True)
+    data = json.loads((report.RESULTS_DIR / name).read_text())
+    entry = next(iter(data["cases"].values()))
+    entry["hf_tok_s"] = entry["systems"]["hf"]["tok_s"] * 1.25
+    (tmp_path / name).write_text(json.dumps(data))
+    before = {r.system: r for r in report.load_rows(names=(name,))}
+    after = {r.system: r for r in report.load_rows(tmp_path, (name,))}
+    ours = "ours_te_graph_opt_bf_tadam_norerun_tce"
+    assert after[ours].over_hf == pytest.approx(before[ours].over_hf / 1.25)
+    assert after["hf"].over_hf == pytest.approx(0.8)
