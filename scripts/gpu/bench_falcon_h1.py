@@ -109,9 +109,9 @@ FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss
 # since patch 0042 (tests/unit_tests/ssm/test_per_layer_cuda_graphs.py, GPU). The NaN check is off
 # as in FULL_GRAPH, so that the two graph modes differ only in what is captured.
 LAYER_GRAPH = ["--cuda-graph-impl", "local", "--no-check-for-nan-in-loss-and-grad"]
-# Upstream's CUDA graph of the optimizer step; a captured step needs the tensor-valued gradient
-# clipping of Transformer Engine's multi-tensor ops (without TE, clipping reads the norm on the
-# host), so these runs need TE installed even with the local spec.
+# Upstream's CUDA graph of the optimizer step; a captured step needs tensor-valued gradient
+# clipping: Transformer Engine's multi-tensor ops, or without TE the local fallbacks' capture
+# path (patch 0045). The systems marked as needing TE below were defined before it.
 OPT_GRAPH = ["--optimizer-cuda-graph"]
 # Upstream's fused (torch.compile'd) vocabulary-parallel cross entropy: fewer passes over the
 # fp32 logits (tokens x vocabulary). Its TE variant is disabled upstream.
@@ -141,6 +141,7 @@ KEEP_SSD = ["--mamba-keep-ssd-activations"]
 WITHOUT_TE = {
     "ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton",
     "ours_local_graph_bf_tadam_norerun_tce", "ours_local_graph_bf_tadam_norerun_triton",
+    "ours_local_graph_opt_bf_tadam_norerun_triton",
 }  # fmt: skip
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
 TE_MISSING = "Transformer Engine not importable here"
@@ -190,6 +191,12 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     ),
     "ours_local_graph_bf_tadam_norerun_triton": (
         LOCAL_FUSED + FULL_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        False,
+    ),
+    # The same with the optimizer step captured too (OPTIMIZER_GRAPH=1 of the launcher): without
+    # TE, gradient clipping stays on the device under capture (patch 0045).
+    "ours_local_graph_opt_bf_tadam_norerun_triton": (
+        LOCAL_FUSED + FULL_GRAPH + OPT_GRAPH + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
         False,
     ),
     # Per-layer graphs instead of the whole-iteration graph: the TE setting of the launchers,

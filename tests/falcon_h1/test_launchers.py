@@ -216,6 +216,18 @@ def test_optimizer_graph_auto_needs_transformer_engine(tmp_path):
     assert "--cuda-graph-impl" in args and "--optimizer-cuda-graph" not in args, proc.stdout
 
 
+def test_optimizer_graph_on_request_without_transformer_engine(tmp_path):
+    """OPTIMIZER_GRAPH=1 captures the optimizer step with the local spec too (without TE or
+    Apex the captured gradient clipping stays on the device: patch 0045)."""
+    proc = _launch_args(
+        tmp_path, NPROC="1", CUDA_GRAPHS="full_iteration", IMPL="local", OPTIMIZER_GRAPH="1"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = proc.stdout.splitlines()
+    assert "--cuda-graph-impl" in args and "--optimizer-cuda-graph" in args, proc.stdout
+    assert args[args.index("--transformer-impl") + 1] == "local", proc.stdout
+
+
 @pytest.mark.parametrize(
     "extra,expected", [([], True), (["--reset-attention-mask"], False)], ids=["default", "reset"]
 )
