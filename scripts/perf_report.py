@@ -107,6 +107,10 @@ LABELS = {
         "ours, local spec, whole-iteration and optimizer graphs, batch-first, PyTorch fused "
         "AdamW, rerun state machine off, Triton RoPE and cross entropy (no TE)"
     ),
+    "ours_local_bf_tadam_norerun_triton": (
+        "ours, local spec, eager, batch-first, PyTorch fused AdamW, rerun state machine off, "
+        "Triton RoPE and cross entropy (no TE)"
+    ),
     "ours_local_layer_graph_bf_triton": (
         "ours, local spec, per-layer graphs, batch-first, Triton RoPE and cross entropy (no TE)"
     ),

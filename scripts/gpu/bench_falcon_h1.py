@@ -141,7 +141,7 @@ KEEP_SSD = ["--mamba-keep-ssd-activations"]
 WITHOUT_TE = {
     "ours_local_graph_bf", "ours_local_graph_bf_triton", "ours_local_layer_graph_bf_triton",
     "ours_local_graph_bf_tadam_norerun_tce", "ours_local_graph_bf_tadam_norerun_triton",
-    "ours_local_graph_opt_bf_tadam_norerun_triton",
+    "ours_local_graph_opt_bf_tadam_norerun_triton", "ours_local_bf_tadam_norerun_triton",
 }  # fmt: skip
 TE_PRESENT = "Transformer Engine importable here (the system measures the path without it)"
 TE_MISSING = "Transformer Engine not importable here"
@@ -216,6 +216,12 @@ OURS = {  # name: (extra pretrain_mamba.py flags, needs Transformer Engine)
     "ours_te_bf_tadam_norerun_tce_keep": (
         TE + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE + KEEP_SSD,
         True,
+    ),
+    # Eager with the local spec (the launcher's no-TE setting without graphs): the eager target
+    # holds for either spec, and the local spec skips TE's per-call host work.
+    "ours_local_bf_tadam_norerun_triton": (
+        LOCAL_FUSED + BATCH_FIRST + TORCH_ADAM + NO_RERUN + TRITON_CE,
+        False,
     ),
     "ours_bitnet": (LOCAL + ["--use-bitnet"], False),
     "ours_bitnet_graph": (LOCAL + FULL_GRAPH + ["--use-bitnet"], False),
