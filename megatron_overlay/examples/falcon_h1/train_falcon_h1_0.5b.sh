@@ -61,7 +61,8 @@ MODEL_ARGS=(
 # Speed: CUDA graphs remove the host overhead of the small kernels. Measured on one H200 (this
 # shape, seq 2048 x micro-batch 4): with a whole-iteration graph and the optimizer-step graph,
 # 3.4x the tokens/s of HF transformers; without graphs the step is host-bound (0.6x). Add
-# (--optimizer-cuda-graph needs Transformer Engine):
+# (without Transformer Engine or Apex, --optimizer-cuda-graph captures the gradient clipping
+# through the device-side fallbacks of megatron/core/multi_tensor_on_device.py; not timed yet):
 #   --cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad --optimizer-cuda-graph
 
 MULTIPLIER_ARGS=(
