@@ -33,6 +33,7 @@ from megatron.core.utils import (
     local_multi_tensor_scale,
 )
 from tests.unit_tests.gloo_single_rank import single_rank  # noqa: F401 (fixture)
+from tests.unit_tests.test_local_clip_fallback import _tensors
 
 # aten ops whose result the host needs (on a GPU each synchronises with the device).
 HOST_READS = {
@@ -55,15 +56,6 @@ class HostReads(TorchDispatchMode):
         if str(func) in HOST_READS:
             self.count += 1
         return func(*args, **(kwargs or {}))
-
-
-def _tensors(count, dtype, seed, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(1, 3000, (count,), generator=generator).tolist()
-    return [
-        (torch.randn(n, generator=generator) * (i + 1) / 7).to(dtype=dtype, device=device)
-        for i, n in enumerate(sizes)
-    ]
 
 
 def _float64_norm(tensor_lists):
@@ -208,9 +200,9 @@ def _force_capturing(monkeypatch):
 
 def _params(device, seed, scale=1.0):
     params = []
-    for t in _tensors(13, torch.float32, seed, device):
-        param = torch.nn.Parameter(torch.zeros_like(t))
-        param.grad = t * scale
+    for t in _tensors(13, torch.float32, seed):
+        param = torch.nn.Parameter(torch.zeros_like(t, device=device))
+        param.grad = t.to(device) * scale
         params.append(param)
     return params
 
