@@ -16,8 +16,8 @@ Numerics of the captured step: the per-tensor norms come from PyTorch's multi-te
 their norm is taken on the device in float32 (float64 for float64 inputs), the clipping
 coefficient is computed in float32. The host path takes the per-tensor norms one by one,
 reduces them on the host and computes the coefficient in float64, so the two can differ in the
-last bits of the norm and of the coefficient (a relative 1e-6 at most for float32 gradients,
-which the tests check); a coefficient >= 1 leaves the gradients unchanged in both.
+last bits of the norm and of the coefficient (within a relative 1e-6 on the tests' float32
+gradients); a coefficient >= 1 leaves the gradients unchanged in both.
 """
 
 from functools import reduce
